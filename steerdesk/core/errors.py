@@ -1,0 +1,15 @@
+"""The one error type for everything a user can cause."""
+
+from __future__ import annotations
+
+
+class SteerdeskError(Exception):
+    """A problem the user can fix (bad file, wrong model, bad setting).
+
+    The CLI prints it as one line and exits 2; the window shows it in a dialog.
+    Anything that is not a ``SteerdeskError`` is a bug.
+    """
+
+
+class Cancelled(SteerdeskError):
+    """Work was stopped on request (a ``threading.Event`` was set)."""

@@ -1,0 +1,270 @@
+"""Reading hidden states at decoder-block outputs and turning them into steering vectors."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .datasets import Dataset, format_pair, uses_chat_template
+from .errors import Cancelled, SteerdeskError
+from .steering import _block_hidden
+
+log = logging.getLogger(__name__)
+
+METHODS = ("mean-diff", "pca")
+READS = ("last", "mean")
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Encoded:
+    """Token ids of one formatted example and where its reply starts."""
+
+    ids: list[int]
+    reply_start: int
+    truncated: bool = False
+
+
+def context_limit(lm: Any) -> int | None:
+    config = lm.model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def encode(lm: Any, pairs: Sequence[tuple[str, str]], system: str | None = None) -> list[Encoded]:
+    """Format ``(prompt, reply)`` pairs with the chat template and tokenize them.
+
+    Texts longer than the model's context are cut from the left (the reply end is what
+    is read) and a warning is logged.
+    """
+    tok = lm.tokenizer
+    special = not uses_chat_template(tok)
+    limit = context_limit(lm)
+    out = []
+    n_truncated = 0
+    for prompt, reply in pairs:
+        prefix, full = format_pair(tok, prompt, reply, system)
+        ids = tok(full, add_special_tokens=special)["input_ids"]
+        pre = tok(prefix, add_special_tokens=special)["input_ids"] if prefix else []
+        start = 0
+        for a, b in zip(ids, pre):  # longest common prefix: robust to merges at the seam
+            if a != b:
+                break
+            start += 1
+        if not ids:
+            raise SteerdeskError(f"An example tokenizes to nothing: {reply[:40]!r}.")
+        start = min(start, len(ids) - 1)
+        truncated = False
+        if limit and len(ids) > limit:
+            cut = len(ids) - limit
+            ids = ids[cut:]
+            start = max(0, start - cut)
+            truncated = True
+            n_truncated += 1
+        out.append(Encoded(ids, start, truncated))
+    if n_truncated:
+        log.warning("%d example(s) longer than the model's context (%s tokens) were cut from the left.",
+                    n_truncated, limit)
+    return out
+
+
+def _pad_batch(items: Sequence[Encoded], pad_id: int, side: str, read: str,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask, position_ids and read weights ``[B, S]`` for one batch."""
+    width = max(len(e.ids) for e in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    weights = torch.zeros((len(items), width), dtype=torch.float32)
+    for i, e in enumerate(items):
+        n = len(e.ids)
+        off = width - n if side == "left" else 0
+        ids[i, off:off + n] = torch.tensor(e.ids)
+        mask[i, off:off + n] = 1
+        if read == "last":
+            weights[i, off + n - 1] = 1.0
+        else:
+            lo = off + e.reply_start
+            weights[i, lo:off + n] = 1.0 / (n - e.reply_start)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    return ids.to(device), mask.to(device), positions.to(device), weights.to(device)
+
+
+def forward_with_positions(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                           **kwargs: Any) -> Any:
+    """Forward pass with explicit position ids (left padding needs them); falls back if unsupported."""
+    try:
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+    except TypeError as exc:
+        if "position_ids" not in str(exc):
+            raise
+        return model(input_ids=ids, attention_mask=mask, **kwargs)
+
+
+@torch.inference_mode()
+def collect(
+    lm: Any,
+    encoded: Sequence[Encoded],
+    *,
+    read: str = "last",
+    batch_size: int = 8,
+    padding_side: str = "left",
+    layers: Sequence[int] | None = None,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states at the read position(s) of every block output.
+
+    Returns ``(reads [N, L, H], token_norms [N, L])`` in float32 on the CPU, in the order
+    of ``encoded``. ``token_norms`` is the mean ``|h|`` over the read tokens. Batches are
+    sorted by length (longest first, so memory trouble shows at once) and masked.
+    """
+    if read not in READS:
+        raise SteerdeskError(f"Unknown read position {read!r}; use last or mean.")
+    if batch_size < 1:
+        raise SteerdeskError("Batch size must be at least 1.")
+    layers = list(range(lm.info.num_layers)) if layers is None else list(layers)
+    n, hidden = len(encoded), lm.info.hidden_size
+    reads = torch.zeros((n, len(layers), hidden), dtype=torch.float32)
+    norms = torch.zeros((n, len(layers)), dtype=torch.float32)
+    order = sorted(range(n), key=lambda i: -len(encoded[i].ids))
+    pad_id = lm.tokenizer.pad_token_id
+    device = lm.input_device
+    state: dict[str, Any] = {}
+    last_layer = max(layers) if layers else -1
+
+    class _Done(Exception):
+        pass
+
+    def make_hook(j: int, layer: int) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            h = _block_hidden(output)
+            w = state["weights"].to(h.device)
+            hf = h.float()
+            state["reads"][:, j] = torch.einsum("bs,bsh->bh", w, hf).cpu()
+            state["norms"][:, j] = torch.einsum("bs,bs->b", w, hf.norm(dim=-1)).cpu()
+            if layer == last_layer:
+                raise _Done  # nothing above this block is needed
+        return hook
+
+    handles = [lm.blocks[layer].register_forward_hook(make_hook(j, layer)) for j, layer in enumerate(layers)]
+    base = getattr(lm.model, "base_model", lm.model) or lm.model
+    try:
+        done = 0
+        for start in range(0, n, batch_size):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("Extraction cancelled.")
+            idx = order[start:start + batch_size]
+            ids, mask, positions, weights = _pad_batch([encoded[i] for i in idx], pad_id, padding_side,
+                                                       read, device)
+            state["weights"] = weights
+            state["reads"] = torch.zeros((len(idx), len(layers), hidden))
+            state["norms"] = torch.zeros((len(idx), len(layers)))
+            try:
+                forward_with_positions(base, ids, mask, positions, use_cache=False)
+            except _Done:
+                pass
+            reads[idx] = state["reads"]
+            norms[idx] = state["norms"]
+            done += len(idx)
+            if progress is not None:
+                progress(done, n)
+    finally:
+        for h in handles:
+            h.remove()
+    return reads, norms
+
+
+def _direction_pca(diffs: torch.Tensor) -> torch.Tensor:
+    """First principal axis of paired differences ``[N, H]`` (uncentred), signed and scaled.
+
+    The sign makes the mean difference project positively (target side positive); the
+    length is that mean projection, so scales are comparable with mean-difference vectors.
+    """
+    if diffs.shape[0] == 1:
+        return diffs[0].clone()
+    _, _, vh = torch.linalg.svd(diffs.double(), full_matrices=False)
+    axis = vh[0]
+    proj = diffs.double() @ axis
+    if proj.mean() < 0:
+        axis, proj = -axis, -proj
+    return (axis * proj.mean()).float()
+
+
+@dataclass
+class Extraction:
+    """Raw per-example reads behind a vector set (for diagnostics)."""
+
+    base: torch.Tensor  # [Nb, L, H]
+    target: torch.Tensor  # [Nt, L, H]
+
+
+def compute_vectors(
+    lm: Any,
+    dataset: Dataset,
+    *,
+    method: str = "mean-diff",
+    read: str = "last",
+    batch_size: int = 8,
+    system: str | None = None,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    keep_reads: bool = False,
+) -> Any:
+    """Compute a :class:`~steerdesk.core.vectors.VectorSet` from a contrast dataset.
+
+    ``mean-diff``: ``v_L = mean(h_target) - mean(h_base)``. ``pca``: first principal axis
+    of the paired differences. Also records the typical activation norm of each layer and
+    each example's projection on the layer's unit direction.
+    """
+    from .. import __version__
+    from .vectors import VectorSet
+
+    if method not in METHODS:
+        raise SteerdeskError(f"Unknown method {method!r}; use mean-diff or pca.")
+    dataset.validate()
+    if method == "pca" and not dataset.paired:
+        raise SteerdeskError("PCA needs paired examples; this dataset's base and target lists differ in length.")
+    base_pairs, target_pairs = dataset.base_texts, dataset.target_texts
+    encoded = encode(lm, list(base_pairs) + list(target_pairs), system)
+    reads, norms = collect(lm, encoded, read=read, batch_size=batch_size, progress=progress, cancel=cancel)
+    nb = len(base_pairs)
+    base, target = reads[:nb], reads[nb:]
+    if method == "mean-diff":
+        directions = target.mean(0) - base.mean(0)
+    else:
+        diffs = target - base
+        directions = torch.stack([_direction_pca(diffs[:, layer]) for layer in range(diffs.shape[1])])
+    typical = norms.mean(0)
+    unit = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    proj_base = torch.einsum("nlh,lh->ln", base, unit)
+    proj_target = torch.einsum("nlh,lh->ln", target, unit)
+    info = lm.info
+    metadata = {
+        "format": "steerdesk.vectors/1",
+        "model": info.name,
+        "architecture": info.architecture,
+        "num_layers": str(info.num_layers),
+        "hidden_size": str(info.hidden_size),
+        "method": method,
+        "read_position": read,
+        "layer_convention": "block_output",
+        "dataset_sha256": dataset.sha256(),
+        "dataset_name": dataset.name,
+        "num_examples": str(len(dataset)),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "steerdesk_version": __version__,
+    }
+    vs = VectorSet(directions=directions.contiguous(), norms=typical.contiguous(), metadata=metadata,
+                   proj_base=proj_base.contiguous(), proj_target=proj_target.contiguous())
+    if keep_reads:
+        vs.extraction = Extraction(base=base, target=target)
+    return vs

@@ -1,0 +1,267 @@
+"""Streaming, batched, optionally steered generation on top of ``model.generate`` (KV cache on)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .datasets import format_prompt, uses_chat_template
+from .errors import SteerdeskError
+from .steering import Steer, Steering
+
+TextCallback = Callable[[int, str], None]
+StepCallback = Callable[[int, list[int], "torch.Tensor | None"], None]
+
+
+@dataclass
+class SamplingSettings:
+    """Greedy when ``temperature`` is 0; otherwise temperature / top-p sampling with a seed."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def check(self) -> None:
+        if not 1 <= self.max_new_tokens <= 100_000:
+            raise SteerdeskError("max new tokens must be between 1 and 100000.")
+        if not (self.temperature >= 0 and self.temperature < 1e3):
+            raise SteerdeskError("temperature must be a number >= 0 (0 means greedy).")
+        if not 0 < self.top_p <= 1:
+            raise SteerdeskError("top-p must be in (0, 1].")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class GenerationResult:
+    """Generated text and token ids of one row (prompt excluded)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos", "length" or "stopped"
+    projections: list[list[float]] = field(default_factory=list)  # per token, per watched layer
+
+
+class _RowStreamer:
+    """``model.generate`` streamer: per-row incremental decoding with clean UTF-8 boundaries."""
+
+    def __init__(self, tokenizer: Any, rows: int, eos_ids: set[int], on_text: TextCallback | None,
+                 on_step: Callable[[list[int]], None] | None, stop: threading.Event | None):
+        self.tok = tokenizer
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.emitted = [0] * rows  # characters of decoded text already sent
+        self.done = [False] * rows
+        self.eos_ids = eos_ids
+        self.on_text = on_text
+        self.on_step = on_step
+        self.stop = stop
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # the first call carries the prompt ids
+            self._prompt_seen = True
+            return
+        if self.stop is not None and self.stop.is_set():
+            return  # nothing is emitted after Stop
+        ids = value.reshape(-1).tolist()
+        for row, token in enumerate(ids):
+            if self.done[row]:
+                continue
+            if token in self.eos_ids:
+                self.done[row] = True
+                continue
+            self.tokens[row].append(token)
+            if self.on_text is not None:
+                text = self.tok.decode(self.tokens[row], skip_special_tokens=True)
+                if text.endswith("\ufffd"):
+                    continue  # an incomplete multi-byte character: wait for the next token
+                if len(text) > self.emitted[row]:
+                    self.on_text(row, text[self.emitted[row]:])
+                    self.emitted[row] = len(text)
+        if self.on_step is not None:
+            self.on_step(ids)
+
+    def end(self) -> None:
+        if self.on_text is None:
+            return
+        for row in range(len(self.tokens)):
+            text = self.tok.decode(self.tokens[row], skip_special_tokens=True)
+            if len(text) > self.emitted[row]:
+                self.on_text(row, text[self.emitted[row]:])
+                self.emitted[row] = len(text)
+
+
+def _eos_ids(lm: Any) -> set[int]:
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, lm.tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def encode_prompts(lm: Any, prompts: Sequence[str], system: str | None = None,
+                   raw: bool = False) -> dict[str, torch.Tensor]:
+    """Chat-format and left-pad a batch of user prompts."""
+    tok = lm.tokenizer
+    texts = list(prompts) if raw else [format_prompt(tok, p, system) for p in prompts]
+    special = not uses_chat_template(tok)
+    rows = [tok(t, add_special_tokens=special)["input_ids"] for t in texts]
+    if any(len(r) == 0 for r in rows):
+        raise SteerdeskError("A prompt is empty after tokenization.")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    device = lm.input_device
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def describe_steering(rows: Sequence[Sequence[Steer]]) -> str:
+    parts = sorted({f"layer {s.layer} x{s.scale:g} ({s.mode})" for row in rows for s in row})
+    return ", ".join(parts) if parts else "no steering"
+
+
+def generate(
+    lm: Any,
+    prompts: Sequence[str],
+    steering: Sequence[Sequence[Steer]] | Sequence[Steer] | None = None,
+    *,
+    sampling: SamplingSettings | None = None,
+    system: str | None = None,
+    on_text: TextCallback | None = None,
+    on_step: StepCallback | None = None,
+    stop: threading.Event | None = None,
+    watch: torch.Tensor | None = None,
+    use_cache: bool = True,
+    raw_prompts: bool = False,
+) -> list[GenerationResult]:
+    """Generate for a batch of user prompts, each row with its own steering.
+
+    ``steering`` is a flat list (every row) or one list per row. ``on_text(row, chunk)``
+    streams decoded text; ``stop`` ends generation within one token. ``watch``
+    (``[num_layers, hidden]`` directions) records, for every generated token, the
+    projection of the hidden state that produced it on each layer's unit direction.
+    """
+    sampling = sampling or SamplingSettings()
+    sampling.check()
+    if not prompts:
+        raise SteerdeskError("No prompt given.")
+    if any(not p.strip() for p in prompts):
+        raise SteerdeskError("The prompt is empty.")
+    n = len(prompts)
+    if steering and not isinstance(steering[0], Steer):
+        rows = [list(r) for r in steering]  # type: ignore[arg-type]
+        if len(rows) != n:
+            raise SteerdeskError(f"Got {len(rows)} steering rows for {n} prompts.")
+    else:
+        rows = [list(steering or []) for _ in range(n)]  # type: ignore[arg-type]
+    inputs = encode_prompts(lm, prompts, system, raw=raw_prompts)
+    width = inputs["input_ids"].shape[1]
+    eos = _eos_ids(lm)
+
+    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, \
+        StoppingCriteria, StoppingCriteriaList
+
+    # Projections of the token-producing hidden state per watched layer, filled by hooks.
+    step_proj: dict[int, torch.Tensor] = {}
+    units = None
+    watch_layers: list[int] = []
+    if watch is not None:
+        units = watch.float() / watch.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        watch_layers = list(range(units.shape[0]))
+
+    def observe(layer: int, h: torch.Tensor) -> None:
+        u = units[layer].to(h.device, torch.float32)  # type: ignore[index]
+        step_proj[layer] = (h[:, -1].float() @ u).cpu()
+
+    projections: list[list[list[float]]] = [[] for _ in range(n)]
+
+    def step_done(ids: list[int]) -> None:
+        mat = None
+        if units is not None:
+            mat = torch.stack([step_proj.get(layer, torch.full((n,), float("nan"))) for layer in watch_layers], 1)
+            for r in range(n):
+                if not streamer.done[r] or ids[r] in eos:
+                    projections[r].append(mat[r].tolist())
+        if on_step is not None:
+            on_step(len(streamer.tokens[0]), ids, mat)
+
+    streamer = _RowStreamer(lm.tokenizer, n, eos, on_text, step_done if (on_step or units is not None) else None,
+                            stop)
+    described = describe_steering(rows)
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
+            flag = stop is not None and stop.is_set()
+            return torch.full((input_ids.shape[0],), flag, dtype=torch.bool, device=input_ids.device)
+
+    class _Finite(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if not bool(torch.isfinite(scores).all()):
+                raise SteerdeskError(
+                    f"The model's output became NaN or infinite under steering ({described}); "
+                    f"lower the scale or pick another layer.")
+            return scores
+
+    config = GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=not sampling.greedy,
+        temperature=sampling.temperature if not sampling.greedy else None,
+        top_p=sampling.top_p if not sampling.greedy else None,
+        top_k=None,
+        pad_token_id=lm.tokenizer.pad_token_id,
+        eos_token_id=sorted(eos) or None,
+        use_cache=use_cache,
+    )
+    with torch.random.fork_rng(devices=[] if lm.input_device.type != "cuda" else [lm.input_device]):
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        with Steering(lm, rows, prompt_length=width, observe=observe if units is not None else None,
+                      watch=watch_layers), torch.inference_mode():
+            out = lm.model.generate(
+                **inputs,
+                generation_config=config,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_Stop()]),
+                logits_processor=LogitsProcessorList([_Finite()]),
+            )
+    stopped = stop is not None and stop.is_set()
+    results = []
+    for r in range(n):
+        gen = out[r, width:].tolist()
+        ids: list[int] = []
+        reason = "length"
+        for t in gen:
+            if t in eos:
+                reason = "eos"
+                break
+            ids.append(t)
+        if stopped and reason != "eos":
+            reason = "stopped"
+            ids = ids[: len(streamer.tokens[r])]  # what was shown is what is returned
+        text = lm.tokenizer.decode(ids, skip_special_tokens=True)
+        results.append(GenerationResult(text=text, token_ids=ids, finish_reason=reason,
+                                        projections=projections[r][: len(ids)]))
+    return results
+
+
+def compare(
+    lm: Any,
+    prompt: str,
+    steers: Sequence[Steer],
+    **kwargs: Any,
+) -> tuple[GenerationResult, GenerationResult]:
+    """Unsteered (row 0) and steered (row 1) generation of one prompt in one batched pass."""
+    results = generate(lm, [prompt, prompt], [[], list(steers)], **kwargs)
+    return results[0], results[1]

