@@ -186,6 +186,7 @@ def generate(
         step_proj[layer] = (h[:, -1].float() @ u).cpu()
 
     projections: list[list[list[float]]] = [[] for _ in range(n)]
+    steps = [0]
 
     def step_done(ids: list[int]) -> None:
         mat = None
@@ -195,7 +196,8 @@ def generate(
                 if not streamer.done[r] or ids[r] in eos:
                     projections[r].append(mat[r].tolist())
         if on_step is not None:
-            on_step(len(streamer.tokens[0]), ids, mat)
+            on_step(steps[0], ids, mat)
+        steps[0] += 1
 
     streamer = _RowStreamer(lm.tokenizer, n, eos, on_text, step_done if (on_step or units is not None) else None,
                             stop)

@@ -271,7 +271,9 @@ def load_model(
     hidden state's device).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # steerdesk reports its own progress
     if trust_remote_code:
         log.warning("trust_remote_code is on: the model's own Python code will run.")
     folder, gguf_file = resolve_source(spec)

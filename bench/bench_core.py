@@ -1,0 +1,672 @@
+"""steerdesk core performance benchmark (CPU, embedded SmolLM2-135M-Instruct).
+
+Usage::
+
+    .venv/bin/python bench/bench_core.py                 # full run (~15 min on 2 cores)
+    .venv/bin/python bench/bench_core.py --quick         # smoke run (~2 min)
+    .venv/bin/python bench/bench_core.py --json out.json # also write every number as JSON
+    .venv/bin/python bench/bench_core.py --phases gen    # only some phases (gen, extract, batch)
+
+Each phase runs in its own subprocess (``--phase NAME``), so its peak RSS is its own
+(``ru_maxrss`` only ever grows within a process). Inside a phase the competing methods are
+interleaved, repeat by repeat, with the order reversed on every other repeat, and the
+ratios are medians of the per-repeat ratios: the machine this was written on has 2 cores
+shared with other work, so absolute timings drift and only within-run ratios mean much.
+
+Phases (see docs/benchmarks.md):
+
+``gen``      128 greedy tokens of one prompt: steerdesk ``generate`` steered (KV cache on)
+             vs the same unsteered, vs the seed's style (a plain forward hook on block 15 +
+             ``model.generate(use_cache=False)``).
+``extract``  vectors from 128 contrast pairs: ``compute_vectors`` (batch 16, masked, left
+             padded, block-output hooks) vs the seed's style (batches of 2, default right
+             padding, no attention mask, ``hidden_states[L][:, -1]``), plus the cosine of
+             each against a correct batch-1 reference, per layer.
+``batch``    8 different prompts x 64 steered tokens: one ``generate`` call vs 8 calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+PHASES = ("gen", "extract", "batch")
+STEER_LAYER = 15
+TARGETS = {
+    "gen_steered_vs_unsteered": (">=", 0.97),
+    "gen_ours_vs_seed": (">=", 4.0),
+    "extract_ours_vs_seed": (">=", 1.6),
+    "extract_min_cosine_vs_reference": (">=", 0.9999),
+    "batch8_vs_sequential": (">=", 4.0),
+}
+GEN_PROMPT = "Write a long story about a dragon."
+BATCH_PROMPTS = [
+    "Write a long story about a dragon.",
+    "Describe, in detail, how a big city wakes up in the morning.",
+    "Write a long letter to a friend about your summer holiday.",
+    "Explain in detail how a steam engine works.",
+    "Write a long poem about the ocean at night.",
+    "Describe your ideal house, room by room.",
+    "Tell a long story about a robot who wants to become a painter.",
+    "Write a detailed travel diary of a week in Japan.",
+]
+
+
+# ============================================================================ helpers
+
+def log(msg: str) -> None:
+    print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakTracker:
+    """Peak RSS (MiB) per method: VmHWM is reset before each timed call, read after."""
+
+    def __init__(self) -> None:
+        hwm = _status_kib("VmHWM")
+        self.setup_peak = (hwm or 0) / 1024  # model load + anything done before the timed loop
+        self.can_reset = reset_peak_rss()
+        self.peaks: dict[str, float] = {}
+
+    def measure(self, name: str, fn: Callable[[], Any]) -> tuple[float, Any]:
+        if self.can_reset:
+            reset_peak_rss()
+        t0 = time.perf_counter()
+        value = fn()
+        dt = time.perf_counter() - t0
+        hwm = _status_kib("VmHWM")
+        if self.can_reset and hwm is not None:
+            self.peaks[name] = max(self.peaks.get(name, 0.0), hwm / 1024)
+        return dt, value
+
+
+def paired_ratio(num: list[float], den: list[float], best: Callable[[list[float]], float] = max
+                 ) -> dict[str, float]:
+    """Median of per-repeat ratios (num[i] / den[i]) plus the ratio of medians and the spread.
+
+    ``ratio_of_best`` divides the best run of each side (``best``: max for rates, min for
+    times): the least disturbed runs, a second view when the machine is busy.
+    """
+    k = min(len(num), len(den))
+    per = [num[i] / den[i] for i in range(k)]
+    return {
+        "median_of_ratios": statistics.median(per),
+        "ratio_of_medians": statistics.median(num) / statistics.median(den),
+        "ratio_of_best": best(num) / best(den),
+        "min": min(per),
+        "max": max(per),
+        "n": k,
+    }
+
+
+def order_for(rep: int, names: list[str]) -> list[str]:
+    return names if rep % 2 == 0 else list(reversed(names))
+
+
+def load_lm() -> Any:
+    from steerdesk.core.models import load_model
+
+    t0 = time.perf_counter()
+    lm = load_model()
+    log(f"model loaded in {time.perf_counter() - t0:.1f}s ({lm.info.num_layers} layers)")
+    return lm
+
+
+def compute_directions(lm: Any) -> Any:
+    """Steering directions from the bundled ``neutral_rude`` set (compute_vectors, batch 16)."""
+    from steerdesk.core.datasets import load_bundled
+    from steerdesk.core.extract import compute_vectors
+
+    t0 = time.perf_counter()
+    vs = compute_vectors(lm, load_bundled("neutral_rude"), batch_size=16)
+    log(f"vectors from neutral_rude in {time.perf_counter() - t0:.1f}s")
+    return vs.directions
+
+
+def load_directions(lm: Any, path: str | None) -> Any:
+    """The directions saved by the ``vectors`` step, or computed here when run standalone."""
+    import torch
+
+    if path and Path(path).is_file():
+        return torch.load(path)
+    return compute_directions(lm)
+
+
+def phase_vectors(path: str) -> None:
+    """Compute the steering directions once, for the gen and batch phases."""
+    import torch
+
+    torch.save(compute_directions(load_lm()), path)
+
+
+def rss_block(tracker: PeakTracker, rss_after_load: float) -> dict[str, Any]:
+    # clear_refs also resets the kernel's hiwater mark behind ru_maxrss: take the max of all.
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "rss_after_load_mib": rss_after_load,
+        "setup_peak_rss_mib": tracker.setup_peak,
+        "phase_peak_rss_mib": max([ru, tracker.setup_peak, *tracker.peaks.values()]),
+        "method_peak_rss_mib": tracker.peaks,
+        "per_method_reset_supported": tracker.can_reset,
+    }
+
+
+# ============================================================================ phase: gen
+
+def seed_generate(lm: Any, prompt: str, vector: Any, layer: int, max_new_tokens: int) -> list[int]:
+    """The seed's generation: a plain forward hook adding the vector, cache off."""
+    import torch
+
+    from steerdesk.core.generate import _eos_ids, encode_prompts
+
+    vec = vector.to(lm.input_device, next(lm.model.parameters()).dtype)
+
+    def hook(module: Any, args: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (output[0] + vec,) + tuple(output[1:])
+        return output + vec
+
+    inputs = encode_prompts(lm, [prompt])
+    eos = sorted(_eos_ids(lm))
+    handle = lm.blocks[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            out = lm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    use_cache=False, pad_token_id=lm.tokenizer.pad_token_id,
+                                    eos_token_id=eos, top_p=None, top_k=None, temperature=None)
+    finally:
+        handle.remove()
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def count_until_eos(ids: list[int], eos: set[int]) -> tuple[list[int], int]:
+    """(content ids, tokens generated including a final EOS)."""
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[:i], i + 1
+    return ids, len(ids)
+
+
+def phase_gen(quick: bool, vectors: str | None = None) -> dict[str, Any]:
+    from steerdesk.core.generate import SamplingSettings, _eos_ids, generate
+    from steerdesk.core.steering import steers_for
+
+    n_new = 16 if quick else 128
+    reps_fast = 1 if quick else 7  # steered / unsteered (cheap)
+    reps_seed = 1 if quick else 3  # seed style (cache off: ~4x slower)
+    lm = load_lm()
+    rss_after_load = _status_kib("VmRSS") / 1024
+    directions = load_directions(lm, vectors)
+    steers = steers_for(directions, [STEER_LAYER], scale=1.0)
+    eos = _eos_ids(lm)
+    sampling = SamplingSettings(max_new_tokens=n_new)
+
+    def ours(steered: bool) -> Callable[[], tuple[list[int], int]]:
+        def run() -> tuple[list[int], int]:
+            r = generate(lm, [GEN_PROMPT], steers if steered else None, sampling=sampling, use_cache=True)[0]
+            return r.token_ids, len(r.token_ids) + (1 if r.finish_reason == "eos" else 0)
+        return run
+
+    def seed() -> tuple[list[int], int]:
+        return count_until_eos(seed_generate(lm, GEN_PROMPT, directions[STEER_LAYER], STEER_LAYER, n_new), eos)
+
+    methods = {"steered": ours(True), "unsteered": ours(False), "seed": seed}
+    # Warm-up (first-call allocations, lazy imports).
+    generate(lm, [GEN_PROMPT], steers, sampling=SamplingSettings(max_new_tokens=4))
+    seed_generate(lm, GEN_PROMPT, directions[STEER_LAYER], STEER_LAYER, 4)
+
+    tracker = PeakTracker()
+    tps: dict[str, list[float]] = {k: [] for k in methods}
+    tokens: dict[str, list[int]] = {k: [] for k in methods}
+    ids_seen: dict[str, list[int]] = {}
+    for rep in range(reps_fast):
+        names = ["steered", "unsteered"] + (["seed"] if rep < reps_seed else [])
+        for name in order_for(rep, names):
+            dt, (ids, count) = tracker.measure(name, methods[name])
+            tps[name].append(count / dt)
+            tokens[name].append(count)
+            ids_seen[name] = ids
+            log(f"gen rep {rep + 1}/{reps_fast} {name:9s} {count} tok in {dt:6.2f}s = {count / dt:5.1f} tok/s")
+    return {
+        "prompt": GEN_PROMPT,
+        "max_new_tokens": n_new,
+        "layer": STEER_LAYER,
+        "tokens_per_s": tps,
+        "tokens_generated": tokens,
+        "median_tokens_per_s": {k: statistics.median(v) for k, v in tps.items()},
+        "steered_vs_unsteered": paired_ratio(tps["steered"], tps["unsteered"]),
+        "ours_vs_seed": paired_ratio(tps["steered"], tps["seed"]),
+        # Same vector, same block, greedy: KV cache on (ours) must reproduce cache off (seed hook).
+        "steered_cache_on_equals_seed_cache_off": ids_seen["steered"] == ids_seen["seed"],
+        "steered_text_head": lm.tokenizer.decode(ids_seen["steered"][:40]),
+        **rss_block(tracker, rss_after_load),
+    }
+
+
+# ============================================================================ phase: extract
+
+def dataset_128(n_pairs: int) -> Any:
+    """neutral_rude repeated to ``n_pairs`` rows; repeats get a distinct prompt suffix."""
+    from steerdesk.core.datasets import Dataset, Example, load_bundled
+
+    src = load_bundled("neutral_rude").examples
+    suffixes = ["", " I'm asking for a friend.", " Please keep it short.", " Thanks in advance."]
+    rows = []
+    for i in range(n_pairs):
+        e = src[i % len(src)]
+        rows.append(Example(e.prompt + suffixes[(i // len(src)) % len(suffixes)], e.base, e.target))
+    return Dataset(rows, name=f"neutral_rude_x{n_pairs}")
+
+
+def formatted_texts(lm: Any, ds: Any) -> tuple[list[str], list[str]]:
+    from steerdesk.core.datasets import format_pair
+
+    base = [format_pair(lm.tokenizer, p, r)[1] for p, r in ds.base_texts]
+    target = [format_pair(lm.tokenizer, p, r)[1] for p, r in ds.target_texts]
+    return base, target
+
+
+def seed_extract(lm: Any, base: list[str], target: list[str], batch_size: int = 2) -> dict[str, Any]:
+    """The seed's extraction: default (right) padding, no attention mask, ``hidden_states[L][:, -1]``.
+
+    Returns the seed's vectors (label L read from ``hidden_states[L]``) and, for the
+    diagnosis, the same reads one index later (``hidden_states[L + 1]``, layers 0..n-2: the
+    padding bug alone).
+    """
+    import torch
+
+    tok = lm.tokenizer
+    special = not bool(getattr(tok, "chat_template", None))
+    n_layers = lm.info.num_layers
+
+    def mean_reads(texts: list[str]) -> torch.Tensor:
+        total = torch.zeros(n_layers + 1, lm.info.hidden_size)
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i:i + batch_size], padding=True, return_tensors="pt", add_special_tokens=special)
+            with torch.no_grad():
+                hs = lm.model(input_ids=enc["input_ids"].to(lm.input_device), output_hidden_states=True).hidden_states
+            for j in range(n_layers + 1):
+                total[j] += hs[j][:, -1].float().sum(0).cpu()
+        return total / len(texts)
+
+    diff = mean_reads(target) - mean_reads(base)
+    return {"seed": diff[:n_layers], "seed_index_fixed": diff[1:n_layers]}
+
+
+def reference_extract(lm: Any, base: list[str], target: list[str]) -> Any:
+    """Correct reference: batch 1, no padding, last token, block outputs via hooks."""
+    import torch
+
+    tok = lm.tokenizer
+    special = not bool(getattr(tok, "chat_template", None))
+    n_layers = lm.info.num_layers
+    store: dict[int, torch.Tensor] = {}
+
+    def make(layer: int) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            h = output[0] if isinstance(output, tuple) else output
+            store[layer] = h[0, -1].float().cpu()
+        return hook
+
+    handles = [lm.blocks[i].register_forward_hook(make(i)) for i in range(n_layers)]
+    inner = getattr(lm.model, "model", lm.model)
+
+    def mean_reads(texts: list[str]) -> torch.Tensor:
+        total = torch.zeros(n_layers, lm.info.hidden_size, dtype=torch.float64)
+        for t in texts:
+            ids = tok(t, add_special_tokens=special, return_tensors="pt")["input_ids"].to(lm.input_device)
+            with torch.no_grad():
+                inner(input_ids=ids, use_cache=False)
+            total += torch.stack([store[i] for i in range(n_layers)]).double()
+        return total / len(texts)
+
+    try:
+        return (mean_reads(target) - mean_reads(base)).float()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def cosines(a: Any, b: Any) -> list[float]:
+    import torch
+
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).tolist()
+
+
+def phase_extract(quick: bool) -> dict[str, Any]:
+    from steerdesk.core.extract import compute_vectors
+
+    n_pairs = 8 if quick else 128
+    reps = 1 if quick else 3
+    batch_size = 16
+    lm = load_lm()
+    rss_after_load = _status_kib("VmRSS") / 1024
+    ds = dataset_128(n_pairs)
+    base, target = formatted_texts(lm, ds)
+    n_tokens = sum(len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in base + target)
+
+    # Warm-up on a few rows.
+    small = dataset_128(4)
+    compute_vectors(lm, small, batch_size=batch_size)
+    seed_extract(lm, *formatted_texts(lm, small))
+
+    tracker = PeakTracker()
+    secs: dict[str, list[float]] = {"ours": [], "seed": []}
+    out: dict[str, Any] = {}
+    for rep in range(reps):
+        for name in order_for(rep, ["ours", "seed"]):
+            if name == "ours":
+                dt, vs = tracker.measure(name, lambda: compute_vectors(lm, ds, batch_size=batch_size))
+                out["ours"] = vs.directions
+            else:
+                dt, res = tracker.measure(name, lambda: seed_extract(lm, base, target))
+                out.update(res)
+            secs[name].append(dt)
+            log(f"extract rep {rep + 1}/{reps} {name:5s} {n_pairs} pairs in {dt:6.2f}s")
+    dt_ref, ref = tracker.measure("reference", lambda: reference_extract(lm, base, target))
+    log(f"extract reference (batch 1, hooks) in {dt_ref:6.2f}s")
+
+    cos_ours = cosines(out["ours"], ref)
+    cos_seed = cosines(out["seed"], ref)
+    cos_seed_fixed = cosines(out["seed_index_fixed"], ref[: lm.info.num_layers - 1])
+    speed = paired_ratio(secs["seed"], secs["ours"], best=min)  # time_seed / time_ours = speed-up
+    return {
+        "pairs": n_pairs,
+        "texts": 2 * n_pairs,
+        "tokens": n_tokens,
+        "batch_size_ours": batch_size,
+        "batch_size_seed": 2,
+        "seconds": secs,
+        "median_seconds": {k: statistics.median(v) for k, v in secs.items()},
+        "reference_seconds_once": dt_ref,
+        "ours_vs_seed": speed,
+        "cosine_ours_vs_reference": cos_ours,
+        "cosine_seed_vs_reference": cos_seed,
+        "cosine_seed_index_fixed_vs_reference": cos_seed_fixed,
+        "min_cosine_ours": min(cos_ours),
+        "min_cosine_seed": min(cos_seed),
+        "median_cosine_seed": statistics.median(cos_seed),
+        "cosine_seed_at_layer": {str(STEER_LAYER): cos_seed[STEER_LAYER]},
+        "min_cosine_seed_index_fixed": min(cos_seed_fixed),
+        **rss_block(tracker, rss_after_load),
+    }
+
+
+# ============================================================================ phase: batch
+
+def phase_batch(quick: bool, vectors: str | None = None) -> dict[str, Any]:
+    from steerdesk.core.generate import SamplingSettings, generate
+    from steerdesk.core.steering import steers_for
+
+    n_new = 8 if quick else 64
+    reps = 1 if quick else 3
+    prompts = BATCH_PROMPTS
+    lm = load_lm()
+    rss_after_load = _status_kib("VmRSS") / 1024
+    steers = steers_for(load_directions(lm, vectors), [STEER_LAYER], scale=1.0)
+    sampling = SamplingSettings(max_new_tokens=n_new)
+
+    def count(results: list[Any]) -> int:
+        return sum(len(r.token_ids) + (1 if r.finish_reason == "eos" else 0) for r in results)
+
+    def batched() -> list[Any]:
+        return generate(lm, prompts, steers, sampling=sampling)
+
+    def sequential() -> list[Any]:
+        return [generate(lm, [p], steers, sampling=sampling)[0] for p in prompts]
+
+    generate(lm, prompts[:2], steers, sampling=SamplingSettings(max_new_tokens=4))  # warm-up
+    tracker = PeakTracker()
+    tps: dict[str, list[float]] = {"batched": [], "sequential": []}
+    toks: dict[str, list[int]] = {"batched": [], "sequential": []}
+    last: dict[str, list[Any]] = {}
+    for rep in range(reps):
+        for name in order_for(rep, ["batched", "sequential"]):
+            dt, res = tracker.measure(name, batched if name == "batched" else sequential)
+            c = count(res)
+            tps[name].append(c / dt)
+            toks[name].append(c)
+            last[name] = res
+            log(f"batch rep {rep + 1}/{reps} {name:10s} {c} tok in {dt:6.2f}s = {c / dt:5.1f} tok/s")
+    same_rows = sum(a.token_ids == b.token_ids for a, b in zip(last["batched"], last["sequential"]))
+    return {
+        "prompts": len(prompts),
+        "max_new_tokens": n_new,
+        "tokens_per_s": tps,
+        "tokens_generated": toks,
+        "median_tokens_per_s": {k: statistics.median(v) for k, v in tps.items()},
+        "batch8_vs_sequential": paired_ratio(tps["batched"], tps["sequential"]),
+        "rows_identical_batched_vs_sequential": same_rows,
+        **rss_block(tracker, rss_after_load),
+    }
+
+
+# ============================================================================ driver
+
+def environment() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = m.group(1).strip() if m else cpu
+    except OSError:
+        pass
+    code = ("import torch, transformers; print(torch.__version__); print(transformers.__version__); "
+            "print(torch.get_num_threads())")
+    info = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split()
+    return {
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": info[0] if info else "?",
+        "transformers": info[1] if len(info) > 1 else "?",
+        "torch_threads": int(info[2]) if len(info) > 2 else None,
+        "python": platform.python_version(),
+        "loadavg_start": _loadavg(),
+    }
+
+
+def _loadavg() -> list[str] | None:
+    try:
+        return Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        return None
+
+
+def run_phase_subprocess(phase: str, quick: bool, vectors: str | None = None) -> dict[str, Any]:
+    load_before = _loadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--result", str(out)]
+        if quick:
+            cmd.append("--quick")
+        if vectors:
+            cmd += ["--vectors", vectors]
+        env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"phase {phase} failed (exit {proc.returncode})")
+        if phase == "vectors":
+            return {}
+        result = json.loads(out.read_text())
+        result["loadavg_before"] = load_before
+        result["phase_wall_s"] = time.perf_counter() - t0
+        result["loadavg_after"] = _loadavg()
+        return result
+
+
+def verdict(name: str, value: float) -> str:
+    op, target = TARGETS[name]
+    ok = value >= target if op == ">=" else value <= target
+    return "MET" if ok else "MISSED"
+
+
+def fmt_ratio(r: dict[str, float]) -> str:
+    return (f"{r['median_of_ratios']:.2f}x (range {r['min']:.2f}-{r['max']:.2f}, n={r['n']}; "
+            f"best/best {r['ratio_of_best']:.2f}x)")
+
+
+def report(env: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    print()
+    print(f"steerdesk core benchmark  {env['date_utc']}")
+    print(f"CPU: {env['cpu_model']} ({env['cpu_count']} cores), torch {env['torch']} "
+          f"({env['torch_threads']} threads), transformers {env['transformers']}, "
+          f"loadavg at start {' '.join(env['loadavg_start'] or [])}")
+    summary: dict[str, float] = {}
+    rows: list[tuple[str, str]] = []
+    if "gen" in results:
+        g = results["gen"]
+        m = g["median_tokens_per_s"]
+        rows += [
+            (f"gen: steered, KV cache ({g['max_new_tokens']} tok)", f"{m['steered']:.1f} tok/s"),
+            ("gen: unsteered, KV cache", f"{m['unsteered']:.1f} tok/s"),
+            ("gen: seed (hook, use_cache=False)", f"{m['seed']:.1f} tok/s"),
+        ]
+        summary["gen_steered_vs_unsteered"] = g["steered_vs_unsteered"]["median_of_ratios"]
+        summary["gen_ours_vs_seed"] = g["ours_vs_seed"]["median_of_ratios"]
+    if "extract" in results:
+        e = results["extract"]
+        s = e["median_seconds"]
+        rows += [
+            (f"extract: ours, batch {e['batch_size_ours']} ({e['pairs']} pairs)",
+             f"{s['ours']:.1f} s ({2 * e['pairs'] / s['ours']:.1f} texts/s)"),
+            (f"extract: seed, batch 2, no mask",
+             f"{s['seed']:.1f} s ({2 * e['pairs'] / s['seed']:.1f} texts/s)"),
+            ("extract: reference, batch 1 (once)", f"{e['reference_seconds_once']:.1f} s"),
+            ("extract: min cos(ours, reference)", f"{e['min_cosine_ours']:.6f}"),
+            ("extract: min / median cos(seed, reference)",
+             f"{e['min_cosine_seed']:.4f} / {e['median_cosine_seed']:.4f}"),
+            ("extract: min cos(seed index-fixed, ref)", f"{e['min_cosine_seed_index_fixed']:.4f}"),
+        ]
+        summary["extract_ours_vs_seed"] = e["ours_vs_seed"]["median_of_ratios"]
+        summary["extract_min_cosine_vs_reference"] = e["min_cosine_ours"]
+    if "batch" in results:
+        b = results["batch"]
+        m = b["median_tokens_per_s"]
+        rows += [
+            (f"batch: 8 prompts, one call ({b['max_new_tokens']} tok)", f"{m['batched']:.1f} tok/s"),
+            ("batch: 8 sequential calls", f"{m['sequential']:.1f} tok/s"),
+        ]
+        summary["batch8_vs_sequential"] = b["batch8_vs_sequential"]["median_of_ratios"]
+    width = max(len(r[0]) for r in rows) if rows else 10
+    print()
+    print(f"{'measurement':{width}s}  median")
+    print("-" * (width + 30))
+    for k, v in rows:
+        print(f"{k:{width}s}  {v}")
+
+    print()
+    print("ratio: median of per-repeat ratios (range over repeats; ratio of the two best runs)")
+    print(f"{'ratio':34s} {'measured':>56s}  {'target':>9s}  verdict")
+    print("-" * 112)
+    detail = {
+        "gen_steered_vs_unsteered": results.get("gen", {}).get("steered_vs_unsteered"),
+        "gen_ours_vs_seed": results.get("gen", {}).get("ours_vs_seed"),
+        "extract_ours_vs_seed": results.get("extract", {}).get("ours_vs_seed"),
+        "batch8_vs_sequential": results.get("batch", {}).get("batch8_vs_sequential"),
+    }
+    for name, value in summary.items():
+        op, target = TARGETS[name]
+        shown = fmt_ratio(detail[name]) if detail.get(name) else f"{value:.6f}"
+        print(f"{name:34s} {shown:>56s}  {op}{target:<7g}  {verdict(name, value)}")
+
+    print()
+    print("peak RSS per phase (MiB; per-method peaks include the resident model)")
+    for phase, res in results.items():
+        methods = ", ".join(f"{k} {v:.0f}" for k, v in res.get("method_peak_rss_mib", {}).items())
+        print(f"  {phase:8s} after load {res['rss_after_load_mib']:.0f}, setup peak "
+              f"{res['setup_peak_rss_mib']:.0f}, phase peak {res['phase_peak_rss_mib']:.0f}; {methods}  "
+              f"(loadavg {' '.join(res.get('loadavg_before') or [])} -> {' '.join(res.get('loadavg_after') or [])})")
+    if "gen" in results:
+        print(f"\ngen: steered greedy tokens with cache == seed hook without cache: "
+              f"{results['gen']['steered_cache_on_equals_seed_cache_off']}")
+    if "batch" in results:
+        print(f"batch: rows identical, batched vs sequential: "
+              f"{results['batch']['rows_identical_batched_vs_sequential']}/{results['batch']['prompts']}")
+    return {k: {"value": v, "target": TARGETS[k][1], "verdict": verdict(k, v)} for k, v in summary.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
+    ap.add_argument("--json", metavar="FILE", help="write all numbers to FILE")
+    ap.add_argument("--phases", default=",".join(PHASES), help="comma list of phases to run")
+    ap.add_argument("--phase", choices=PHASES + ("vectors",), help=argparse.SUPPRESS)  # internal
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--vectors", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.phase:
+        sys.path.insert(0, str(ROOT))
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        if args.phase == "vectors":
+            phase_vectors(args.vectors)
+            return 0
+        if args.phase == "extract":
+            res = phase_extract(args.quick)
+        else:
+            res = {"gen": phase_gen, "batch": phase_batch}[args.phase](args.quick, args.vectors)
+        Path(args.result).write_text(json.dumps(res, default=lambda t: t.tolist()))
+        return 0
+
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    bad = [p for p in phases if p not in PHASES]
+    if bad:
+        ap.error(f"unknown phase {bad[0]!r}; choose from {', '.join(PHASES)}")
+    env = environment()
+    results: dict[str, Any] = {}
+    vec_dir = tempfile.TemporaryDirectory()
+    vectors = None
+    if {"gen", "batch"} & set(phases):
+        print("steering vectors (neutral_rude) ...", file=sys.stderr, flush=True)
+        vectors = str(Path(vec_dir.name) / "directions.pt")
+        run_phase_subprocess("vectors", args.quick, vectors)  # saves the directions there
+    for phase in phases:
+        print(f"phase {phase} ...", file=sys.stderr, flush=True)
+        results[phase] = run_phase_subprocess(phase, args.quick, vectors)
+        if args.json:  # keep what is done so far, should a later phase fail
+            Path(args.json).write_text(json.dumps({"environment": env, "quick": args.quick,
+                                                   "phases": results}, indent=2))
+    env["loadavg_end"] = _loadavg()
+    verdicts = report(env, results)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"environment": env, "quick": args.quick, "verdicts": verdicts,
+                                               "phases": results}, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""``python -m steerdesk``: same as the ``steerdesk`` command."""
+
+from .app import main
+
+raise SystemExit(main())

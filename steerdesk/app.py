@@ -1,0 +1,20 @@
+"""Entry point: the window with no arguments, the headless CLI with a subcommand."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args:
+        from .cli import main as cli_main
+
+        return cli_main(args)
+    from .ui.launch import run_gui
+
+    return run_gui()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,282 @@
+"""Headless command line over the same core the window uses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from .core.errors import SteerdeskError
+
+log = logging.getLogger("steerdesk")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise SteerdeskError(f"{self.prog}: {message}")
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default="default",
+                   help="Hugging Face id, local folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
+    p.add_argument("--device-map", default=None, help="e.g. 'auto' to spread a large model over GPUs")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model's own Python code (unsafe)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="steerdesk", description="Activation steering workbench (headless CLI).")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("info", help="describe a model")
+    _model_arg(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("compute", help="compute steering vectors from a contrast dataset")
+    _model_arg(p)
+    p.add_argument("--dataset", required=True,
+                   help="JSONL/CSV file, a bundled name (e.g. neutral_rude), or the base .txt with --target-file")
+    p.add_argument("--target-file", help="target .txt list when --dataset is the base .txt list")
+    p.add_argument("--method", choices=["mean-diff", "pca"], default="mean-diff")
+    p.add_argument("--read", choices=["last", "mean"], default="last",
+                   help="last real token, or mean over the reply tokens")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--heldout", type=float, default=0.0,
+                   help="fraction of pairs held out (not used for the vector)")
+    p.add_argument("--system", help="system message used when formatting examples")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors (or .gguf)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("generate", help="generate text, optionally steered")
+    _model_arg(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system")
+    p.add_argument("--vector", help="steerdesk .safetensors or llama.cpp .gguf control vector")
+    p.add_argument("--layers", help="e.g. 12,15 or 10-14 (required with --vector)")
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--mode", choices=["add", "project", "clamp"], default="add")
+    p.add_argument("--normalize", action="store_true", help="scale the unit vector instead of the raw one")
+    p.add_argument("--positions", choices=["all", "prompt", "generated"], default="all")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--compare", action="store_true", help="also generate unsteered, in the same batch")
+    p.add_argument("--no-stream", action="store_true", help="print only when done")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="convert a vector file (e.g. to a llama.cpp GGUF control vector)")
+    p.add_argument("vector")
+    p.add_argument("--format", choices=["gguf", "safetensors"], default="gguf")
+    p.add_argument("-o", "--output", required=True)
+
+    sub.add_parser("datasets", help="list the bundled datasets")
+
+    p = sub.add_parser("demo", help="run the whole workflow in the window and save a screenshot")
+    p.add_argument("--screenshot", help="PNG to save the window to")
+    p.add_argument("--model", default="default")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+
+    p = sub.add_parser("install-desktop", help="install a desktop launcher and icons for this install")
+    p.add_argument("--prefix", help="data folder (default: ~/.local/share)")
+    return parser
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    from .core.models import load_model
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                      trust_remote_code=args.trust_remote_code, progress=progress)
+
+
+def load_vectors_for(path: str, info: Any) -> Any:
+    """Load a vector file and refuse it if it does not fit the model."""
+    from .core.vectors import import_gguf, load_vectors
+
+    if str(path).lower().endswith(".gguf"):
+        vs = import_gguf(path)
+        if vs.metadata.get("architecture") is None and vs.num_layers <= info.num_layers:
+            vs = import_gguf(path, num_layers=info.num_layers)  # pad to the model's depth
+    else:
+        vs = load_vectors(path)
+    vs.check_compatible(info)
+    return vs
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    lm = _load_model(args)
+    info = lm.info.to_dict()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for k, v in info.items():
+            print(f"{k.ljust(width)}  {v}")
+    return 0
+
+
+def cmd_compute(args: argparse.Namespace) -> int:
+    from .core.datasets import resolve_dataset
+    from .core.extract import compute_vectors
+    from .core.vectors import export_gguf, save_vectors
+
+    ds = resolve_dataset(args.dataset, args.target_file)
+    if args.heldout:
+        ds, _ = ds.split(args.heldout)
+    lm = _load_model(args)
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\rextracting {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+
+    vs = compute_vectors(lm, ds, method=args.method, read=args.read, batch_size=args.batch_size,
+                         system=args.system, progress=progress)
+    out = Path(args.output)
+    if out.suffix.lower() == ".gguf":
+        export_gguf(vs, out)
+    else:
+        save_vectors(vs, out)
+    rel = vs.relative_strength().tolist()
+    summary = {"output": str(out), "layers": vs.num_layers, "hidden_size": vs.hidden_size,
+               "examples": len(ds), "seconds": round(time.perf_counter() - t0, 2),
+               "relative_norm": [round(x, 4) for x in rel]}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        best = max(range(len(rel)), key=lambda i: rel[i])
+        print(f"wrote {out}: {vs.num_layers} layers x {vs.hidden_size} from {len(ds)} examples "
+              f"in {summary['seconds']} s (largest |v|/|h| {rel[best]:.2f} at layer {best})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .core.generate import SamplingSettings, generate
+    from .core.steering import parse_layers, steers_for
+
+    sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed)
+    sampling.check()
+    if args.vector and not args.layers:
+        raise SteerdeskError("--vector needs --layers (e.g. --layers 15 or 12-16).")
+    if args.compare and not args.vector:
+        raise SteerdeskError("--compare needs --vector.")
+    lm = _load_model(args)
+    steers = []
+    if args.vector:
+        vs = load_vectors_for(args.vector, lm.info)
+        layers = parse_layers(args.layers, lm.info.num_layers)
+        steers = steers_for(vs.directions, layers, scale=args.scale, mode=args.mode,
+                            normalize=args.normalize, positions=args.positions)
+    rows = [[], steers] if args.compare else [steers]
+    prompts = [args.prompt] * len(rows)
+    stream_row = len(rows) - 1
+    streaming = not args.json and not args.no_stream
+
+    def on_text(row: int, chunk: str) -> None:
+        if row == stream_row:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    results = generate(lm, prompts, rows, sampling=sampling, system=args.system,
+                       on_text=on_text if streaming else None)
+    steered = results[-1]
+    if args.json:
+        obj: dict[str, Any] = {"text": steered.text, "token_ids": steered.token_ids,
+                               "finish_reason": steered.finish_reason}
+        if args.compare:
+            u = results[0]
+            obj["unsteered"] = {"text": u.text, "token_ids": u.token_ids, "finish_reason": u.finish_reason}
+        print(json.dumps(obj, ensure_ascii=False))
+        return 0
+    if streaming:
+        print()
+    else:
+        print(steered.text)
+    if args.compare:
+        print("\n--- unsteered ---")
+        print(results[0].text)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .core.vectors import export_gguf, load_vectors, save_vectors
+
+    vs = load_vectors(args.vector)
+    if args.format == "gguf":
+        layers = export_gguf(vs, args.output)
+        print(f"wrote {args.output}: llama.cpp control vector, direction.{layers[0]}..direction.{layers[-1]} "
+              f"(block 0 has no slot in llama.cpp)")
+    else:
+        save_vectors(vs, args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from .core.datasets import bundled_datasets, load_bundled
+
+    for name in sorted(bundled_datasets()):
+        print(f"{name}  ({len(load_bundled(name))} pairs)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .ui.demo import run_demo
+
+    return run_demo(args.screenshot, model=args.model, max_new_tokens=args.max_new_tokens)
+
+
+def cmd_install_desktop(args: argparse.Namespace) -> int:
+    from .desktop import install_desktop
+
+    written = install_desktop(args.prefix)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "install-desktop": cmd_install_desktop,
+            "info": cmd_info, "compute": cmd_compute, "generate": cmd_generate, "export": cmd_export,
+            "datasets": cmd_datasets}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one CLI command; user errors print one line on stderr and return 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="steerdesk: %(message)s")
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 0
+        return COMMANDS[args.command](args)
+    except SteerdeskError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"steerdesk: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("steerdesk: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"steerdesk: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
+                  file=sys.stderr)
+        return 1

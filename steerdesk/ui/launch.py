@@ -1,0 +1,43 @@
+"""Start the GUI: paint the window first, then load the model in the worker thread."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+_T0 = time.perf_counter()
+
+
+def make_app(argv: list[str] | None = None):  # noqa: ANN201 - QApplication import is local
+    from PySide6.QtCore import QCoreApplication
+    from PySide6.QtWidgets import QApplication
+
+    QCoreApplication.setOrganizationName("steerdesk")
+    QCoreApplication.setApplicationName("steerdesk")
+    app = QApplication.instance() or QApplication(argv if argv is not None else sys.argv[:1])
+    app.setDesktopFileName("steerdesk")
+    from .theme import apply_theme
+
+    apply_theme(app)
+    return app
+
+
+def run_gui() -> int:
+    """Open the main window; the model loads after the first paint."""
+    app = make_app()
+    from PySide6.QtCore import QTimer
+
+    from .main_window import MainWindow
+
+    window = MainWindow()
+    window.show()
+
+    def after_paint() -> None:
+        if os.environ.get("STEERDESK_REPORT_STARTUP"):
+            print(f"first paint after {time.perf_counter() - _T0:.3f} s", file=sys.stderr)
+        window.start()
+
+    QTimer.singleShot(0, after_paint)
+    code = app.exec()
+    return int(code)

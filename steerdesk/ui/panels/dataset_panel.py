@@ -1,0 +1,740 @@
+"""The dataset editor: a table of contrast pairs with undo, clipboard, files and crash recovery.
+
+The panel never shows a dialog of its own for errors: it emits ``error_occurred(title, message)``
+and the window decides how to show it. File dialogs and the recovery question go through
+``_ask_open_path`` / ``_ask_save_path`` / ``_ask_recover`` so tests can replace them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QEvent, QItemSelection, QItemSelectionModel, QModelIndex, QObject, QRect, Qt, QTimer, Signal, Slot
+from PySide6.QtGui import QAction, QGuiApplication, QKeyEvent, QKeySequence, QPainter, QPalette, QUndoStack
+from PySide6.QtWidgets import (
+    QAbstractItemDelegate,
+    QAbstractItemView,
+    QDoubleSpinBox,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QMenu,
+    QMessageBox,
+    QPlainTextEdit,
+    QStyledItemDelegate,
+    QStyleOptionViewItem,
+    QTableView,
+    QToolBar,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from steerdesk.core.datasets import Dataset, bundled_datasets, load_bundled, load_dataset, save_dataset
+from steerdesk.core.errors import SteerdeskError
+from steerdesk.ui.dataset_model import DatasetTableModel, parse_tsv, to_tsv
+from steerdesk.ui.recovery import RecoveryStore
+
+OPEN_FILTERS = ("Datasets (*.jsonl *.json *.ndjson *.csv *.txt);;JSON Lines (*.jsonl *.json *.ndjson);;"
+                "CSV (*.csv);;Text lists, base then target file (*.txt);;All files (*)")
+SAVE_FILTERS = "JSON Lines (*.jsonl);;CSV (*.csv)"
+EXPORT_FILTERS = "JSON Lines (*.jsonl);;CSV (*.csv);;Text lists, two files (*.txt)"
+AUTOSAVE_MS = 1000
+MAX_ROW_HEIGHT = 160  # px; longer cells are cut off in the table (the editor shows them whole)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _txt_pair_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``foo.txt``, ``foo.base.txt`` or ``foo`` -> (``foo.base.txt``, ``foo.target.txt``)."""
+    p = Path(path)
+    stem = p.name
+    for suffix in (".txt", ".base", ".target"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+    stem = stem or "dataset"
+    return p.with_name(f"{stem}.base.txt"), p.with_name(f"{stem}.target.txt")
+
+
+# ---------------------------------------------------------------------------- view pieces
+
+class _TextDelegate(QStyledItemDelegate):
+    """Multi-line cell editor: Enter commits, Shift+Enter starts a new line, Esc reverts."""
+
+    def createEditor(self, parent: QWidget, option: QStyleOptionViewItem, index: QModelIndex) -> QWidget:
+        editor = QPlainTextEdit(parent)
+        editor.setTabChangesFocus(True)
+        editor.setFrameShape(QPlainTextEdit.Shape.NoFrame)
+        editor.setObjectName("cellEditor")
+        return editor
+
+    def setEditorData(self, editor: QWidget, index: QModelIndex) -> None:
+        assert isinstance(editor, QPlainTextEdit)
+        editor.setPlainText(str(index.data(Qt.ItemDataRole.EditRole) or ""))
+        editor.moveCursor(editor.textCursor().MoveOperation.End)
+
+    def setModelData(self, editor: QWidget, model: Any, index: QModelIndex) -> None:
+        assert isinstance(editor, QPlainTextEdit)
+        model.setData(index, editor.toPlainText(), Qt.ItemDataRole.EditRole)
+
+    def updateEditorGeometry(self, editor: QWidget, option: QStyleOptionViewItem, index: QModelIndex) -> None:
+        rect = QRect(option.rect)
+        # A little taller than a one-line row, so a reply can be read while it is edited.
+        rect.setHeight(max(rect.height(), editor.fontMetrics().lineSpacing() * 4))
+        editor.setGeometry(rect)
+
+    def eventFilter(self, editor: QObject, event: QEvent) -> bool:
+        if event.type() == QEvent.Type.KeyPress and isinstance(editor, QPlainTextEdit):
+            key_event: QKeyEvent = event  # type: ignore[assignment]
+            if key_event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) \
+                    and not key_event.modifiers() & Qt.KeyboardModifier.ShiftModifier:
+                self.commitData.emit(editor)
+                self.closeEditor.emit(editor, QAbstractItemDelegate.EndEditHint.NoHint)
+                return True
+        return super().eventFilter(editor, event)
+
+
+class _DatasetView(QTableView):
+    """The table; copy, paste and delete act on whole rows when no cell editor is open."""
+
+    copy_requested = Signal()
+    """Ctrl+C (the platform's Copy) pressed on the table."""
+    paste_requested = Signal()
+    """Ctrl+V (the platform's Paste) pressed on the table."""
+    delete_requested = Signal()
+    """Delete pressed on the table."""
+
+    placeholder = ("No rows yet. Add a row, paste pairs copied from a spreadsheet (Ctrl+V), "
+                   "import a file, or load a bundled dataset.")
+
+    def keyPressEvent(self, event: QKeyEvent) -> None:
+        if event.matches(QKeySequence.StandardKey.Copy):
+            self.copy_requested.emit()
+        elif event.matches(QKeySequence.StandardKey.Paste):
+            self.paste_requested.emit()
+        elif event.key() == Qt.Key.Key_Delete or (
+                sys.platform == "darwin" and event.key() == Qt.Key.Key_Backspace):
+            self.delete_requested.emit()
+        else:
+            super().keyPressEvent(event)
+            return
+        event.accept()
+
+    def paintEvent(self, event: Any) -> None:
+        super().paintEvent(event)
+        model = self.model()
+        if model is not None and model.rowCount() == 0:
+            painter = QPainter(self.viewport())
+            painter.setPen(self.palette().color(QPalette.ColorRole.PlaceholderText))
+            rect = self.viewport().rect().adjusted(24, 24, -24, -24)
+            painter.drawText(rect, Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop
+                             | Qt.TextFlag.TextWordWrap, self.placeholder)
+            painter.end()
+
+
+# ---------------------------------------------------------------------------- the panel
+
+class DatasetPanel(QWidget):
+    """Edit a contrast dataset: rows, clipboard, files, bundled examples, held-out split."""
+
+    dataset_changed = Signal()
+    """The rows changed (edit, paste, load, undo, redo ...)."""
+    modified_changed = Signal(bool)
+    """The dataset went from saved to unsaved (True) or back (False)."""
+    status_message = Signal(str)
+    """A one-line note for the status bar."""
+    error_occurred = Signal(str, str)
+    """Something the user should see in a dialog: (title, message)."""
+    path_changed = Signal()
+    """The file (or name) the dataset belongs to changed (load, Save As, undoing a load)."""
+
+    def __init__(self, parent: QWidget | None = None, recovery: RecoveryStore | None = None) -> None:
+        super().__init__(parent)
+        self._recovery = recovery
+        self._last_dir = ""
+        self._last_modified = False
+        self._batch = False  # True while a load is being pushed and marked clean (no flicker)
+
+        self._stack = QUndoStack(self)
+        self._model = DatasetTableModel(self._stack, self)
+
+        self._autosave = QTimer(self)
+        self._autosave.setSingleShot(True)
+        self._autosave.setInterval(AUTOSAVE_MS)
+        self._autosave.timeout.connect(self._write_recovery)
+
+        self._build_actions()
+        self._build_ui()
+
+        self._stack.indexChanged.connect(self._on_index_changed)
+        self._stack.cleanChanged.connect(self._on_clean_changed)
+        self._stack.canUndoChanged.connect(self._update_actions)
+        self._stack.canRedoChanged.connect(self._update_actions)
+        self._stack.undoTextChanged.connect(self._update_actions)
+        self._stack.redoTextChanged.connect(self._update_actions)
+        self._model.path_changed.connect(self._on_path_changed)
+        self._view.selectionModel().selectionChanged.connect(self._update_actions)
+
+        self._refresh_summary()
+        self._update_actions()
+        self._on_path_changed()
+
+    # ------------------------------------------------------------------ construction
+    def _action(self, text: str, slot: Any, shortcut: QKeySequence | str | None = None, tip: str = "") -> QAction:
+        action = QAction(text, self)
+        if shortcut is not None:
+            action.setShortcut(QKeySequence(shortcut))
+            # Only while focus is inside this panel, so the window's other panels keep their keys.
+            action.setShortcutContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+            self.addAction(action)
+            seq = action.shortcut().toString(QKeySequence.SequenceFormat.NativeText)
+            tip = f"{tip} ({seq})" if seq else tip
+        action.setToolTip(tip or text)
+        action.triggered.connect(slot)
+        return action
+
+    def _build_actions(self) -> None:
+        self.add_action = self._action("Add row", self.add_row, tip="Add an empty row after the selection")
+        self.remove_action = self._action("Remove", self.remove_selected, tip="Remove the selected rows (Delete)")
+        self.duplicate_action = self._action("Duplicate", self.duplicate_selected,
+                                             tip="Duplicate the selected rows")
+        self.undo_action = self._action("Undo", self._stack.undo, QKeySequence.StandardKey.Undo, "Undo")
+        self.redo_action = self._action("Redo", self._stack.redo, QKeySequence.StandardKey.Redo, "Redo")
+        self.import_action = self._action("Import…", self.import_file,
+                                          tip="Load a .jsonl or .csv file, or two .txt lists")
+        self.export_action = self._action("Export…", self.export_file,
+                                          tip="Write a copy as .jsonl, .csv or two .txt lists")
+        self.save_action = self._action("Save", self._save_triggered, QKeySequence.StandardKey.Save,
+                                        "Save to the current file")
+        self.save_as_action = self._action("Save As…", self.save_as, "Ctrl+Shift+S",
+                                           "Save to a new .jsonl or .csv file")
+        self.copy_action = self._action("Copy rows", self.copy_selected, tip="Copy the selected rows as TSV (Ctrl+C)")
+        self.paste_action = self._action("Paste", self.paste, tip="Paste rows from a spreadsheet (Ctrl+V)")
+
+        self.bundled_menu = QMenu("Bundled", self)
+        try:
+            names = sorted(bundled_datasets())
+        except (OSError, SteerdeskError):  # a broken install must not stop the panel from opening
+            names = []
+        for name in names:
+            act = self.bundled_menu.addAction(name)
+            act.setData(name)
+            act.triggered.connect(self._on_bundled_triggered)
+        if not names:
+            self.bundled_menu.addAction("(none installed)").setEnabled(False)
+
+    def _build_ui(self) -> None:
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.setSpacing(4)
+
+        top = QHBoxLayout()
+        self._title = QLabel()
+        self._title.setTextFormat(Qt.TextFormat.PlainText)
+        font = self._title.font()
+        font.setBold(True)
+        self._title.setFont(font)
+        top.addWidget(self._title, 1)
+        self.file_toolbar = QToolBar("Dataset files", self)
+        self.file_toolbar.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextOnly)
+        self.file_toolbar.addAction(self.import_action)
+        self.file_toolbar.addAction(self.export_action)
+        self.bundled_button = QToolButton(self)
+        self.bundled_button.setText("Bundled ▾")
+        self.bundled_button.setToolTip("Load one of the example datasets that ship with steerdesk")
+        self.bundled_button.setMenu(self.bundled_menu)
+        self.bundled_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        self.bundled_button.setStyleSheet("QToolButton::menu-indicator { image: none; width: 0px; }")
+        self.file_toolbar.addWidget(self.bundled_button)
+        self.file_toolbar.addSeparator()
+        self.file_toolbar.addAction(self.save_action)
+        self.file_toolbar.addAction(self.save_as_action)
+        top.addWidget(self.file_toolbar)
+        layout.addLayout(top)
+
+        self.edit_toolbar = QToolBar("Dataset rows", self)
+        self.edit_toolbar.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextOnly)
+        for action in (self.add_action, self.remove_action, self.duplicate_action):
+            self.edit_toolbar.addAction(action)
+        self.edit_toolbar.addSeparator()
+        self.edit_toolbar.addAction(self.undo_action)
+        self.edit_toolbar.addAction(self.redo_action)
+        layout.addWidget(self.edit_toolbar)
+
+        view = _DatasetView(self)
+        view.setModel(self._model)
+        view.setItemDelegate(_TextDelegate(view))
+        view.setWordWrap(True)
+        view.setTextElideMode(Qt.TextElideMode.ElideRight)
+        view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        view.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        view.setEditTriggers(QAbstractItemView.EditTrigger.DoubleClicked
+                             | QAbstractItemView.EditTrigger.EditKeyPressed
+                             | QAbstractItemView.EditTrigger.AnyKeyPressed)
+        view.setVerticalScrollMode(QAbstractItemView.ScrollMode.ScrollPerPixel)
+        view.setAlternatingRowColors(True)
+        view.setToolTip("Double-click a cell to edit it: Enter keeps the change, Shift+Enter starts a new line, "
+                        "Esc cancels.")
+        view.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        view.horizontalHeader().setHighlightSections(False)
+        view.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        view.verticalHeader().setMaximumSectionSize(MAX_ROW_HEIGHT)
+        view.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        view.customContextMenuRequested.connect(self._show_context_menu)
+        view.copy_requested.connect(self.copy_selected)
+        view.paste_requested.connect(self.paste)
+        view.delete_requested.connect(self.remove_selected)
+        self._view = view
+        layout.addWidget(view, 1)
+
+        bottom = QHBoxLayout()
+        bottom.addWidget(QLabel("Held out"))
+        self._heldout = QDoubleSpinBox(self)
+        self._heldout.setRange(0.0, 0.9)
+        self._heldout.setSingleStep(0.05)
+        self._heldout.setDecimals(2)
+        self._heldout.setValue(0.25)
+        self._heldout.setToolTip("Fraction of the rows kept out of vector extraction, to evaluate the vector on")
+        self._heldout.valueChanged.connect(self._refresh_summary)
+        bottom.addWidget(self._heldout)
+        self._split_label = QLabel()
+        self._split_label.setEnabled(False)  # greyed: secondary information
+        bottom.addWidget(self._split_label)
+        bottom.addStretch(1)
+        self._next_invalid = QToolButton(self)
+        self._next_invalid.setText("Next invalid")
+        self._next_invalid.setToolTip("Select the next row that cannot be used")
+        self._next_invalid.setAutoRaise(True)
+        self._next_invalid.clicked.connect(self.select_next_invalid)
+        bottom.addWidget(self._next_invalid)
+        self._summary = QLabel()
+        bottom.addWidget(self._summary)
+        layout.addLayout(bottom)
+
+    # ------------------------------------------------------------------ public API
+    def dataset(self) -> Dataset:
+        """The rows as they stand (a snapshot)."""
+        return self._model.dataset()
+
+    def heldout_fraction(self) -> float:
+        """The "Held out" fraction, 0 to 0.9."""
+        return float(self._heldout.value())
+
+    def set_heldout_fraction(self, value: float) -> None:
+        self._heldout.setValue(value)
+
+    def train_and_heldout(self) -> tuple[Dataset, Dataset]:
+        """``(train, held-out)`` by the deterministic split of ``Dataset.split``.
+
+        Raises ``SteerdeskError`` when the dataset cannot produce a vector; the message names the
+        row as numbered in the table (the split renumbers rows, so it is checked before splitting).
+        """
+        ds = self.dataset()
+        ds.validate()
+        return ds.split(self.heldout_fraction())
+
+    def model(self) -> DatasetTableModel:
+        return self._model
+
+    def view(self) -> QTableView:
+        return self._view
+
+    def undo_stack(self) -> QUndoStack:
+        return self._stack
+
+    def is_modified(self) -> bool:
+        """Whether there are changes since the last load or save."""
+        return not self._stack.isClean()
+
+    def current_path(self) -> str | None:
+        """The file Save writes to, or ``None`` (new, bundled or imported text lists)."""
+        return self._model.path()
+
+    def display_name(self) -> str:
+        """A short name for titles: the file's stem, the bundled name, or "untitled"."""
+        return self._model.name()
+
+    def problems(self) -> list[tuple[int, str]]:
+        return self._model.problems()
+
+    def load_file(self, path: str | os.PathLike[str], target_path: str | os.PathLike[str] | None = None) -> bool:
+        """Load a .jsonl/.json/.csv file, or two text lists (base ``path``, ``target_path``).
+
+        Undoable (Ctrl+Z brings the previous rows back). Text lists have no current file
+        afterwards (saving them back would drop prompts), so Save asks where to write.
+        Returns False and emits ``error_occurred`` if the file cannot be read.
+        """
+        try:
+            ds = load_dataset(path, target_path)
+        except (SteerdeskError, OSError) as exc:
+            self.error_occurred.emit("Could not load dataset", str(exc))
+            return False
+        p = Path(path)
+        self._last_dir = str(p.resolve().parent)
+        if target_path is not None:
+            ds.name = _txt_pair_paths(p)[0].name[: -len(".base.txt")]
+            self._replace(ds, None, f"import {ds.name}")
+            where = f"{p.name} and {Path(target_path).name}"
+        else:
+            self._replace(ds, os.path.abspath(p), f"open {p.name}")
+            where = p.name
+        extra = "" if ds.paired else " (lists of different lengths: unpaired)"
+        self.status_message.emit(f"Loaded {_plural(len(ds), 'row')} from {where}{extra}.")
+        return True
+
+    def load_bundled(self, name: str) -> bool:
+        """Load a dataset shipped with steerdesk (Save then asks for a file)."""
+        try:
+            ds = load_bundled(name)
+        except (SteerdeskError, OSError) as exc:
+            self.error_occurred.emit("Could not load dataset", str(exc))
+            return False
+        self._replace(ds, None, f"load {name}")
+        self.status_message.emit(f"Loaded the bundled dataset {name} ({_plural(len(ds), 'row')}).")
+        return True
+
+    def save(self, path: str | os.PathLike[str] | None = None) -> bool:
+        """Save to ``path``, else the current file, else a file the user picks.
+
+        ``.csv`` saves CSV; anything else JSONL (``.jsonl`` is added when there is no known
+        extension). The write is atomic: if it fails the old file is untouched,
+        ``error_occurred`` is emitted and False returned.
+        """
+        if path is None:
+            path = self.current_path()
+        if path is None:
+            return self.save_as()
+        return self._write(Path(path))
+
+    @Slot()
+    def _save_triggered(self) -> None:
+        self.save()  # not connected directly: triggered(bool) would arrive as ``path``
+
+    @Slot()
+    def save_as(self) -> bool:
+        """Ask for a file and save there; it becomes the current file."""
+        path = self._ask_save_path("Save dataset", self._suggested_path(".jsonl"), SAVE_FILTERS)
+        if not path:
+            return False
+        return self._write(Path(path))
+
+    def export_to(self, path: str | os.PathLike[str]) -> bool:
+        """Write a copy (.jsonl, .csv, or .txt = ``<name>.base.txt`` + ``<name>.target.txt``).
+
+        Does not change the current file or the modified flag.
+        """
+        p = Path(path)
+        ds = self.dataset()
+        try:
+            if p.suffix.lower() == ".txt":
+                base, target = _txt_pair_paths(p)
+                save_dataset(ds, base, target)
+                notes = []
+                if any(e.prompt.strip() for e in ds.examples):
+                    notes.append("prompts are not kept in text lists")
+                if any(not e.base.strip() or not e.target.strip() for e in ds.examples):
+                    notes.append("empty cells are skipped")
+                note = f" ({'; '.join(notes)})" if notes else ""
+                self.status_message.emit(f"Exported {_plural(len(ds), 'row')} to {base.name} and {target.name}{note}.")
+            else:
+                if p.suffix.lower() not in (".jsonl", ".json", ".ndjson", ".csv"):
+                    p = p.with_name(p.name + ".jsonl")
+                save_dataset(ds, p)
+                self.status_message.emit(f"Exported {_plural(len(ds), 'row')} to {p.name}.")
+        except (SteerdeskError, OSError) as exc:
+            self.error_occurred.emit("Could not export dataset", str(exc))
+            return False
+        self._last_dir = str(p.resolve().parent)
+        return True
+
+    def discard_recovery(self) -> None:
+        """Forget the autosaved copy (call when the window closes cleanly)."""
+        self._autosave.stop()
+        if self._recovery is not None:
+            self._recovery.clear()
+
+    def offer_recovery(self, parent: QWidget | None = None) -> bool:
+        """If a crashed session left unsaved edits, ask whether to restore them; True if restored.
+
+        Restored rows are marked modified (they were never saved) and keep their original file,
+        so Save writes them back there. Declining deletes the recovery file.
+        """
+        if self._recovery is None:
+            return False
+        found = self._recovery.pending()
+        if found is None:
+            return False
+        ds, header = found
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(header.get("saved_at") or 0)))
+        if not self._ask_recover(parent if parent is not None else self, when, header):
+            RecoveryStore.discard(header["file"])
+            self.status_message.emit("Discarded the recovered dataset edits.")
+            return False
+        self._model.set_dataset(ds, header.get("path") or None, f"recover {ds.name}")
+        if Path(header["file"]) != self._recovery.path:
+            RecoveryStore.discard(header["file"])
+        self.status_message.emit(f"Recovered {_plural(len(ds), 'row')} of unsaved edits from {when}.")
+        return True
+
+    # ------------------------------------------------------------------ overridable questions
+    def _ask_open_path(self, title: str, filters: str, start: str = "") -> str | None:
+        path, _selected = QFileDialog.getOpenFileName(self, title, start or self._last_dir, filters)
+        return path or None
+
+    def _ask_save_path(self, title: str, suggested: str, filters: str) -> str | None:
+        path, selected = QFileDialog.getSaveFileName(self, title, suggested, filters)
+        if not path:
+            return None
+        if not Path(path).suffix:
+            m = re.search(r"\*(\.\w+)", selected or "")
+            path += m.group(1) if m else ".jsonl"
+        return path
+
+    def _ask_recover(self, parent: QWidget, when: str, header: dict[str, Any]) -> bool:
+        origin = header.get("path") or header.get("name") or "an unsaved dataset"
+        box = QMessageBox(QMessageBox.Icon.Question, "Recover dataset",
+                          f"Recover unsaved dataset edits from {when}?",
+                          QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, parent)
+        box.setInformativeText(f"{_plural(int(header.get('rows') or 0), 'row')} of {origin}, "
+                               "not saved when steerdesk last stopped. No discards them.")
+        box.setDefaultButton(QMessageBox.StandardButton.Yes)
+        return box.exec() == QMessageBox.StandardButton.Yes
+
+    # ------------------------------------------------------------------ user actions
+    @Slot()
+    def add_row(self) -> None:
+        rows = self.selected_rows()
+        row = self._model.add_row(rows[-1] + 1 if rows else None)
+        self._select_rows([row])
+        self._view.setCurrentIndex(self._model.index(row, 0))
+
+    @Slot()
+    def remove_selected(self) -> None:
+        rows = self.selected_rows()
+        if not rows:
+            self.status_message.emit("Select the rows to remove first.")
+            return
+        self._model.remove_rows(rows)
+        if self._model.rowCount():
+            self._select_rows([min(rows[0], self._model.rowCount() - 1)])
+        self.status_message.emit(f"Removed {_plural(len(rows), 'row')}.")
+
+    @Slot()
+    def duplicate_selected(self) -> None:
+        rows = self.selected_rows()
+        if not rows:
+            self.status_message.emit("Select the rows to duplicate first.")
+            return
+        self._select_rows(self._model.duplicate_rows(rows))
+
+    @Slot()
+    def copy_selected(self) -> None:
+        rows = self.selected_rows()
+        if not rows:
+            return
+        QGuiApplication.clipboard().setText(to_tsv(self._model.example(r) for r in rows))
+        self.status_message.emit(f"Copied {_plural(len(rows), 'row')}.")
+
+    @Slot()
+    def paste(self) -> None:
+        """Paste tab-separated rows from the clipboard, starting at the current row."""
+        text = QGuiApplication.clipboard().text()
+        cells = parse_tsv(text)
+        if not cells:
+            self.status_message.emit("Nothing to paste: the clipboard holds no text.")
+            return
+        selected = self.selected_rows()
+        current = self._view.currentIndex()
+        start = selected[0] if selected else None
+        column = current.column() if current.isValid() else None
+        try:
+            replaced, added = self._model.paste_block(start, cells, column)
+        except ValueError as exc:
+            self.error_occurred.emit("Cannot paste", str(exc))
+            return
+        first = self._model.rowCount() - added if start is None else start
+        self._select_rows(list(range(first, first + replaced + added)))
+        parts = [p for p in (f"{replaced} replaced" if replaced else "", f"{added} added" if added else "") if p]
+        self.status_message.emit(f"Pasted {_plural(replaced + added, 'row')}"
+                                 + (f" ({', '.join(parts)})." if parts else "."))
+
+    @Slot()
+    def import_file(self) -> bool:
+        path = self._ask_open_path("Import dataset", OPEN_FILTERS)
+        if not path:
+            return False
+        target = None
+        if Path(path).suffix.lower() == ".txt":
+            guess = _txt_pair_paths(path)[1]
+            target = self._ask_open_path(f"Target list for {Path(path).name} (one example per line)",
+                                         "Text lists (*.txt);;All files (*)",
+                                         str(guess) if guess.exists() else str(Path(path).parent))
+            if not target:
+                self.status_message.emit("Import cancelled: a text list needs a target file too.")
+                return False
+        return self.load_file(path, target)
+
+    @Slot()
+    def export_file(self) -> bool:
+        path = self._ask_save_path("Export dataset", self._suggested_path(".jsonl"), EXPORT_FILTERS)
+        if not path:
+            return False
+        return self.export_to(path)
+
+    @Slot()
+    def select_next_invalid(self) -> None:
+        bad = [r for r, _ in self._model.problems()]
+        if not bad:
+            return
+        current = self._view.currentIndex().row()
+        row = next((r for r in bad if r > current), bad[0])
+        self._select_rows([row])
+        self._view.setCurrentIndex(self._model.index(row, 1))
+        self.status_message.emit(f"Row {row + 1}: {self._model.example(row).problem(self._model.paired())}.")
+
+    def selected_rows(self) -> list[int]:
+        """Rows with any selected cell, ascending."""
+        sel = self._view.selectionModel()
+        return sorted({i.row() for i in sel.selectedIndexes()}) if sel is not None else []
+
+    # ------------------------------------------------------------------ internals
+    def _replace(self, ds: Dataset, path: str | None, text: str) -> None:
+        """Replace all rows as one undo step and mark the result saved."""
+        self._batch = True
+        try:
+            self._model.set_dataset(ds, path, text)
+            self._stack.setClean()
+        finally:
+            self._batch = False
+        self._sync_modified()
+
+    def _write(self, path: Path) -> bool:
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            self.error_occurred.emit("Could not save dataset",
+                                     "Text lists drop the prompts, so they can only be exported: use Export….")
+            return False
+        if suffix not in (".jsonl", ".json", ".ndjson", ".csv"):
+            path = path.with_name(path.name + ".jsonl")
+        ds = self.dataset()
+        try:
+            save_dataset(ds, path)
+        except (SteerdeskError, OSError) as exc:
+            self.error_occurred.emit("Could not save dataset", str(exc))
+            return False
+        self._model.set_path(os.path.abspath(path), path.stem)
+        self._last_dir = str(Path(os.path.abspath(path)).parent)
+        self._stack.setClean()
+        self.discard_recovery()
+        bad = len(self._model.problems())
+        note = f" ({_plural(bad, 'invalid row')})" if bad else ""
+        self.status_message.emit(f"Saved {_plural(len(ds), 'row')} to {path.name}{note}.")
+        return True
+
+    def _suggested_path(self, suffix: str) -> str:
+        current = self.current_path()
+        folder = Path(current).parent if current else Path(self._last_dir or os.getcwd())
+        return str(folder / f"{self.display_name()}{suffix}")
+
+    def _select_rows(self, rows: list[int]) -> None:
+        sel = self._view.selectionModel()
+        last_col = self._model.columnCount() - 1
+        selection = QItemSelection()
+        for r in rows:
+            selection.select(self._model.index(r, 0), self._model.index(r, last_col))
+        sel.select(selection, QItemSelectionModel.SelectionFlag.ClearAndSelect)
+        if rows:
+            sel.setCurrentIndex(self._model.index(rows[0], max(self._view.currentIndex().column(), 0)),
+                                QItemSelectionModel.SelectionFlag.NoUpdate)
+            self._view.scrollTo(self._model.index(rows[-1], 0))
+            self._view.scrollTo(self._model.index(rows[0], 0))
+
+    def _show_context_menu(self, pos: Any) -> None:
+        menu = QMenu(self)
+        for action in (self.add_action, self.duplicate_action, self.remove_action):
+            menu.addAction(action)
+        menu.addSeparator()
+        menu.addAction(self.copy_action)
+        menu.addAction(self.paste_action)
+        menu.exec(self._view.viewport().mapToGlobal(pos))
+
+    @Slot()
+    def _on_bundled_triggered(self) -> None:
+        action = self.sender()
+        if isinstance(action, QAction):
+            self.load_bundled(str(action.data()))
+
+    @Slot(int)
+    def _on_index_changed(self, _index: int) -> None:
+        self._refresh_summary()
+        self._update_actions()
+        if self._recovery is not None:
+            self._autosave.start()  # restarted on every change: writes a second after the last one
+        self.dataset_changed.emit()
+        if not self._batch:
+            self._sync_modified()
+
+    @Slot(bool)
+    def _on_clean_changed(self, _clean: bool) -> None:
+        if not self._batch:
+            self._sync_modified()
+
+    def _sync_modified(self) -> None:
+        modified = self.is_modified()
+        if modified != self._last_modified:
+            self._last_modified = modified
+            self._update_title()
+            self.modified_changed.emit(modified)
+
+    @Slot()
+    def _on_path_changed(self) -> None:
+        self._update_title()
+        self.path_changed.emit()
+
+    def _update_title(self) -> None:
+        self._title.setText(self.display_name() + (" •" if self.is_modified() else ""))
+        self._title.setToolTip(self.current_path() or "Not saved to a file yet")
+
+    @Slot()
+    def _update_actions(self, *_args: Any) -> None:
+        has_sel = bool(self.selected_rows())
+        self.remove_action.setEnabled(has_sel)
+        self.duplicate_action.setEnabled(has_sel)
+        self.copy_action.setEnabled(has_sel)
+        self.undo_action.setEnabled(self._stack.canUndo())
+        self.redo_action.setEnabled(self._stack.canRedo())
+        undo, redo = self._stack.undoText(), self._stack.redoText()
+        self.undo_action.setToolTip(f"Undo {undo}" if undo else "Nothing to undo")
+        self.redo_action.setToolTip(f"Redo {redo}" if redo else "Nothing to redo")
+
+    @Slot()
+    def _refresh_summary(self) -> None:
+        n = self._model.rowCount()
+        bad = len(self._model.problems())
+        noun = "pair" if self._model.paired() else "row"
+        self._summary.setText(f"{_plural(n, noun)} · {bad} invalid")
+        self._summary.setToolTip("" if self._model.paired() else
+                                 "Unpaired lists: a row may hold only a base or only a target reply")
+        self._next_invalid.setVisible(bad > 0)
+        train, held = self.dataset().split(self.heldout_fraction()) if n else (None, None)
+        self._split_label.setText(f"{len(held)} of {n} rows" if held is not None else "")
+
+    @Slot()
+    def _write_recovery(self) -> None:
+        if self._recovery is None:
+            return
+        try:
+            if self.is_modified():
+                self._recovery.save(self.dataset(), self.current_path())
+            else:
+                self._recovery.clear()  # back at the saved state: nothing to recover
+        except (SteerdeskError, OSError) as exc:
+            self.status_message.emit(f"Could not write the recovery copy: {exc}")

@@ -1,0 +1,438 @@
+"""Generation pane: prompt, steering and sampling controls, unsteered | steered streams, layer x token heatmap."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import numpy as np
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QColor, QKeySequence, QShortcut
+from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QComboBox, QDoubleSpinBox,
+                               QFormLayout, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
+                               QListWidget, QPlainTextEdit, QPushButton, QSlider, QSpinBox, QSplitter,
+                               QTextEdit, QVBoxLayout, QWidget)
+
+from ..widgets.heatmap import HeatmapView
+
+MODE_TIPS = {
+    "add": "add: h + a*v  (v raw, or unit with Normalize)",
+    "project": "project: h - a*(h.v^)v^  (a = 1 removes the direction: ablation)",
+    "clamp": "clamp: h - (h.v^)v^ + a*v  (sets the component along v^)",
+}
+SLIDER_STEPS = 20  # slider units per 1.0 of scale
+
+
+class GenerationPanel(QWidget):
+    """Everything needed to run one steered-vs-unsteered comparison and watch it stream."""
+
+    generate_requested = Signal()
+    """The user pressed Generate (Ctrl+Enter)."""
+    stop_requested = Signal()
+    """The user pressed Stop (Esc)."""
+    status_message = Signal(str)
+    """A short message for the status bar."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._sets: list[Any] = []  # NamedVectors from the vector panel
+        self._num_layers = 0
+        self._steps: list[dict] = []
+        self._results: list[Any] | None = None
+        self._heat = np.zeros((1, 0), dtype=np.float32)
+        self._steered_row = 1
+        self._compare = True
+        self._levels = 0.05
+
+        # prompt
+        self.prompt = QPlainTextEdit()
+        self.prompt.setObjectName("promptEdit")
+        self.prompt.setPlaceholderText("Prompt (the user message). Ctrl+Enter generates.")
+        self.prompt.setPlainText("Can you explain how a rainbow forms?")
+        self.prompt.setMaximumHeight(90)
+        self.system = QLineEdit()
+        self.system.setPlaceholderText("optional system message (none unless given)")
+
+        # steering
+        self.vector = QComboBox()
+        self.vector.setObjectName("vectorCombo")
+        self.vector.setToolTip("Vector set to steer with (compute or load one in the Vectors panel).")
+        self.layers = QListWidget()
+        self.layers.setObjectName("layerList")
+        self.layers.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.layers.setFlow(QListWidget.Flow.LeftToRight)
+        self.layers.setWrapping(True)
+        self.layers.setMaximumHeight(70)
+        self.layers.setToolTip("Layers to steer (output of decoder block L). Ctrl/Shift-click for several.")
+        self.scale_slider = QSlider(Qt.Orientation.Horizontal)
+        self.scale_slider.setRange(-10 * SLIDER_STEPS, 10 * SLIDER_STEPS)
+        self.scale = QDoubleSpinBox()
+        self.scale.setObjectName("scaleSpin")
+        self.scale.setRange(-10000.0, 10000.0)
+        self.scale.setDecimals(2)
+        self.scale.setSingleStep(0.1)
+        self.scale.setValue(1.0)
+        self.scale.setToolTip("Multiplies the raw vector (or the unit vector with Normalize).")
+        self.readout = QLabel("")
+        self.readout.setObjectName("strengthReadout")
+        self.mode = QComboBox()
+        for key, tip in MODE_TIPS.items():
+            self.mode.addItem(key, key)
+            self.mode.setItemData(self.mode.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
+        self.mode.setToolTip("\n".join(MODE_TIPS.values()))
+        self.normalize = QCheckBox("Normalize")
+        self.normalize.setToolTip("Use the unit vector: the scale is then an absolute length.")
+        self.positions = QComboBox()
+        self.positions.addItem("all tokens", "all")
+        self.positions.addItem("prompt only", "prompt")
+        self.positions.addItem("generated only", "generated")
+        self.compare = QCheckBox("Compare with unsteered")
+        self.compare.setChecked(True)
+
+        # sampling
+        self.temperature = QDoubleSpinBox()
+        self.temperature.setRange(0.0, 5.0)
+        self.temperature.setSingleStep(0.1)
+        self.temperature.setSpecialValueText("greedy")
+        self.temperature.setToolTip("0 = greedy decoding")
+        self.top_p = QDoubleSpinBox()
+        self.top_p.setRange(0.01, 1.0)
+        self.top_p.setSingleStep(0.05)
+        self.top_p.setValue(1.0)
+        self.seed = QSpinBox()
+        self.seed.setRange(-1, 2**31 - 1)
+        self.seed.setValue(0)
+        self.seed.setSpecialValueText("random")
+        self.max_tokens = QSpinBox()
+        self.max_tokens.setRange(1, 4096)
+        self.max_tokens.setValue(64)
+
+        self.generate_button = QPushButton("Generate")
+        self.generate_button.setObjectName("generateButton")
+        self.generate_button.setToolTip("Generate (Ctrl+Enter)")
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setObjectName("stopButton")
+        self.stop_button.setToolTip("Stop (Esc)")
+        self.stop_button.setEnabled(False)
+
+        # outputs
+        self.unsteered_view = QTextEdit()
+        self.unsteered_view.setObjectName("unsteeredView")
+        self.unsteered_view.setReadOnly(True)
+        self.steered_view = QTextEdit()
+        self.steered_view.setObjectName("steeredView")
+        self.steered_view.setReadOnly(True)
+        self.color_by = QCheckBox("Colour steered text by projection at layer")
+        self.color_layer = QSpinBox()
+        self.color_layer.setRange(0, 0)
+        self.heatmap = HeatmapView("Projection on the steering direction (per token, / typical |h|)",
+                                   row_label="layer", col_label="generated token")
+        self.heatmap.describe = self._describe_cell
+
+        # layout
+        steer_box = QGroupBox("Steering")
+        sg = QGridLayout(steer_box)
+        sg.addWidget(QLabel("Vector"), 0, 0)
+        sg.addWidget(self.vector, 0, 1, 1, 3)
+        sg.addWidget(QLabel("Layers"), 1, 0)
+        sg.addWidget(self.layers, 1, 1, 1, 3)
+        sg.addWidget(QLabel("Scale"), 2, 0)
+        sg.addWidget(self.scale_slider, 2, 1, 1, 2)
+        sg.addWidget(self.scale, 2, 3)
+        sg.addWidget(self.readout, 3, 1, 1, 3)
+        sg.addWidget(QLabel("Mode"), 4, 0)
+        sg.addWidget(self.mode, 4, 1)
+        sg.addWidget(self.normalize, 4, 2)
+        sg.addWidget(QLabel("Positions"), 5, 0)
+        sg.addWidget(self.positions, 5, 1)
+        sg.addWidget(self.compare, 5, 2, 1, 2)
+        samp_box = QGroupBox("Sampling")
+        sf = QFormLayout(samp_box)
+        sf.addRow("Temperature", self.temperature)
+        sf.addRow("Top-p", self.top_p)
+        sf.addRow("Seed", self.seed)
+        sf.addRow("Max new tokens", self.max_tokens)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.generate_button)
+        buttons.addWidget(self.stop_button)
+        sf.addRow(buttons)
+
+        controls = QWidget()
+        cl = QVBoxLayout(controls)
+        cl.setContentsMargins(0, 0, 0, 0)
+        cl.addWidget(QLabel("Prompt"))
+        cl.addWidget(self.prompt)
+        cl.addWidget(self.system)
+        row = QHBoxLayout()
+        row.addWidget(steer_box, 3)
+        row.addWidget(samp_box, 2)
+        cl.addLayout(row)
+
+        outputs = QWidget()
+        ol = QGridLayout(outputs)
+        ol.setContentsMargins(0, 0, 0, 0)
+        self.unsteered_label = QLabel("<b>Unsteered</b>")
+        self.steered_label = QLabel("<b>Steered</b>")
+        ol.addWidget(self.unsteered_label, 0, 0)
+        ol.addWidget(self.steered_label, 0, 1)
+        ol.addWidget(self.unsteered_view, 1, 0)
+        ol.addWidget(self.steered_view, 1, 1)
+        color_row = QHBoxLayout()
+        color_row.addWidget(self.color_by)
+        color_row.addWidget(self.color_layer)
+        color_row.addStretch(1)
+        ol.addLayout(color_row, 2, 1)
+
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(controls)
+        split.addWidget(outputs)
+        split.addWidget(self.heatmap)
+        split.setSizes([260, 220, 220])
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addWidget(split)
+
+        self.scale_slider.valueChanged.connect(self._slider_moved)
+        self.scale.valueChanged.connect(self._spin_changed)
+        self.vector.currentIndexChanged.connect(self._vector_changed)
+        self.layers.itemSelectionChanged.connect(self._update_readout)
+        self.normalize.toggled.connect(self._update_readout)
+        self.mode.currentIndexChanged.connect(self._update_readout)
+        self.generate_button.clicked.connect(self.generate_requested)
+        self.stop_button.clicked.connect(self.stop_requested)
+        self.color_by.toggled.connect(self._render_steered)
+        self.color_layer.valueChanged.connect(self._render_steered)
+        QShortcut(QKeySequence("Ctrl+Return"), self.prompt, activated=self.generate_requested.emit)
+        self._spin_changed(self.scale.value())
+
+    # -- vectors and layers ------------------------------------------------------------
+    def set_vector_sets(self, sets: list[Any]) -> None:
+        """Offer the session's vector sets; unusable ones are listed but disabled."""
+        current = self.vector.currentData()
+        self._sets = list(sets)
+        self.vector.blockSignals(True)
+        self.vector.clear()
+        self.vector.addItem("(none: unsteered only)", "")
+        for s in self._sets:
+            self.vector.addItem(s.name if s.usable else f"{s.name} [unusable]", s.name)
+            idx = self.vector.count() - 1
+            if not s.usable:
+                self.vector.model().item(idx).setEnabled(False)
+                self.vector.setItemData(idx, s.reason, Qt.ItemDataRole.ToolTipRole)
+        names = [s.name for s in self._sets if s.usable]
+        pick = current if current in names else (names[-1] if names else "")
+        self.vector.setCurrentIndex(max(0, self.vector.findData(pick)))
+        self.vector.blockSignals(False)
+        self._vector_changed()
+
+    def select_vectors(self, name: str) -> None:
+        idx = self.vector.findData(name)
+        if idx >= 0 and self.vector.model().item(idx).isEnabled():
+            self.vector.setCurrentIndex(idx)
+
+    def current_set(self) -> Any:
+        name = self.vector.currentData()
+        return next((s for s in self._sets if s.name == name and s.usable), None)
+
+    def set_num_layers(self, n: int) -> None:
+        """Fill the layer list for a model with ``n`` blocks (keeps the selection that still fits)."""
+        chosen = self.selected_layers()
+        self._num_layers = n
+        self.layers.blockSignals(True)
+        self.layers.clear()
+        for i in range(n):
+            self.layers.addItem(str(i))
+        default = [i for i in chosen if i < n] or ([n // 2] if n else [])
+        for i in default:
+            self.layers.item(i).setSelected(True)
+        self.layers.blockSignals(False)
+        self.color_layer.setRange(0, max(0, n - 1))
+        if default:
+            self.color_layer.setValue(default[0])
+        self._update_readout()
+
+    def selected_layers(self) -> list[int]:
+        return sorted(int(it.text()) for it in self.layers.selectedItems())
+
+    def set_layers(self, layers: list[int]) -> None:
+        self.layers.clearSelection()
+        for i in layers:
+            if 0 <= i < self.layers.count():
+                self.layers.item(i).setSelected(True)
+
+    def set_scale(self, value: float) -> None:
+        self.scale.setValue(value)
+
+    def _slider_moved(self, v: int) -> None:
+        value = v / SLIDER_STEPS
+        if abs(self.scale.value() - value) > 1e-9:
+            self.scale.setValue(value)
+
+    def _spin_changed(self, value: float) -> None:
+        self.scale_slider.blockSignals(True)
+        self.scale_slider.setValue(int(round(max(-10.0, min(10.0, value)) * SLIDER_STEPS)))
+        self.scale_slider.blockSignals(False)
+        self._update_readout()
+
+    def _vector_changed(self, *_: Any) -> None:
+        s = self.current_set()
+        if s is not None and s.vectors.num_layers != self._num_layers:
+            self.set_num_layers(s.vectors.num_layers)
+        self._update_readout()
+
+    def _update_readout(self, *_: Any) -> None:
+        s = self.current_set()
+        layers = self.selected_layers()
+        if s is None or not layers:
+            self.readout.setText("pick a vector set and layers" if s is None else "pick layers")
+            return
+        mode = self.mode.currentData()
+        if mode == "project":
+            self.readout.setText(f"removes {self.scale.value():.0%} of the component along v at "
+                                 f"{len(layers)} layer(s)")
+            return
+        rel = s.vectors.relative_strength(self.scale.value(), self.normalize.isChecked()).numpy()[layers]
+        if not np.isfinite(rel).all():
+            self.readout.setText("perturbation size unknown (no typical norms in this file)")
+            return
+        parts = ", ".join(f"L{layer}: {r:.0%}" for layer, r in zip(layers[:4], rel[:4]))
+        more = " …" if len(layers) > 4 else ""
+        self.readout.setText(f"|a·v| = {parts}{more} of typical |h|")
+        self.readout.setStyleSheet("color: #c0392b;" if rel.max() > 1.0 else "")
+
+    # -- requests ----------------------------------------------------------------------
+    def sampling(self) -> Any:
+        from ...core.generate import SamplingSettings
+
+        seed = self.seed.value()
+        return SamplingSettings(max_new_tokens=self.max_tokens.value(), temperature=self.temperature.value(),
+                                top_p=self.top_p.value(), seed=None if seed < 0 else seed)
+
+    def build_request(self) -> dict[str, Any]:
+        """Prompts, per-row steering, sampling and watch directions for the controller."""
+        from ...core.errors import SteerdeskError
+        from ...core.steering import steers_for
+
+        prompt = self.prompt.toPlainText().strip()
+        if not prompt:
+            raise SteerdeskError("Write a prompt first.")
+        s = self.current_set()
+        system = self.system.text().strip() or None
+        if s is None:
+            if self.vector.currentData():
+                raise SteerdeskError("The selected vectors do not fit the loaded model.")
+            self._compare, self._steered_row = False, 0
+            return {"prompts": [prompt], "rows": [[]], "sampling": self.sampling(), "system": system,
+                    "watch": None, "vectors": None}
+        layers = self.selected_layers()
+        if not layers:
+            raise SteerdeskError("Select at least one layer to steer.")
+        steers = steers_for(s.vectors.directions, layers, scale=self.scale.value(), mode=self.mode.currentData(),
+                            normalize=self.normalize.isChecked(), positions=self.positions.currentData())
+        self._compare = self.compare.isChecked()
+        rows = [[], steers] if self._compare else [steers]
+        self._steered_row = len(rows) - 1
+        return {"prompts": [prompt] * len(rows), "rows": rows, "sampling": self.sampling(), "system": system,
+                "watch": s.vectors.directions, "vectors": s.vectors}
+
+    # -- streaming ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Clear the outputs for a new run."""
+        self._steps = []
+        self._results = None
+        self.unsteered_view.clear()
+        self.steered_view.clear()
+        self._heat = np.zeros((max(self._num_layers, 1), 0), dtype=np.float32)
+        self._levels = 0.05
+        self.heatmap.set_data(np.full((max(self._num_layers, 1), 1), np.nan))
+        self.unsteered_label.setText("<b>Unsteered</b>" if self._compare or self._steered_row == 0 else "")
+        self.steered_label.setText("<b>Steered</b>" if self.current_set() is not None else "<b>—</b>")
+
+    def set_busy(self, busy: bool) -> None:
+        self.generate_button.setEnabled(not busy)
+        self.stop_button.setEnabled(busy)
+
+    def append_text(self, row: int, chunk: str) -> None:
+        """Streamed text for batch row ``row``."""
+        view = self._view_for_row(row)
+        if view is None:
+            return
+        cursor = view.textCursor()
+        cursor.movePosition(cursor.MoveOperation.End)
+        cursor.insertText(chunk)
+        view.setTextCursor(cursor)
+
+    def _view_for_row(self, row: int) -> QTextEdit | None:
+        if self._compare:
+            return self.unsteered_view if row == 0 else self.steered_view
+        if self.current_set() is None:
+            return self.unsteered_view
+        return self.steered_view
+
+    def add_steps(self, steps: list[dict]) -> None:
+        """Coalesced generation steps: extend the live layer x token heatmap."""
+        self._steps.extend(steps)
+        cols = [st["proj"][self._steered_row] for st in steps if st.get("proj") is not None]
+        if not cols:
+            return
+        s = self.current_set()
+        norms = s.vectors.norms.numpy() if s is not None else np.ones(len(cols[0]))
+        norms = np.where(np.isfinite(norms) & (norms > 0), norms, 1.0)
+        block = np.stack(cols, 1) / norms[:, None]
+        self._heat = np.concatenate([self._heat, block.astype(np.float32)], 1) \
+            if self._heat.shape[0] == block.shape[0] else block.astype(np.float32)
+        self._levels = max(self._levels, float(np.nanmax(np.abs(self._heat))) if self._heat.size else 0.05)
+        self.heatmap.set_data(self._heat, levels=(-self._levels, self._levels))
+
+    def finish(self, results: list[Any]) -> None:
+        """Final results: trim the heatmap to real tokens and render coloured text if asked."""
+        self._results = results
+        steered = results[self._steered_row]
+        n = len(steered.token_ids)
+        if self._heat.shape[1] > n:
+            self._heat = self._heat[:, :n]
+            self.heatmap.set_data(self._heat if n else np.full((self._heat.shape[0], 1), np.nan),
+                                  levels=(-self._levels, self._levels))
+        # The streamed text is authoritative only up to the last clean boundary; show the final text.
+        for row, res in enumerate(results):
+            view = self._view_for_row(row)
+            if view is not None and view.toPlainText() != res.text:
+                view.setPlainText(res.text)
+        self._render_steered()
+        reasons = {r.finish_reason for r in results}
+        self.status_message.emit(f"Generated {n} tokens ({', '.join(sorted(reasons))}).")
+
+    def _token_texts(self) -> list[str]:
+        row = self._steered_row
+        n = len(self._results[row].token_ids) if self._results else len(self._steps)
+        return [st["texts"][row] for st in self._steps][:n]
+
+    def _render_steered(self, *_: Any) -> None:
+        if not self._results or self.current_set() is None:
+            return
+        res = self._results[self._steered_row]
+        if not self.color_by.isChecked() or self._heat.shape[1] == 0:
+            self.steered_view.setPlainText(res.text)
+            return
+        layer = min(self.color_layer.value(), self._heat.shape[0] - 1)
+        values = self._heat[layer]
+        m = float(np.nanmax(np.abs(values))) or 1.0
+        spans = []
+        for text, v in zip(self._token_texts(), values):
+            t = float(v) / m if np.isfinite(v) else 0.0
+            color = QColor(214, 96, 77, int(180 * t)) if t > 0 else QColor(67, 147, 195, int(-180 * t))
+            rgba = f"rgba({color.red()},{color.green()},{color.blue()},{color.alpha()})"
+            spans.append(f'<span style="background-color:{rgba}" title="{float(v):.3g}">'
+                         f"{html.escape(text).replace(chr(10), '<br>')}</span>")
+        self.steered_view.setHtml("".join(spans))
+
+    def _describe_cell(self, row: int, col: int, value: float) -> str:
+        texts = [st["texts"][self._steered_row] for st in self._steps]
+        token = repr(texts[col]) if col < len(texts) else "?"
+        return f"token {col} {token}, layer {row}: {value:+.3f} of typical |h|"
+
+    def copy_text(self) -> None:
+        """Copy both outputs to the clipboard."""
+        text = f"--- unsteered ---\n{self.unsteered_view.toPlainText()}\n\n--- steered ---\n" \
+               f"{self.steered_view.toPlainText()}"
+        QApplication.clipboard().setText(text)

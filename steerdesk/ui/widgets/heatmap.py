@@ -1,0 +1,131 @@
+"""A labelled pyqtgraph heatmap: ImageItem + ColorBarItem, hover read-out, PNG export."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QPointF, Qt, Signal
+from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
+
+pg.setConfigOptions(imageAxisOrder="row-major", antialias=True)
+
+
+class HeatmapView(QWidget):
+    """Rows x columns of values (rows drawn bottom-up as layers), with a colour bar.
+
+    ``set_data`` replaces the matrix; ``set_column`` fills one column live. Levels are fixed
+    (symmetric around 0 for diverging maps) so live updates do not flicker.
+    """
+
+    cell_clicked = Signal(int, int)
+    """The user clicked cell ``(row, column)``."""
+    hovered = Signal(str)
+    """Text describing the cell under the mouse."""
+
+    def __init__(self, title: str = "", *, row_label: str = "layer", col_label: str = "",
+                 cmap: str = "CET-D1", diverging: bool = True, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.row_label = row_label
+        self.col_label = col_label
+        self.diverging = diverging
+        self.describe: Callable[[int, int, float], str] | None = None
+        self._data = np.zeros((1, 1), dtype=np.float32)
+        self._fixed_levels: tuple[float, float] | None = None
+        self.plot = pg.PlotWidget()
+        self.plot.setMenuEnabled(False)
+        self.plot.setTitle(title)
+        self.plot.setLabel("left", row_label)
+        self.plot.setLabel("bottom", col_label)
+        self.plot.getViewBox().setMouseEnabled(x=False, y=False)
+        self.plot.getViewBox().invertY(False)
+        self.image = pg.ImageItem(axisOrder="row-major")
+        self.plot.addItem(self.image)
+        self.colorbar = pg.ColorBarItem(values=(-1, 1), colorMap=pg.colormap.get(cmap), interactive=False,
+                                        width=12)
+        self.colorbar.setImageItem(self.image, insert_in=self.plot.getPlotItem())
+        self.readout = QLabel(" ")
+        self.readout.setObjectName("heatmapReadout")
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.plot, 1)
+        layout.addWidget(self.readout)
+        self.plot.scene().sigMouseMoved.connect(self._on_mouse_moved)
+        self.plot.scene().sigMouseClicked.connect(self._on_mouse_clicked)
+
+    # -- data --------------------------------------------------------------------------
+    def set_data(self, data: np.ndarray, *, levels: tuple[float, float] | None = None,
+                 col_ticks: Sequence[tuple[int, str]] | None = None) -> None:
+        """Show ``data`` (``[rows, cols]``; NaN cells are blank)."""
+        self._data = np.asarray(data, dtype=np.float32)
+        if self._data.ndim != 2 or self._data.size == 0:
+            self._data = np.zeros((1, 1), dtype=np.float32)
+        self._fixed_levels = levels
+        self._redraw()
+        if col_ticks is not None:
+            self.plot.getAxis("bottom").setTicks([list(col_ticks)])
+
+    def set_row_ticks(self, ticks: Sequence[tuple[int, str]] | None) -> None:
+        self.plot.getAxis("left").setTicks([list(ticks)] if ticks is not None else None)
+
+    def data(self) -> np.ndarray:
+        return self._data
+
+    def _levels(self) -> tuple[float, float]:
+        if self._fixed_levels is not None:
+            return self._fixed_levels
+        finite = self._data[np.isfinite(self._data)]
+        if finite.size == 0:
+            return (-1.0, 1.0)
+        if self.diverging:
+            m = float(np.abs(finite).max()) or 1.0
+            return (-m, m)
+        lo, hi = float(finite.min()), float(finite.max())
+        return (lo, hi if hi > lo else lo + 1.0)
+
+    def _redraw(self) -> None:
+        levels = self._levels()
+        self.image.setImage(self._data, levels=levels, autoLevels=False)
+        rows, cols = self._data.shape
+        self.image.setRect(pg.QtCore.QRectF(0, 0, cols, rows))
+        self.colorbar.setLevels(levels)
+        self.plot.setXRange(0, max(cols, 1), padding=0)
+        self.plot.setYRange(0, max(rows, 1), padding=0)
+
+    # -- mouse -------------------------------------------------------------------------
+    def _cell_at(self, scene_pos: QPointF) -> tuple[int, int] | None:
+        vb = self.plot.getViewBox()
+        if not vb.sceneBoundingRect().contains(scene_pos):
+            return None
+        p = vb.mapSceneToView(scene_pos)
+        col, row = int(np.floor(p.x())), int(np.floor(p.y()))
+        rows, cols = self._data.shape
+        if 0 <= row < rows and 0 <= col < cols:
+            return row, col
+        return None
+
+    def describe_cell(self, row: int, col: int) -> str:
+        value = float(self._data[row, col])
+        if self.describe is not None:
+            return self.describe(row, col, value)
+        return f"{self.row_label} {row}, {self.col_label} {col}: {value:.3g}"
+
+    def _on_mouse_moved(self, pos: QPointF) -> None:
+        cell = self._cell_at(pos)
+        text = self.describe_cell(*cell) if cell else " "
+        self.readout.setText(text)
+        self.plot.setToolTip(text if cell else "")
+        self.hovered.emit(text)
+
+    def _on_mouse_clicked(self, event: object) -> None:
+        pos = event.scenePos()  # type: ignore[attr-defined]
+        if event.button() != Qt.MouseButton.LeftButton:  # type: ignore[attr-defined]
+            return
+        cell = self._cell_at(pos)
+        if cell:
+            self.cell_clicked.emit(*cell)
+
+    def export_png(self, path: str) -> bool:
+        """Save the heatmap with its axes and colour bar."""
+        return self.grab().save(path)

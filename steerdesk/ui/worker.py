@@ -1,0 +1,122 @@
+"""The model worker: lives in one QThread, owns the model, runs one job at a time."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from typing import Any
+
+from PySide6.QtCore import QObject, Signal, Slot
+
+from .requests import ComputeRequest, ErrorInfo, GenerateRequest, LoadRequest
+
+log = logging.getLogger(__name__)
+
+
+class ModelWorker(QObject):
+    """Runs core functions off the GUI thread and emits plain data (never live tensors)."""
+
+    progress = Signal(int, int, int, str)
+    """Progress of request ``id``: ``done`` of ``total`` with a message."""
+    model_loaded = Signal(int, object)
+    """A model finished loading: its ``ModelInfo``."""
+    vectors_ready = Signal(int, object)
+    """A vector set was computed (CPU tensors)."""
+    text_generated = Signal(int, int, str)
+    """A chunk of streamed text for batch row ``row``."""
+    step_ready = Signal(int, object)
+    """One generation step: dict with ``step``, ``ids`` and ``texts`` per row, ``proj`` ``[rows, layers]`` or None."""
+    generation_finished = Signal(int, object)
+    """Generation ended: list of ``GenerationResult``."""
+    cancelled = Signal(int)
+    """Request ``id`` was stopped on request."""
+    failed = Signal(int, object)
+    """Request ``id`` failed: an ``ErrorInfo``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lm: Any = None
+
+    @Slot(object)
+    def run(self, request: Any) -> None:
+        """Dispatch one request; every outcome is reported by a signal."""
+        from ..core.errors import Cancelled
+
+        handler = {"load": self._load, "compute": self._compute, "generate": self._generate}[request.kind]
+        titles = {"load": "Could not load the model", "compute": "Could not compute vectors",
+                  "generate": "Generation failed"}
+        if request.cancel.is_set():
+            self.cancelled.emit(request.id)
+            return
+        try:
+            handler(request)
+        except Cancelled:
+            self.cancelled.emit(request.id)
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the GUI
+            self._recover_memory(exc)
+            self.failed.emit(request.id, ErrorInfo.from_exception(exc, titles[request.kind]))
+
+    def _recover_memory(self, exc: BaseException) -> None:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _load(self, req: LoadRequest) -> None:
+        from ..core.models import load_model
+
+        old, self.lm = self.lm, None
+        if old is not None:  # free the previous model before loading the next
+            del old
+            self._recover_memory(MemoryError())
+            gc.collect()
+        self.progress.emit(req.id, 0, 0, f"Loading {req.spec}")
+        self.lm = load_model(req.spec, device=req.device, dtype=req.dtype,
+                             trust_remote_code=req.trust_remote_code,
+                             progress=lambda msg: self.progress.emit(req.id, 0, 0, msg))
+        self.model_loaded.emit(req.id, self.lm.info)
+
+    def _need_model(self) -> Any:
+        from ..core.errors import SteerdeskError
+
+        if self.lm is None:
+            raise SteerdeskError("No model is loaded yet.")
+        return self.lm
+
+    def _compute(self, req: ComputeRequest) -> None:
+        from ..core.extract import compute_vectors
+
+        lm = self._need_model()
+        vs = compute_vectors(
+            lm, req.dataset, method=req.method, read=req.read, batch_size=req.batch_size,
+            progress=lambda done, total: self.progress.emit(req.id, done, total, "Extracting activations"),
+            cancel=req.cancel,
+        )
+        vs.metadata["name"] = req.name
+        self.vectors_ready.emit(req.id, vs)
+
+    def _generate(self, req: GenerateRequest) -> None:
+        from ..core.generate import generate
+
+        lm = self._need_model()
+        if req.vectors is not None:
+            req.vectors.check_compatible(lm.info)
+
+        decode = lm.tokenizer.decode
+
+        def on_step(step: int, ids: list[int], proj: Any) -> None:
+            self.step_ready.emit(req.id, {
+                "step": step, "ids": list(ids), "texts": [decode([i], skip_special_tokens=True) for i in ids],
+                "proj": None if proj is None else proj.numpy().copy(),
+            })
+
+        results = generate(
+            lm, list(req.prompts), [list(r) for r in req.rows], sampling=req.sampling, system=req.system,
+            on_text=lambda row, chunk: self.text_generated.emit(req.id, row, chunk),
+            on_step=on_step, stop=req.cancel, watch=req.watch,
+        )
+        if req.cancel.is_set():
+            self.cancelled.emit(req.id)
+        self.generation_finished.emit(req.id, results)
