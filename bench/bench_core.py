@@ -95,6 +95,7 @@ class PeakTracker:
     def __init__(self) -> None:
         hwm = _status_kib("VmHWM")
         self.setup_peak = (hwm or 0) / 1024  # model load + anything done before the timed loop
+        self.rss_before_timing = (_status_kib("VmRSS") or 0) / 1024  # model resident after warm-up
         self.can_reset = reset_peak_rss()
         self.peaks: dict[str, float] = {}
 
@@ -175,6 +176,7 @@ def rss_block(tracker: PeakTracker, rss_after_load: float) -> dict[str, Any]:
     return {
         "rss_after_load_mib": rss_after_load,
         "setup_peak_rss_mib": tracker.setup_peak,
+        "rss_after_warmup_mib": tracker.rss_before_timing,
         "phase_peak_rss_mib": max([ru, tracker.setup_peak, *tracker.peaks.values()]),
         "method_peak_rss_mib": tracker.peaks,
         "per_method_reset_supported": tracker.can_reset,
@@ -604,7 +606,8 @@ def report(env: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     print("peak RSS per phase (MiB; per-method peaks include the resident model)")
     for phase, res in results.items():
         methods = ", ".join(f"{k} {v:.0f}" for k, v in res.get("method_peak_rss_mib", {}).items())
-        print(f"  {phase:8s} after load {res['rss_after_load_mib']:.0f}, setup peak "
+        print(f"  {phase:8s} after load {res['rss_after_load_mib']:.0f}, after warm-up "
+              f"{res['rss_after_warmup_mib']:.0f}, setup peak "
               f"{res['setup_peak_rss_mib']:.0f}, phase peak {res['phase_peak_rss_mib']:.0f}; {methods}  "
               f"(loadavg {' '.join(res.get('loadavg_before') or [])} -> {' '.join(res.get('loadavg_after') or [])})")
     if "gen" in results:

@@ -121,11 +121,13 @@ def _read_text(path: Path) -> str:
         raise SteerdeskError(f"{path} is a folder, not a dataset file.") from None
     except OSError as exc:
         raise SteerdeskError(f"Cannot read {path}: {exc.strerror or exc}") from exc
+    offset = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # a BOM is tolerated
     try:
-        text = raw.decode("utf-8-sig")  # a BOM is tolerated
+        text = raw[offset:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise SteerdeskError(f"{path}, line {line}: not valid UTF-8 text (byte {exc.start}).") from None
+        pos = exc.start + offset
+        line = raw[:pos].count(b"\n") + 1
+        raise SteerdeskError(f"{path}, line {line}: not valid UTF-8 text (byte {pos}).") from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
@@ -164,12 +166,16 @@ def parse_jsonl(text: str, name: str = "<text>") -> Dataset:
 
 def parse_csv(text: str, name: str = "<text>") -> Dataset:
     """Parse CSV with a header naming ``base`` and ``target`` (``prompt`` optional)."""
+    rows_numbered: list[tuple[int, list[str]]] = []
+    reader = csv.reader(io.StringIO(text))
+    start_line = 1
     try:
-        reader = csv.reader(io.StringIO(text))
-        rows = list(reader)
+        for row in reader:  # number rows by the physical line they start on
+            if any(c.strip() for c in row):
+                rows_numbered.append((start_line, row))
+            start_line = reader.line_num + 1
     except csv.Error as exc:
-        raise SteerdeskError(f"{name}: malformed CSV ({exc}).") from None
-    rows_numbered = [(i + 1, r) for i, r in enumerate(rows) if any(c.strip() for c in r)]
+        raise SteerdeskError(f"{name}, line {reader.line_num}: malformed CSV ({exc}).") from None
     if not rows_numbered:
         return Dataset([], name=Path(name).stem)
     header_line, header = rows_numbered[0]

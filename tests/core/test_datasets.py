@@ -109,8 +109,6 @@ def test_non_utf8(tmp_path):
     assert str(f) in msg and "line 2" in msg and "UTF-8" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with a BOM, UnicodeDecodeError.start counts from after the BOM, "
-                                        "so _read_text reports the line (and byte) 3 bytes early")
 def test_non_utf8_line_after_a_bom(tmp_path):
     f = tmp_path / "bom.csv"
     f.write_bytes(b"\xef\xbb\xbfprompt,base,target\n\xc9t\xe9,b,c\n")  # latin-1 "Été" opens line 2
@@ -130,8 +128,6 @@ def test_csv_errors_name_file_and_line(tmp_path):
     assert "line 3" in msg and "4 fields" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_csv numbers CSV records, not physical lines; "
-                                        "a quoted multi-line field shifts every later line number")
 def test_csv_error_line_after_a_multiline_field(tmp_path):
     f = tmp_path / "ml.csv"
     f.write_text('prompt,base,target\n"two\nlines",b,c\na,b,c,d\n', encoding="utf-8")

@@ -169,6 +169,10 @@ def test_mean_diff_vector_definition(tiny, read):
     assert vs.proj_base.shape == (NUM_LAYERS, 3) and vs.proj_target.shape == (NUM_LAYERS, 3)
     assert (vs.proj_target.mean(1) > vs.proj_base.mean(1)).all()  # target side is positive
     m = vs.metadata
+    for key in ("format", "model", "architecture", "num_layers", "hidden_size", "method", "read_position",
+                "layer_convention", "dataset_sha256", "created", "steerdesk_version"):  # DESIGN.md section 3
+        assert m.get(key), key
+    assert m["format"] == "steerdesk.vectors/1" and m["method"] == "mean-diff"
     assert m["layer_convention"] == "block_output" and m["read_position"] == read
     assert m["num_layers"] == str(NUM_LAYERS) and m["architecture"] == tiny.info.architecture
     assert m["dataset_sha256"] == ds.sha256()
