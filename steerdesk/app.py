@@ -7,6 +7,10 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if "--self-test" in args:
+        from .selftest import main as selftest_main
+
+        return selftest_main(list(args))
     if args:
         from .cli import main as cli_main
 

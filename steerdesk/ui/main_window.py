@@ -81,7 +81,7 @@ class MainWindow(QMainWindow):
         act = QAction(text, self)
         if shortcut:
             act.setShortcut(QKeySequence(shortcut))
-            act.setShortcutContext(Qt.ShortcutContext.ApplicationShortcut)
+            act.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
         if tip:
             act.setToolTip(tip)
             act.setStatusTip(tip)
@@ -250,7 +250,10 @@ class MainWindow(QMainWindow):
         self._settings.setValue("models/last", self._model_spec)
         push_recent(self._settings, self._model_spec)
         self._refresh_recent()
-        self.model_label.setText(f"{info.name} · {info.device} · {info.dtype} · {info.num_layers} layers")
+        from pathlib import Path
+
+        shown = Path(info.name).name if ("/" in info.name and Path(info.name).exists()) else info.name
+        self.model_label.setText(f"{shown} · {info.device} · {info.dtype} · {info.num_layers} layers")
         self.model_label.setToolTip(f"{info.architecture}, hidden size {info.hidden_size}, "
                                     f"chat template: {'yes' if info.has_chat_template else 'no'}")
         self.vector_panel.set_model_info(info)

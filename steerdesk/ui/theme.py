@@ -40,5 +40,6 @@ def apply_theme(app: QApplication, dark: bool | None = None) -> bool:
     dark = system_is_dark() if dark is None else dark
     app.setStyle("Fusion")
     app.setPalette(dark_palette() if dark else app.style().standardPalette())
-    pg.setConfigOptions(background=(30, 32, 38) if dark else "w", foreground=(220, 220, 225) if dark else "k")
+    pg.setConfigOptions(background=app.palette().color(QPalette.ColorRole.Base),
+                        foreground=app.palette().color(QPalette.ColorRole.Text))
     return dark

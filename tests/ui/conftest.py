@@ -35,3 +35,49 @@ def _pin_singletons_if_pyside_drops_references() -> None:
 
 
 _pin_singletons_if_pyside_drops_references()
+
+
+# ----------------------------------------------------------------------------- window fixtures
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, smol_folder):
+    """Two tiny random Llama models saved as HF folders (different hidden sizes), SmolLM2 tokenizer.
+
+    The real worker loads them by path exactly as it would load any local model.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(str(smol_folder))
+    dirs = {}
+    for name, hidden, layers in (("tiny-a", 64, 4), ("tiny-b", 32, 3)):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        model = AutoModelForCausalLM.from_config(config)
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        dirs[name] = str(folder)
+    return dirs
+
+
+@pytest.fixture
+def window(qtbot, tmp_path, monkeypatch):
+    """A main window with its own settings and recovery folder; its thread is stopped at teardown."""
+    monkeypatch.setenv("STEERDESK_SETTINGS", str(tmp_path / "settings.ini"))
+    monkeypatch.setenv("STEERDESK_DATA_DIR", str(tmp_path / "data"))
+    from steerdesk.ui.main_window import MainWindow
+    from steerdesk.ui.recovery import RecoveryStore
+
+    win = MainWindow(recovery=RecoveryStore(tmp_path / "data"))
+    win._confirm_close = lambda: True  # no modal question in tests
+    qtbot.addWidget(win)
+    win.show()
+    yield win
+    win.controller.shutdown(5000)
+    qtbot.waitUntil(win.controller.thread.isFinished, timeout=10000)

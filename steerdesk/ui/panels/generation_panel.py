@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QColor, QKeySequence, QShortcut
+from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QComboBox, QDoubleSpinBox,
                                QFormLayout, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
                                QListWidget, QPlainTextEdit, QPushButton, QSlider, QSpinBox, QSplitter,
@@ -202,7 +202,6 @@ class GenerationPanel(QWidget):
         self.stop_button.clicked.connect(self.stop_requested)
         self.color_by.toggled.connect(self._render_steered)
         self.color_layer.valueChanged.connect(self._render_steered)
-        QShortcut(QKeySequence("Ctrl+Return"), self.prompt, activated=self.generate_requested.emit)
         self._spin_changed(self.scale.value())
 
     # -- vectors and layers ------------------------------------------------------------

@@ -110,6 +110,9 @@ class VectorPanel(QWidget):
         self.diag.setToolTip("Each cell: one training example's projection on that layer's direction, centred "
                              "between the base and target means. Blue base and red target = good separation.")
         self.diag.describe = self._describe_diag
+        from ..widgets.heatmap import _match_palette
+
+        _match_palette()
         self.norm_plot = pg.PlotWidget(title="|v| / typical |h|")
         self.norm_plot.setLabel("bottom", "layer")
         self.norm_plot.setMenuEnabled(False)

@@ -12,6 +12,30 @@ from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 pg.setConfigOptions(imageAxisOrder="row-major", antialias=True)
 
 
+def _match_palette() -> None:
+    """pyqtgraph draws on black by default; follow the application's palette instead."""
+    from PySide6.QtGui import QPalette
+    from PySide6.QtWidgets import QApplication
+
+    app = QApplication.instance()
+    if app is None:
+        return
+    pal = app.palette()
+    bg = pal.color(QPalette.ColorRole.Base)
+    fg = pal.color(QPalette.ColorRole.Text)
+    pg.setConfigOptions(background=bg, foreground=fg)
+
+
+def _centred_ticks(n: int, max_labels: int = 16) -> list[tuple[float, str]]:
+    """Integer labels at cell centres, thinned to at most ``max_labels``."""
+    step = 1
+    for candidate in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000):
+        step = candidate
+        if n / candidate <= max_labels:
+            break
+    return [(i + 0.5, str(i)) for i in range(0, n, step)]
+
+
 class HeatmapView(QWidget):
     """Rows x columns of values (rows drawn bottom-up as layers), with a colour bar.
 
@@ -27,6 +51,7 @@ class HeatmapView(QWidget):
     def __init__(self, title: str = "", *, row_label: str = "layer", col_label: str = "",
                  cmap: str = "CET-D1", diverging: bool = True, parent: QWidget | None = None):
         super().__init__(parent)
+        _match_palette()
         self.row_label = row_label
         self.col_label = col_label
         self.diverging = diverging
@@ -63,8 +88,9 @@ class HeatmapView(QWidget):
             self._data = np.zeros((1, 1), dtype=np.float32)
         self._fixed_levels = levels
         self._redraw()
-        if col_ticks is not None:
-            self.plot.getAxis("bottom").setTicks([list(col_ticks)])
+        rows, cols = self._data.shape
+        self.plot.getAxis("left").setTicks([_centred_ticks(rows)])
+        self.plot.getAxis("bottom").setTicks([list(col_ticks) if col_ticks is not None else _centred_ticks(cols)])
 
     def set_row_ticks(self, ticks: Sequence[tuple[int, str]] | None) -> None:
         self.plot.getAxis("left").setTicks([list(ticks)] if ticks is not None else None)
