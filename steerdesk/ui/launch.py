@@ -32,10 +32,16 @@ def run_gui() -> int:
 
     window = MainWindow()
     window.show()
+    app.processEvents()  # paint now, before anything heavy is queued
 
     def after_paint() -> None:
         if os.environ.get("STEERDESK_REPORT_STARTUP"):
-            print(f"first paint after {time.perf_counter() - _T0:.3f} s", file=sys.stderr)
+            print(f"first paint after {time.perf_counter() - _T0:.3f} s", file=sys.stderr, flush=True)
+        if os.environ.get("STEERDESK_EXIT_AFTER_PAINT"):  # startup benchmarks
+            window._closing = True
+            window.close()
+            app.quit()
+            return
         window.start()
 
     QTimer.singleShot(0, after_paint)
