@@ -89,45 +89,100 @@ def reset_peak_rss() -> bool:
         return False
 
 
-class PeakTracker:
-    """Peak RSS (MiB) per method: VmHWM is reset before each timed call, read after."""
+def _cpu_sample() -> tuple[int, int, int]:
+    """(all jiffies, busy jiffies of the whole machine, jiffies of this process)."""
+    vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    total = sum(vals)
+    busy = total - vals[3] - vals[4]  # minus idle and iowait
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    own = int(fields[11]) + int(fields[12])  # utime + stime, all threads
+    return total, busy, own
 
-    def __init__(self) -> None:
+
+def foreign_load(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    """Share of the machine's CPU time (0..1) used by *other* processes between two samples."""
+    total = b[0] - a[0]
+    if total <= 0:
+        return 0.0
+    return max(0.0, min(1.0, ((b[1] - a[1]) - (b[2] - a[2])) / total))
+
+
+class Runner:
+    """Times calls and records, per call, how busy the rest of the machine was.
+
+    Before each call it waits (up to ``max_wait`` s) for a second in which other processes
+    use at most ``quiet`` of the CPUs; during the call it measures their share
+    (``foreign``). A run is *clean* when ``foreign <= clean``. It also tracks the peak RSS
+    (MiB) per method: VmHWM is reset before each call and read after.
+    """
+
+    def __init__(self, max_wait: float, quiet: float = 0.15, clean: float = 0.10) -> None:
         hwm = _status_kib("VmHWM")
-        self.setup_peak = (hwm or 0) / 1024  # model load + anything done before the timed loop
+        self.setup_peak = (hwm or 0) / 1024  # model load + warm-up, before the timed loop
         self.rss_before_timing = (_status_kib("VmRSS") or 0) / 1024  # model resident after warm-up
         self.can_reset = reset_peak_rss()
         self.peaks: dict[str, float] = {}
+        self.max_wait, self.quiet, self.clean = max_wait, quiet, clean
+        self.runs: list[dict[str, Any]] = []
 
-    def measure(self, name: str, fn: Callable[[], Any]) -> tuple[float, Any]:
+    def wait_quiet(self) -> float:
+        t0 = time.perf_counter()
+        while True:
+            a = _cpu_sample()
+            time.sleep(0.5)
+            if foreign_load(a, _cpu_sample()) <= self.quiet or time.perf_counter() - t0 >= self.max_wait:
+                return time.perf_counter() - t0
+
+    def measure(self, name: str, fn: Callable[[], Any]) -> tuple[float, Any, bool]:
+        waited = self.wait_quiet() if self.max_wait > 0 else 0.0
         if self.can_reset:
             reset_peak_rss()
+        a = _cpu_sample()
         t0 = time.perf_counter()
         value = fn()
         dt = time.perf_counter() - t0
+        foreign = foreign_load(a, _cpu_sample())
         hwm = _status_kib("VmHWM")
         if self.can_reset and hwm is not None:
             self.peaks[name] = max(self.peaks.get(name, 0.0), hwm / 1024)
-        return dt, value
+        clean = foreign <= self.clean
+        self.runs.append({"method": name, "seconds": dt, "foreign_cpu": round(foreign, 3),
+                          "waited_s": round(waited, 1), "clean": clean})
+        return dt, value, clean
 
 
-def paired_ratio(num: list[float], den: list[float], best: Callable[[list[float]], float] = max
-                 ) -> dict[str, float]:
-    """Median of per-repeat ratios (num[i] / den[i]) plus the ratio of medians and the spread.
+def paired_ratio(num: list[float], den: list[float], num_clean: list[bool], den_clean: list[bool],
+                 best: Callable[[list[float]], float] = max) -> dict[str, Any]:
+    """Median of per-repeat ratios ``num[i] / den[i]``.
 
-    ``ratio_of_best`` divides the best run of each side (``best``: max for rates, min for
-    times): the least disturbed runs, a second view when the machine is busy.
+    The headline uses only pairs where both runs were clean (other processes used <= 10 %
+    of the CPUs), when there is at least one; otherwise all pairs. Also given: the
+    all-pairs median, the ratio of medians, and ``ratio_of_best`` (best run of each side:
+    max for rates, min for times), and the spread.
     """
     k = min(len(num), len(den))
     per = [num[i] / den[i] for i in range(k)]
+    clean = [per[i] for i in range(k) if num_clean[i] and den_clean[i]]
+    basis = clean or per
     return {
-        "median_of_ratios": statistics.median(per),
+        "median_of_ratios": statistics.median(basis),
+        "basis": "clean pairs" if clean else "all pairs (none clean)",
+        "n": len(basis),
+        "n_pairs": k,
+        "median_all_pairs": statistics.median(per),
         "ratio_of_medians": statistics.median(num) / statistics.median(den),
         "ratio_of_best": best(num) / best(den),
-        "min": min(per),
-        "max": max(per),
-        "n": k,
+        "min": min(basis),
+        "max": max(basis),
+        "per_pair": per,
     }
+
+
+def describe_run(tracker: Runner) -> str:
+    r = tracker.runs[-1]
+    return (f"[others used {100 * r['foreign_cpu']:.0f}% CPU"
+            f"{', waited %.0fs' % r['waited_s'] if r['waited_s'] >= 1 else ''}"
+            f"{'' if r['clean'] else ', NOT CLEAN'}]")
 
 
 def order_for(rep: int, names: list[str]) -> list[str]:
@@ -170,7 +225,7 @@ def phase_vectors(path: str) -> None:
     torch.save(compute_directions(load_lm()), path)
 
 
-def rss_block(tracker: PeakTracker, rss_after_load: float) -> dict[str, Any]:
+def rss_block(tracker: Runner, rss_after_load: float) -> dict[str, Any]:
     # clear_refs also resets the kernel's hiwater mark behind ru_maxrss: take the max of all.
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
@@ -180,6 +235,8 @@ def rss_block(tracker: PeakTracker, rss_after_load: float) -> dict[str, Any]:
         "phase_peak_rss_mib": max([ru, tracker.setup_peak, *tracker.peaks.values()]),
         "method_peak_rss_mib": tracker.peaks,
         "per_method_reset_supported": tracker.can_reset,
+        "runs": tracker.runs,
+        "clean_runs": f"{sum(r['clean'] for r in tracker.runs)}/{len(tracker.runs)}",
     }
 
 
@@ -219,12 +276,12 @@ def count_until_eos(ids: list[int], eos: set[int]) -> tuple[list[int], int]:
     return ids, len(ids)
 
 
-def phase_gen(quick: bool, vectors: str | None = None) -> dict[str, Any]:
+def phase_gen(quick: bool, max_wait: float, vectors: str | None = None) -> dict[str, Any]:
     from steerdesk.core.generate import SamplingSettings, _eos_ids, generate
     from steerdesk.core.steering import steers_for
 
     n_new = 16 if quick else 128
-    reps_fast = 1 if quick else 7  # steered / unsteered (cheap)
+    reps_fast = 1 if quick else 6  # steered / unsteered (cheap)
     reps_seed = 1 if quick else 3  # seed style (cache off: ~4x slower)
     lm = load_lm()
     rss_after_load = _status_kib("VmRSS") / 1024
@@ -247,18 +304,21 @@ def phase_gen(quick: bool, vectors: str | None = None) -> dict[str, Any]:
     generate(lm, [GEN_PROMPT], steers, sampling=SamplingSettings(max_new_tokens=4))
     seed_generate(lm, GEN_PROMPT, directions[STEER_LAYER], STEER_LAYER, 4)
 
-    tracker = PeakTracker()
+    tracker = Runner(max_wait)
     tps: dict[str, list[float]] = {k: [] for k in methods}
+    clean: dict[str, list[bool]] = {k: [] for k in methods}
     tokens: dict[str, list[int]] = {k: [] for k in methods}
     ids_seen: dict[str, list[int]] = {}
     for rep in range(reps_fast):
         names = ["steered", "unsteered"] + (["seed"] if rep < reps_seed else [])
         for name in order_for(rep, names):
-            dt, (ids, count) = tracker.measure(name, methods[name])
+            dt, (ids, count), ok = tracker.measure(name, methods[name])
             tps[name].append(count / dt)
+            clean[name].append(ok)
             tokens[name].append(count)
             ids_seen[name] = ids
-            log(f"gen rep {rep + 1}/{reps_fast} {name:9s} {count} tok in {dt:6.2f}s = {count / dt:5.1f} tok/s")
+            log(f"gen rep {rep + 1}/{reps_fast} {name:9s} {count} tok in {dt:6.2f}s = {count / dt:5.1f} tok/s"
+                f"  {describe_run(tracker)}")
     return {
         "prompt": GEN_PROMPT,
         "max_new_tokens": n_new,
@@ -266,8 +326,9 @@ def phase_gen(quick: bool, vectors: str | None = None) -> dict[str, Any]:
         "tokens_per_s": tps,
         "tokens_generated": tokens,
         "median_tokens_per_s": {k: statistics.median(v) for k, v in tps.items()},
-        "steered_vs_unsteered": paired_ratio(tps["steered"], tps["unsteered"]),
-        "ours_vs_seed": paired_ratio(tps["steered"], tps["seed"]),
+        "steered_vs_unsteered": paired_ratio(tps["steered"], tps["unsteered"],
+                                             clean["steered"], clean["unsteered"]),
+        "ours_vs_seed": paired_ratio(tps["steered"], tps["seed"], clean["steered"], clean["seed"]),
         # Same vector, same block, greedy: KV cache on (ours) must reproduce cache off (seed hook).
         "steered_cache_on_equals_seed_cache_off": ids_seen["steered"] == ids_seen["seed"],
         "steered_text_head": lm.tokenizer.decode(ids_seen["steered"][:40]),
@@ -365,7 +426,7 @@ def cosines(a: Any, b: Any) -> list[float]:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).tolist()
 
 
-def phase_extract(quick: bool) -> dict[str, Any]:
+def phase_extract(quick: bool, max_wait: float) -> dict[str, Any]:
     from steerdesk.core.extract import compute_vectors
 
     n_pairs = 8 if quick else 128
@@ -382,26 +443,28 @@ def phase_extract(quick: bool) -> dict[str, Any]:
     compute_vectors(lm, small, batch_size=batch_size)
     seed_extract(lm, *formatted_texts(lm, small))
 
-    tracker = PeakTracker()
+    tracker = Runner(max_wait)
     secs: dict[str, list[float]] = {"ours": [], "seed": []}
+    clean: dict[str, list[bool]] = {"ours": [], "seed": []}
     out: dict[str, Any] = {}
     for rep in range(reps):
         for name in order_for(rep, ["ours", "seed"]):
             if name == "ours":
-                dt, vs = tracker.measure(name, lambda: compute_vectors(lm, ds, batch_size=batch_size))
+                dt, vs, ok = tracker.measure(name, lambda: compute_vectors(lm, ds, batch_size=batch_size))
                 out["ours"] = vs.directions
             else:
-                dt, res = tracker.measure(name, lambda: seed_extract(lm, base, target))
+                dt, res, ok = tracker.measure(name, lambda: seed_extract(lm, base, target))
                 out.update(res)
             secs[name].append(dt)
-            log(f"extract rep {rep + 1}/{reps} {name:5s} {n_pairs} pairs in {dt:6.2f}s")
-    dt_ref, ref = tracker.measure("reference", lambda: reference_extract(lm, base, target))
-    log(f"extract reference (batch 1, hooks) in {dt_ref:6.2f}s")
+            clean[name].append(ok)
+            log(f"extract rep {rep + 1}/{reps} {name:5s} {n_pairs} pairs in {dt:6.2f}s  {describe_run(tracker)}")
+    dt_ref, ref, _ = tracker.measure("reference", lambda: reference_extract(lm, base, target))
+    log(f"extract reference (batch 1, hooks) in {dt_ref:6.2f}s  {describe_run(tracker)}")
 
     cos_ours = cosines(out["ours"], ref)
     cos_seed = cosines(out["seed"], ref)
     cos_seed_fixed = cosines(out["seed_index_fixed"], ref[: lm.info.num_layers - 1])
-    speed = paired_ratio(secs["seed"], secs["ours"], best=min)  # time_seed / time_ours = speed-up
+    speed = paired_ratio(secs["seed"], secs["ours"], clean["seed"], clean["ours"], best=min)  # time_seed / time_ours = speed-up
     return {
         "pairs": n_pairs,
         "texts": 2 * n_pairs,
@@ -426,12 +489,12 @@ def phase_extract(quick: bool) -> dict[str, Any]:
 
 # ============================================================================ phase: batch
 
-def phase_batch(quick: bool, vectors: str | None = None) -> dict[str, Any]:
+def phase_batch(quick: bool, max_wait: float, vectors: str | None = None) -> dict[str, Any]:
     from steerdesk.core.generate import SamplingSettings, generate
     from steerdesk.core.steering import steers_for
 
     n_new = 8 if quick else 64
-    reps = 1 if quick else 3
+    reps = 1 if quick else 4
     prompts = BATCH_PROMPTS
     lm = load_lm()
     rss_after_load = _status_kib("VmRSS") / 1024
@@ -448,18 +511,21 @@ def phase_batch(quick: bool, vectors: str | None = None) -> dict[str, Any]:
         return [generate(lm, [p], steers, sampling=sampling)[0] for p in prompts]
 
     generate(lm, prompts[:2], steers, sampling=SamplingSettings(max_new_tokens=4))  # warm-up
-    tracker = PeakTracker()
+    tracker = Runner(max_wait)
     tps: dict[str, list[float]] = {"batched": [], "sequential": []}
+    clean: dict[str, list[bool]] = {"batched": [], "sequential": []}
     toks: dict[str, list[int]] = {"batched": [], "sequential": []}
     last: dict[str, list[Any]] = {}
     for rep in range(reps):
         for name in order_for(rep, ["batched", "sequential"]):
-            dt, res = tracker.measure(name, batched if name == "batched" else sequential)
+            dt, res, ok = tracker.measure(name, batched if name == "batched" else sequential)
             c = count(res)
             tps[name].append(c / dt)
+            clean[name].append(ok)
             toks[name].append(c)
             last[name] = res
-            log(f"batch rep {rep + 1}/{reps} {name:10s} {c} tok in {dt:6.2f}s = {c / dt:5.1f} tok/s")
+            log(f"batch rep {rep + 1}/{reps} {name:10s} {c} tok in {dt:6.2f}s = {c / dt:5.1f} tok/s"
+                f"  {describe_run(tracker)}")
     same_rows = sum(a.token_ids == b.token_ids for a, b in zip(last["batched"], last["sequential"]))
     return {
         "prompts": len(prompts),
@@ -467,7 +533,8 @@ def phase_batch(quick: bool, vectors: str | None = None) -> dict[str, Any]:
         "tokens_per_s": tps,
         "tokens_generated": toks,
         "median_tokens_per_s": {k: statistics.median(v) for k, v in tps.items()},
-        "batch8_vs_sequential": paired_ratio(tps["batched"], tps["sequential"]),
+        "batch8_vs_sequential": paired_ratio(tps["batched"], tps["sequential"],
+                                             clean["batched"], clean["sequential"]),
         "rows_identical_batched_vs_sequential": same_rows,
         **rss_block(tracker, rss_after_load),
     }
@@ -504,7 +571,8 @@ def _loadavg() -> list[str] | None:
         return None
 
 
-def run_phase_subprocess(phase: str, quick: bool, vectors: str | None = None) -> dict[str, Any]:
+def run_phase_subprocess(phase: str, quick: bool, max_wait: float, vectors: str | None = None
+                         ) -> dict[str, Any]:
     load_before = _loadavg()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -513,6 +581,7 @@ def run_phase_subprocess(phase: str, quick: bool, vectors: str | None = None) ->
             cmd.append("--quick")
         if vectors:
             cmd += ["--vectors", vectors]
+        cmd += ["--max-wait", str(max_wait)]
         env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env=env)
@@ -533,8 +602,9 @@ def verdict(name: str, value: float) -> str:
     return "MET" if ok else "MISSED"
 
 
-def fmt_ratio(r: dict[str, float]) -> str:
-    return (f"{r['median_of_ratios']:.2f}x (range {r['min']:.2f}-{r['max']:.2f}, n={r['n']}; "
+def fmt_ratio(r: dict[str, Any]) -> str:
+    clean = "clean" if r["basis"] == "clean pairs" else "ALL, none clean"
+    return (f"{r['median_of_ratios']:.2f}x ({r['min']:.2f}-{r['max']:.2f}, n={r['n']}/{r['n_pairs']} {clean}; "
             f"best/best {r['ratio_of_best']:.2f}x)")
 
 
@@ -588,7 +658,8 @@ def report(env: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
         print(f"{k:{width}s}  {v}")
 
     print()
-    print("ratio: median of per-repeat ratios (range over repeats; ratio of the two best runs)")
+    print("ratio: median of per-repeat ratios over clean pairs (range; pairs used/all; "
+          "ratio of the two best runs)")
     print(f"{'ratio':34s} {'measured':>56s}  {'target':>9s}  verdict")
     print("-" * 112)
     detail = {
@@ -624,10 +695,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
     ap.add_argument("--json", metavar="FILE", help="write all numbers to FILE")
     ap.add_argument("--phases", default=",".join(PHASES), help="comma list of phases to run")
+    ap.add_argument("--max-wait", type=float, default=None,
+                    help="seconds to wait, before each timed run, for the other processes on the "
+                         "machine to go quiet (default 90, --quick 5; 0: never wait)")
     ap.add_argument("--phase", choices=PHASES + ("vectors",), help=argparse.SUPPRESS)  # internal
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--vectors", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.max_wait is None:
+        args.max_wait = 5.0 if args.quick else 90.0
 
     if args.phase:
         sys.path.insert(0, str(ROOT))
@@ -638,9 +714,9 @@ def main(argv: list[str] | None = None) -> int:
             phase_vectors(args.vectors)
             return 0
         if args.phase == "extract":
-            res = phase_extract(args.quick)
+            res = phase_extract(args.quick, args.max_wait)
         else:
-            res = {"gen": phase_gen, "batch": phase_batch}[args.phase](args.quick, args.vectors)
+            res = {"gen": phase_gen, "batch": phase_batch}[args.phase](args.quick, args.max_wait, args.vectors)
         Path(args.result).write_text(json.dumps(res, default=lambda t: t.tolist()))
         return 0
 
@@ -655,10 +731,10 @@ def main(argv: list[str] | None = None) -> int:
     if {"gen", "batch"} & set(phases):
         print("steering vectors (neutral_rude) ...", file=sys.stderr, flush=True)
         vectors = str(Path(vec_dir.name) / "directions.pt")
-        run_phase_subprocess("vectors", args.quick, vectors)  # saves the directions there
+        run_phase_subprocess("vectors", args.quick, args.max_wait, vectors)  # saves the directions there
     for phase in phases:
         print(f"phase {phase} ...", file=sys.stderr, flush=True)
-        results[phase] = run_phase_subprocess(phase, args.quick, vectors)
+        results[phase] = run_phase_subprocess(phase, args.quick, args.max_wait, vectors)
         if args.json:  # keep what is done so far, should a later phase fail
             Path(args.json).write_text(json.dumps({"environment": env, "quick": args.quick,
                                                    "phases": results}, indent=2))

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,6 +73,11 @@ class LoadedModel:
 
 def embedded_model_file() -> Path:
     """Path of the embedded SmolLM2 GGUF file, found without importing its package."""
+    bundle = getattr(sys, "_MEIPASS", None)  # a PyInstaller binary carries the file, not the package
+    if bundle:
+        files = sorted((Path(bundle) / EMBEDDED_PACKAGE).glob("*.gguf"))
+        if files:
+            return files[0]
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise SteerdeskError(

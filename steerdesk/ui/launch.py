@@ -20,6 +20,9 @@ def make_app(argv: list[str] | None = None):  # noqa: ANN201 - QApplication impo
     from .theme import apply_theme
 
     apply_theme(app)
+    hints = app.styleHints()
+    if hasattr(hints, "colorSchemeChanged"):  # follow the system when it switches light/dark
+        hints.colorSchemeChanged.connect(lambda _scheme: apply_theme(app))
     return app
 
 

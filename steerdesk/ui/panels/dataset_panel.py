@@ -142,6 +142,9 @@ class _DatasetView(QTableView):
 
 # ---------------------------------------------------------------------------- the panel
 
+LARGE_TABLE_ROWS = 2000
+
+
 class DatasetPanel(QWidget):
     """Edit a contrast dataset: rows, clipboard, files, bundled examples, held-out split."""
 
@@ -294,6 +297,10 @@ class DatasetPanel(QWidget):
         view.delete_requested.connect(self.remove_selected)
         self._view = view
         layout.addWidget(view, 1)
+        # Fitting every row's height to its text costs O(rows) per change: fine for a few
+        # thousand rows, seconds for 100,000. Large tables get fixed two-line rows instead.
+        for sig in (self._model.modelReset, self._model.rowsInserted, self._model.rowsRemoved):
+            sig.connect(self._update_row_sizing)
 
         bottom = QHBoxLayout()
         bottom.addWidget(QLabel("Held out"))
@@ -716,6 +723,15 @@ class DatasetPanel(QWidget):
         self.redo_action.setToolTip(f"Redo {redo}" if redo else "Nothing to redo")
 
     @Slot()
+    def _update_row_sizing(self, *_args: object) -> None:
+        header = self._view.verticalHeader()
+        large = self._model.rowCount() > LARGE_TABLE_ROWS
+        mode = QHeaderView.ResizeMode.Fixed if large else QHeaderView.ResizeMode.ResizeToContents
+        if header.sectionResizeMode(0) != mode if self._model.rowCount() else False:
+            header.setSectionResizeMode(mode)
+            if large:
+                header.setDefaultSectionSize(2 * self._view.fontMetrics().lineSpacing() + 8)
+
     def _refresh_summary(self) -> None:
         n = self._model.rowCount()
         bad = len(self._model.problems())

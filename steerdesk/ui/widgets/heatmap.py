@@ -76,6 +76,8 @@ class HeatmapView(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.plot, 1)
         layout.addWidget(self.readout)
+        self.plot.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.plot.customContextMenuRequested.connect(self._context_menu)
         self.plot.scene().sigMouseMoved.connect(self._on_mouse_moved)
         self.plot.scene().sigMouseClicked.connect(self._on_mouse_clicked)
 
@@ -151,6 +153,27 @@ class HeatmapView(QWidget):
         cell = self._cell_at(pos)
         if cell:
             self.cell_clicked.emit(*cell)
+
+    def _context_menu(self, pos: object) -> None:
+        from PySide6.QtWidgets import QApplication, QFileDialog, QMenu
+
+        menu = QMenu(self)
+        export = menu.addAction("Export as PNG…")
+        copy = menu.addAction("Copy values (TSV)")
+        chosen = menu.exec(self.plot.mapToGlobal(pos))  # type: ignore[arg-type]
+        if chosen is export:
+            path = QFileDialog.getSaveFileName(self, "Export heatmap", "heatmap.png", "PNG images (*.png)")[0]
+            if path:
+                self.export_png(path)
+        elif chosen is copy:
+            QApplication.clipboard().setText(self.values_tsv())
+
+    def values_tsv(self) -> str:
+        """The matrix as tab-separated text, top row = highest row index (as drawn)."""
+        rows = []
+        for r in range(self._data.shape[0] - 1, -1, -1):
+            rows.append(f"{self.row_label} {r}\t" + "\t".join(f"{v:.6g}" for v in self._data[r]))
+        return "\n".join(rows)
 
     def export_png(self, path: str) -> bool:
         """Save the heatmap with its axes and colour bar."""

@@ -1,0 +1,476 @@
+"""Held-out scores of a steering configuration, from forward passes only (no generation).
+
+Every reply of a held-out contrast set (base and target) is scored by its **mean log-probability
+per token** given its prompt. The reply tokens are those from ``Encoded.reply_start`` (chat template
+applied, as in extraction) to the end; the first one is predicted from the last prompt token.
+
+* **behaviour margin** = mean over target replies - mean over base replies (for a paired set this is
+  the mean over pairs of target minus base);
+* **fluency** = mean over all replies, base and target;
+* **KL** (optional) = mean over the reply tokens of neutral texts of KL(unsteered || steered) of the
+  next-token distribution.
+
+Everything is reported as a delta versus unsteered (KL is one already).
+
+Batching: each batch row is one (configuration, text) pair, steered with per-row
+:class:`~steerdesk.core.steering.Steering`. Rows are laid out with the prompt left-padded and the
+reply right-padded, so every reply starts at the same column: one prompt length then serves the
+whole batch, and the ``prompt`` / ``generated`` steering positions mean prompt / reply tokens, as
+they do in generation. Position ids are explicit (``cumsum(mask) - 1``), so padding changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .datasets import Dataset
+from .errors import Cancelled, SteerdeskError
+from .extract import Encoded, encode, forward_with_positions
+from .steering import Steer, Steering
+
+Progress = Callable[[int, int], None]
+
+#: Short, neutral assistant-style texts for the optional KL measure (no persona, no tone).
+NEUTRAL_TEXTS: tuple[str, ...] = (
+    "The train leaves the station at nine in the morning and arrives shortly after noon.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "To make a cup of tea, heat the water, add the tea bag and let it steep for a few minutes.",
+    "The library is open from Monday to Friday, and it closes early on public holidays.",
+    "Photosynthesis lets plants turn sunlight, water and carbon dioxide into sugar and oxygen.",
+    "The meeting has been moved to Thursday afternoon in the small conference room.",
+    "A triangle has three sides, and the sum of its angles is one hundred and eighty degrees.",
+    "Please remember to water the plants and close the windows before you leave.",
+)
+
+#: Upper bound on one float32 logits block ``[tokens, vocab]`` (memory, not speed).
+LOGITS_BUDGET_BYTES = 256 << 20
+
+KINDS = ("base", "target", "neutral")
+
+
+# =============================================================================== scores
+
+@dataclass
+class Scores:
+    """Absolute scores of one configuration (mean log-prob per token, nats)."""
+
+    margin: float
+    fluency: float
+    kl: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _json_float(v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class Evaluation:
+    """One configuration against unsteered, on the same texts."""
+
+    unsteered: Scores
+    steered: Scores
+    n_pairs: int
+    n_neutral: int = 0
+
+    @property
+    def margin_delta(self) -> float:
+        return self.steered.margin - self.unsteered.margin
+
+    @property
+    def fluency_delta(self) -> float:
+        return self.steered.fluency - self.unsteered.fluency
+
+    @property
+    def kl(self) -> float | None:
+        return self.steered.kl
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"margin_delta": _json_float(self.margin_delta), "fluency_delta": _json_float(self.fluency_delta),
+                "kl": _json_float(self.kl), "unsteered": self.unsteered.to_dict(),
+                "steered": self.steered.to_dict(), "n_pairs": self.n_pairs, "n_neutral": self.n_neutral}
+
+
+def _json_float(x: float | None) -> float | None:
+    """JSON has no NaN: a non-finite score (steering blew the model up) becomes null."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+# =============================================================================== texts
+
+@dataclass
+class EvalTexts:
+    """Tokenized held-out replies (and neutral texts) to score."""
+
+    encoded: list[Encoded]
+    kinds: list[str]  # "base" | "target" | "neutral", one per item
+    n_pairs: int
+    dataset_name: str = ""
+    dataset_sha256: str = ""
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def indices(self, *kinds: str) -> list[int]:
+        return [i for i, k in enumerate(self.kinds) if k in kinds]
+
+    @property
+    def n_neutral(self) -> int:
+        return self.kinds.count("neutral")
+
+
+def prepare_texts(
+    lm: Any,
+    heldout: Dataset,
+    *,
+    neutral: Sequence[str] | None = None,
+    system: str | None = None,
+    max_pairs: int | None = None,
+) -> EvalTexts:
+    """Chat-format and tokenize the held-out replies (and neutral texts, as replies to no prompt).
+
+    ``max_pairs`` keeps the first N rows. Raises ``SteerdeskError`` for a set that cannot give a
+    margin (no base or no target reply) or a reply with no token to score.
+    """
+    examples = heldout.examples[:max_pairs] if max_pairs else heldout.examples
+    if max_pairs is not None and max_pairs < 1:
+        raise SteerdeskError("The number of held-out pairs must be at least 1.")
+    base = [(e.prompt, e.base) for e in examples if e.base.strip()]
+    target = [(e.prompt, e.target) for e in examples if e.target.strip()]
+    if not base or not target:
+        raise SteerdeskError(f"The held-out set {heldout.name!r} needs at least one base and one target reply.")
+    neutral_pairs = [("", t) for t in (neutral or ()) if t.strip()]
+    encoded = encode(lm, base + target + neutral_pairs, system)
+    kinds = ["base"] * len(base) + ["target"] * len(target) + ["neutral"] * len(neutral_pairs)
+    for e, (prompt, reply) in zip(encoded, base + target + neutral_pairs):
+        if _n_scored(e) < 1:
+            raise SteerdeskError(f"The reply {reply[:40]!r} has no token to score (it is empty after formatting).")
+    return EvalTexts(encoded, kinds, n_pairs=min(len(base), len(target)), dataset_name=heldout.name,
+                     dataset_sha256=heldout.sha256())
+
+
+def _n_scored(e: Encoded) -> int:
+    # A token is scored when a real token precedes it (the first token of a text has no prediction).
+    return len(e.ids) - max(e.reply_start, 1)
+
+
+# ============================================================================== layout
+
+@dataclass
+class Layout:
+    """One padded batch of texts, replies aligned at column ``reply_col``.
+
+    The scored tokens are listed flat, row-major: token ``j`` is ``tok[j]``, predicted by the
+    logits at ``(src_row[j], src_col[j])``. Tiling the batch ``c`` times (``c`` configurations)
+    makes row ``k * rows + i`` copy ``k`` of text ``i``.
+    """
+
+    ids: torch.Tensor  # [b, S]
+    mask: torch.Tensor  # [b, S]
+    positions: torch.Tensor  # [b, S]
+    reply_col: int
+    src_row: torch.Tensor  # [N]
+    src_col: torch.Tensor  # [N]
+    tok: torch.Tensor  # [N]
+    counts: torch.Tensor  # [b] float32, scored tokens per row
+    texts: list[int]  # index into EvalTexts of each row
+    kind: str  # "heldout" or "neutral"
+
+    @property
+    def rows(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.ids.shape[1])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tok.shape[0])
+
+    def keep(self) -> torch.Tensor:
+        """Columns whose logits are needed (``logits_to_keep``)."""
+        lo, hi = int(self.src_col.min()), int(self.src_col.max())
+        return torch.arange(lo, hi + 1, device=self.ids.device)
+
+    def tiled(self, copies: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids, mask, positions repeated ``copies`` times along the batch."""
+        return self.ids.repeat(copies, 1), self.mask.repeat(copies, 1), self.positions.repeat(copies, 1)
+
+
+def make_layout(items: Sequence[Encoded], texts: Sequence[int], pad_id: int, device: torch.device,
+                kind: str = "heldout") -> Layout:
+    """Pad a batch so that every reply starts at the same column (prompt left, reply right)."""
+    p_max = max(e.reply_start for e in items)
+    r_max = max(len(e.ids) - e.reply_start for e in items)
+    width = p_max + r_max
+    b = len(items)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    src_row: list[int] = []
+    src_col: list[int] = []
+    tok: list[int] = []
+    counts = torch.zeros(b, dtype=torch.float32)
+    for i, e in enumerate(items):
+        off = p_max - e.reply_start
+        n = len(e.ids)
+        ids[i, off:off + n] = torch.tensor(e.ids)
+        mask[i, off:off + n] = 1
+        first = max(e.reply_start, 1)
+        for t in range(first, n):
+            src_row.append(i)
+            src_col.append(off + t - 1)
+            tok.append(e.ids[t])
+        counts[i] = n - first
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return Layout(ids=ids.to(device), mask=mask.to(device), positions=positions.to(device), reply_col=p_max,
+                  src_row=as_long(src_row), src_col=as_long(src_col), tok=as_long(tok), counts=counts,
+                  texts=list(texts), kind=kind)
+
+
+def make_layouts(lm: Any, texts: EvalTexts, batch_size: int) -> list[Layout]:
+    """Held-out and neutral texts in separate batches of at most ``batch_size``, longest first."""
+    if batch_size < 1:
+        raise SteerdeskError("Batch size must be at least 1.")
+    pad_id = lm.tokenizer.pad_token_id
+    device = lm.input_device
+    out = []
+    for kind, idx in (("heldout", texts.indices("base", "target")), ("neutral", texts.indices("neutral"))):
+        # Sorting by length keeps padding small; base and target of a pair often land together.
+        order = sorted(idx, key=lambda i: (-len(texts.encoded[i].ids), i))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            out.append(make_layout([texts.encoded[i] for i in chunk], chunk, pad_id, device, kind))
+    return out
+
+
+# ============================================================================= scoring
+
+def logits_chunk_tokens(vocab: int, budget: int = LOGITS_BUDGET_BYTES) -> int:
+    return max(1, budget // max(1, vocab * 4))
+
+
+def score_tokens(
+    lay: Layout,
+    copies: int,
+    logits_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    vocab: int,
+    ref: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row mean log-prob of the scored tokens (and mean KL vs ``ref``) of a tiled batch.
+
+    ``logits_at(rows, cols)`` returns ``[n, vocab]`` logits at those batch coordinates.
+    ``ref`` (``[N, vocab]`` unsteered log-probs of the untiled batch's scored tokens) turns on KL.
+    Returns CPU float64 tensors of ``copies * rows`` values.
+    """
+    n, b = lay.n_tokens, lay.rows
+    total = copies * n
+    chunk = logits_chunk_tokens(vocab)
+    lp_sum = torch.zeros(copies * b, dtype=torch.float64)
+    kl_sum = torch.zeros(copies * b, dtype=torch.float64) if ref is not None else None
+    for start in range(0, total, chunk):
+        t = torch.arange(start, min(start + chunk, total), device=lay.tok.device)
+        k, j = t // n, t % n
+        rows = lay.src_row[j] + k * b
+        logits = logits_at(rows, lay.src_col[j]).float()
+        logp = logits.log_softmax(-1)
+        tok = lay.tok[j].to(logp.device)
+        lp = logp.gather(-1, tok[:, None]).squeeze(-1)
+        out_rows = rows.cpu()
+        lp_sum.index_add_(0, out_rows, lp.double().cpu())
+        if kl_sum is not None and ref is not None:
+            r = ref[j.to(ref.device)].to(logp.device)
+            kl = (r.exp() * (r - logp)).sum(-1)
+            kl_sum.index_add_(0, out_rows, kl.double().cpu())
+    counts = lay.counts.double().repeat(copies)
+    return lp_sum / counts, (kl_sum / counts if kl_sum is not None else None)
+
+
+def reference_logprobs(lay: Layout, logits_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                       vocab: int) -> torch.Tensor:
+    """``[N, vocab]`` float32 log-probs at the scored tokens of an untiled batch (the KL reference)."""
+    chunk = logits_chunk_tokens(vocab)
+    parts = []
+    for start in range(0, lay.n_tokens, chunk):
+        j = torch.arange(start, min(start + chunk, lay.n_tokens), device=lay.tok.device)
+        parts.append(logits_at(lay.src_row[j], lay.src_col[j]).float().log_softmax(-1))
+    return torch.cat(parts)
+
+
+def model_logits(lm: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 keep: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The model's own logits at columns ``keep`` (``[B, K, V]``) and the first kept column.
+
+    Uses ``logits_to_keep`` so the LM head runs on the reply window only; falls back to all
+    columns for a model whose forward lacks it.
+    """
+    try:
+        out = forward_with_positions(lm.model, ids, mask, positions, use_cache=False, logits_to_keep=keep)
+        return out.logits, int(keep[0])
+    except TypeError as exc:
+        if "logits_to_keep" not in str(exc):
+            raise
+        out = forward_with_positions(lm.model, ids, mask, positions, use_cache=False)
+        return out.logits, 0
+
+
+def vocab_size(lm: Any) -> int:
+    head = lm.model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is not None:
+        return int(weight.shape[0])
+    return int(lm.model.config.vocab_size)
+
+
+Config = Sequence[Steer]
+
+
+class TextScorer:
+    """Scores of many configurations on one :class:`EvalTexts`, with full forward passes.
+
+    Rows of a forward are ``copies x texts`` of one batch; ``max_rows`` and the logits budget
+    bound how many configurations share a forward. The unsteered baseline is computed once
+    (and is the KL reference).
+    """
+
+    def __init__(self, lm: Any, texts: EvalTexts, *, batch_size: int = 16, max_rows: int = 64):
+        if max_rows < 1:
+            raise SteerdeskError("The number of rows per forward pass must be at least 1.")
+        self.lm = lm
+        self.texts = texts
+        self.batch_size = batch_size
+        self.max_rows = max_rows
+        self.layouts = make_layouts(lm, texts, batch_size)
+        self.vocab = vocab_size(lm)
+        self.refs: dict[int, torch.Tensor] = {}  # layout index -> unsteered log-probs (neutral only)
+        self.baseline_lp: torch.Tensor | None = None
+        self.baseline_kl: torch.Tensor | None = None
+
+    # -- one forward ---------------------------------------------------------------------
+    def copies_per_forward(self, lay: Layout) -> int:
+        """How many configurations of this batch fit one forward pass."""
+        k = int(lay.keep().numel())
+        by_rows = self.max_rows // lay.rows
+        by_logits = LOGITS_BUDGET_BYTES // max(1, lay.rows * k * self.vocab * 4)
+        return max(1, min(by_rows, by_logits))
+
+    def forward(self, li: int, configs: Sequence[Config]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean log-prob (and KL) per row of ``len(configs) x texts`` rows of layout ``li``."""
+        lay = self.layouts[li]
+        c = len(configs)
+        ids, mask, positions = lay.tiled(c)
+        rows = [list(cfg) for cfg in configs for _ in range(lay.rows)]
+        with Steering(self.lm, rows, prompt_length=lay.reply_col), torch.inference_mode():
+            logits, lo = model_logits(self.lm, ids, mask, positions, lay.keep())
+        return score_tokens(lay, c, lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)],
+                            self.vocab, self.refs.get(li))
+
+    def baseline(self, cancel: threading.Event | None = None,
+                 progress: Callable[[], None] | None = None) -> Scores:
+        """Unsteered scores; keeps the per-text values and the KL reference."""
+        n = len(self.texts)
+        lp = torch.full((n,), float("nan"), dtype=torch.float64)
+        for li, lay in enumerate(self.layouts):
+            _check(cancel)
+            with torch.inference_mode():
+                logits, lo = model_logits(self.lm, lay.ids, lay.mask, lay.positions, lay.keep())
+            at = lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)]  # noqa: E731
+            if lay.kind == "neutral":
+                self.refs[li] = reference_logprobs(lay, at, self.vocab)
+            row_lp, _ = score_tokens(lay, 1, at, self.vocab)
+            lp[lay.texts] = row_lp
+            if progress:
+                progress()
+        self.baseline_lp = lp
+        self.baseline_kl = torch.where(torch.tensor([k == "neutral" for k in self.texts.kinds]),
+                                       torch.zeros(n, dtype=torch.float64), torch.full((n,), float("nan"),
+                                                                                       dtype=torch.float64))
+        return aggregate(self.texts, lp, self.baseline_kl)
+
+    def score(self, configs: Sequence[Config], *, cancel: threading.Event | None = None,
+              progress: Callable[[], None] | None = None) -> list[Scores]:
+        """Scores of each configuration (call :meth:`baseline` first when KL is wanted)."""
+        if self.texts.n_neutral and not self.refs:
+            raise SteerdeskError("The unsteered baseline must be computed before KL can be measured.")
+        n = len(self.texts)
+        lp = torch.full((len(configs), n), float("nan"), dtype=torch.float64)
+        kl = torch.full((len(configs), n), float("nan"), dtype=torch.float64)
+        for li, lay in enumerate(self.layouts):
+            step = self.copies_per_forward(lay)
+            for start in range(0, len(configs), step):
+                _check(cancel)
+                group = configs[start:start + step]
+                row_lp, row_kl = self.forward(li, group)
+                for k in range(len(group)):
+                    sl = slice(k * lay.rows, (k + 1) * lay.rows)
+                    lp[start + k, lay.texts] = row_lp[sl]
+                    if row_kl is not None:
+                        kl[start + k, lay.texts] = row_kl[sl]
+                if progress:
+                    progress()
+        return [aggregate(self.texts, lp[c], kl[c]) for c in range(len(configs))]
+
+    def forwards_needed(self, n_configs: int) -> int:
+        return sum(-(-n_configs // self.copies_per_forward(lay)) for lay in self.layouts)
+
+
+def aggregate(texts: EvalTexts, lp: torch.Tensor, kl: torch.Tensor | None) -> Scores:
+    """Scores from per-text mean log-probs (and per-text mean KL for neutral texts)."""
+    base = lp[texts.indices("base")]
+    target = lp[texts.indices("target")]
+    both = lp[texts.indices("base", "target")]
+    neutral = texts.indices("neutral")
+    kl_value = float(kl[neutral].mean()) if (kl is not None and neutral) else None
+    return Scores(margin=float(target.mean() - base.mean()), fluency=float(both.mean()), kl=kl_value)
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("Evaluation cancelled.")
+
+
+# ============================================================================ entry point
+
+def evaluate(
+    lm: Any,
+    heldout: Dataset,
+    steers: Sequence[Steer] = (),
+    *,
+    neutral: Sequence[str] | None = None,
+    system: str | None = None,
+    max_pairs: int | None = None,
+    batch_size: int = 16,
+    max_rows: int = 64,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> Evaluation:
+    """Score one steering configuration against unsteered on held-out pairs.
+
+    ``steers`` is what :class:`~steerdesk.core.steering.Steering` takes (one flat list, applied
+    to every text). ``neutral`` texts (e.g. :data:`NEUTRAL_TEXTS`) add the KL measure.
+    ``progress(done, total)`` counts forward passes; ``cancel`` is checked before each.
+    """
+    texts = prepare_texts(lm, heldout, neutral=neutral, system=system, max_pairs=max_pairs)
+    scorer = TextScorer(lm, texts, batch_size=batch_size, max_rows=max_rows)
+    total = len(scorer.layouts) + scorer.forwards_needed(1)
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], total)
+
+    unsteered = scorer.baseline(cancel, tick)
+    (steered,) = scorer.score([list(steers)], cancel=cancel, progress=tick)
+    return Evaluation(unsteered=unsteered, steered=steered, n_pairs=texts.n_pairs, n_neutral=texts.n_neutral)
+
+
+__all__ = ["NEUTRAL_TEXTS", "Scores", "Evaluation", "EvalTexts", "prepare_texts", "evaluate", "TextScorer",
+           "aggregate", "Layout", "make_layout", "make_layouts", "score_tokens", "model_logits"]
