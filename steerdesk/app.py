@@ -6,6 +6,11 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # Nothing reaches the network except a model download the user asked for.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     args = sys.argv[1:] if argv is None else argv
     if "--self-test" in args:
         from .selftest import main as selftest_main

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of pairs held out (not used for the vector)")
     p.add_argument("--system", help="system message used when formatting examples")
     p.add_argument("-o", "--output", required=True, help="output .safetensors (or .gguf)")
+    p.add_argument("--record", metavar="RECIPE", help="also write a JSON recipe of this run (see 'run')")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("generate", help="generate text, optionally steered")
@@ -72,6 +73,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--compare", action="store_true", help="also generate unsteered, in the same batch")
     p.add_argument("--no-stream", action="store_true", help="print only when done")
+    p.add_argument("--record", metavar="RECIPE", help="also write a JSON recipe of this run (see 'run')")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("sweep", help="score steering on held-out pairs over a layer x scale grid")
+    _model_arg(p)
+    p.add_argument("--vector", required=True, help="steerdesk .safetensors or llama.cpp .gguf control vector")
+    p.add_argument("--dataset", required=True,
+                   help="held-out JSONL/CSV file or bundled name (or the base .txt with --target-file)")
+    p.add_argument("--target-file", help="target .txt list when --dataset is the base .txt list")
+    p.add_argument("--heldout", type=float, default=0.0, metavar="F",
+                   help="use only the held-out part of the dataset's split F (the rows 'compute --heldout F' "
+                        "left out)")
+    p.add_argument("--max-pairs", type=int, help="use at most this many pairs")
+    p.add_argument("--layers", help="e.g. 0-29 or 10,14,18 (default: every layer)")
+    p.add_argument("--scales", default="0,0.5,1,2", help="comma-separated scales (default 0,0.5,1,2)")
+    p.add_argument("--sets", help="extra rows steering several layers at once: NAME=LAYERS;... e.g. mid=12-15")
+    p.add_argument("--mode", choices=["add", "project", "clamp"], default="add")
+    p.add_argument("--normalize", action="store_true", help="scale the unit vector instead of the raw one")
+    p.add_argument("--positions", choices=["all", "prompt", "generated"], default="all",
+                   help="steer all tokens, the prompt only, or the reply only")
+    p.add_argument("--fluency-budget", type=float, default=0.5,
+                   help="largest fluency loss (nats/token) the best cell may have (default 0.5)")
+    p.add_argument("--kl", action="store_true", help="also measure KL to unsteered on built-in neutral texts")
+    p.add_argument("--kl-texts", help="measure KL on these neutral texts instead (one per line)")
+    p.add_argument("--system", help="system message used when formatting examples")
+    p.add_argument("--batch-size", type=int, default=16, help="texts per batch (default 16)")
+    p.add_argument("--max-rows", type=int, default=64, help="rows (configuration x text) per forward pass")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="run full forward passes instead of reusing the unsteered blocks below each layer")
+    p.add_argument("-o", "--output", required=True, help="result JSON")
+    p.add_argument("--png", help="also draw the margin heatmap to this PNG")
+    p.add_argument("--record", metavar="RECIPE", help="also write a JSON recipe of this run (see 'run')")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+
+    p = sub.add_parser("inspect", help="per-layer diagnostics of a vector file on a contrast dataset")
+    p.add_argument("vector", help="steerdesk .safetensors or llama.cpp .gguf control vector")
+    _model_arg(p)
+    p.add_argument("--dataset", required=True, help="JSONL/CSV file or bundled name (held-out pairs recommended)")
+    p.add_argument("--target-file", help="target .txt list when --dataset is the base .txt list")
+    p.add_argument("--heldout", type=float, default=0.0, metavar="F",
+                   help="use only the held-out part of the dataset's split F")
+    p.add_argument("--read", choices=["last", "mean"], help="read position (default: the vector file's)")
+    p.add_argument("--system", help="system message used when formatting examples")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print every number (incl. the layer x layer cosines)")
+
+    p = sub.add_parser("run", help="re-run a recorded generation, computation or sweep (a JSON recipe)")
+    p.add_argument("recipe", help="recipe JSON (written by --record or the window's history)")
+    p.add_argument("--model", "-m", help="load this model instead of the recorded one")
+    p.add_argument("--device", help="device (default: the recorded one when it is the CPU, else auto)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="re-run even if the dataset, vector file or chat template changed")
+    p.add_argument("-o", "--output", help="write the recomputed vectors / sweep result here")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("export", help="convert a vector file (e.g. to a llama.cpp GGUF control vector)")
@@ -132,7 +186,7 @@ def cmd_compute(args: argparse.Namespace) -> int:
     from .core.extract import compute_vectors
     from .core.vectors import export_gguf, save_vectors
 
-    ds = resolve_dataset(args.dataset, args.target_file)
+    ds = loaded = resolve_dataset(args.dataset, args.target_file)
     if args.heldout:
         ds, _ = ds.split(args.heldout)
     lm = _load_model(args)
@@ -149,6 +203,12 @@ def cmd_compute(args: argparse.Namespace) -> int:
         export_gguf(vs, out)
     else:
         save_vectors(vs, out)
+    if args.record:
+        from .core.records import record_compute
+
+        record_compute(lm, loaded, vs, dataset_spec=_dataset_spec(args), heldout=args.heldout,
+                       batch_size=args.batch_size, system=args.system, output=str(out),
+                       model=args.model, seconds=time.perf_counter() - t0).save(args.record)
     rel = vs.relative_strength().tolist()
     summary = {"output": str(out), "layers": vs.num_layers, "hidden_size": vs.hidden_size,
                "examples": len(ds), "seconds": round(time.perf_counter() - t0, 2),
@@ -175,6 +235,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SteerdeskError("--compare needs --vector.")
     lm = _load_model(args)
     steers = []
+    vs = None
     if args.vector:
         vs = load_vectors_for(args.vector, lm.info)
         layers = parse_layers(args.layers, lm.info.num_layers)
@@ -190,8 +251,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(chunk)
             sys.stdout.flush()
 
+    t0 = time.perf_counter()
     results = generate(lm, prompts, rows, sampling=sampling, system=args.system,
                        on_text=on_text if streaming else None)
+    if args.record:
+        from .core.records import record_generation
+
+        record_generation(lm, prompts, results, steers=steers, steered_rows=[bool(r) for r in rows],
+                          sampling=sampling, system=args.system, vector_path=args.vector,
+                          vectors=vs if args.vector else None, model=args.model,
+                          seconds=time.perf_counter() - t0).save(args.record)
     steered = results[-1]
     if args.json:
         obj: dict[str, Any] = {"text": steered.text, "token_ids": steered.token_ids,
@@ -208,6 +277,156 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.compare:
         print("\n--- unsteered ---")
         print(results[0].text)
+    return 0
+
+
+def _dataset_spec(args: argparse.Namespace) -> str | None:
+    """How a recipe names the dataset again (None for two .txt lists: the rows get embedded)."""
+    if args.target_file:
+        return None
+    path = Path(args.dataset)
+    return str(path.resolve()) if path.exists() else args.dataset
+
+
+def _progress_bar(label: str) -> Any:
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\r{label} {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+    return progress
+
+
+def _sweep_table(result: Any) -> str:
+    """Margin deltas, one row per layer (set), '*' on the best cell, '~' beyond the fluency budget."""
+    lines = ["margin delta (nats/token); '~' = fluency loss beyond the budget, '*' = best",
+             f"{'':>10}" + "".join(f"{s:>10g}" for s in result.scales)]
+    best = result.best or {}
+    for r in range(result.n_rows):
+        label = str(result.layers[r]) if r < len(result.layers) else result.sets[r - len(result.layers)].name
+        cells = []
+        for c in range(len(result.scales)):
+            m, _ = result.cell(r, c)
+            mark = "*" if (best.get("row"), best.get("col")) == (r, c) else (
+                " " if result.within_budget(r, c) else "~")
+            cells.append(f"{'nan' if m is None else format(m, '+.3f'):>9}{mark}")
+        lines.append(f"{label[:10]:>10}" + "".join(cells))
+    if result.best:
+        b = result.best
+        where = f"layer {b['layer']}" if b["layer"] is not None else f"set {b['set']} {b['layers']}"
+        lines.append(f"best: {where} x{b['scale']:g}: margin {b['margin_delta']:+.3f}, "
+                     f"fluency {b['fluency_delta']:+.3f} (budget {result.fluency_budget:g})")
+    else:
+        lines.append(f"no cell within the fluency budget {result.fluency_budget:g}")
+    return "\n".join(lines)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .core.datasets import parse_lines, resolve_dataset
+    from .core.datasets import _read_text  # noqa: PLC2701 - same error messages as dataset files
+    from .core.evaluate import NEUTRAL_TEXTS
+    from .core.steering import parse_layers
+    from .core.sweep import heatmap_png, parse_scales, parse_sets, sweep
+
+    scales = parse_scales(args.scales)
+    if not 0.0 <= args.heldout < 1.0:
+        raise SteerdeskError("--heldout must be in [0, 1).")
+    if args.max_pairs is not None and args.max_pairs < 1:
+        raise SteerdeskError("--max-pairs must be at least 1.")
+    if args.fluency_budget < 0:
+        raise SteerdeskError("--fluency-budget must be >= 0.")
+    if not Path(args.vector).is_file():
+        raise SteerdeskError(f"Vector file not found: {args.vector}")
+    loaded = resolve_dataset(args.dataset, args.target_file)
+    held = loaded.split(args.heldout)[1] if args.heldout else loaded
+    neutral = None
+    if args.kl_texts:
+        neutral = parse_lines(_read_text(Path(args.kl_texts)))
+        if not neutral:
+            raise SteerdeskError(f"{args.kl_texts} holds no text.")
+    elif args.kl:
+        neutral = list(NEUTRAL_TEXTS)
+    lm = _load_model(args)
+    vs = load_vectors_for(args.vector, lm.info)
+    n = lm.info.num_layers
+    layers = parse_layers(args.layers, n) if args.layers else list(range(n))
+    sets = parse_sets(args.sets, n) if args.sets else None
+    result = sweep(lm, vs, held, layers=layers, scales=scales, sets=sets, mode=args.mode, normalize=args.normalize,
+                   positions=args.positions, fluency_budget=args.fluency_budget, neutral=neutral,
+                   system=args.system, max_pairs=args.max_pairs, batch_size=args.batch_size,
+                   max_rows=args.max_rows, prefix_reuse=not args.no_prefix_reuse,
+                   vector_path=str(Path(args.vector).resolve()), progress=_progress_bar("sweep"))
+    result.save(args.output)
+    if args.png:
+        heatmap_png(result, args.png)
+    if args.record:
+        from .core.records import record_sweep
+
+        record_sweep(lm, result, loaded, vs, dataset_spec=_dataset_spec(args), heldout=args.heldout,
+                     vector_path=str(Path(args.vector).resolve()), model=args.model).save(args.record)
+    if args.json:
+        print(json.dumps({"output": args.output, "png": args.png, "best": result.best, "baseline": result.baseline,
+                          "seconds": result.seconds, "path": result.path}))
+    else:
+        print(_sweep_table(result))
+        print(f"wrote {args.output}" + (f" and {args.png}" if args.png else "")
+              + f" in {result.seconds:.1f} s")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .core.datasets import resolve_dataset
+    from .core.diagnostics import diagnose
+
+    if not 0.0 <= args.heldout < 1.0:
+        raise SteerdeskError("--heldout must be in [0, 1).")
+    if not Path(args.vector).is_file():
+        raise SteerdeskError(f"Vector file not found: {args.vector}")
+    ds = resolve_dataset(args.dataset, args.target_file)
+    if args.heldout:
+        ds = ds.split(args.heldout)[1]
+    lm = _load_model(args)
+    vs = load_vectors_for(args.vector, lm.info)
+    diag = diagnose(lm, vs, ds, read=args.read, system=args.system, batch_size=args.batch_size,
+                    progress=_progress_bar("reading"))
+    if args.json:
+        print(json.dumps(diag.to_dict()))
+    else:
+        print(diag.format_table())
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .core.records import RunRecord, rerun
+
+    recipe = RunRecord.load(args.recipe)
+    if args.model:
+        recipe.model = args.model
+    streaming = recipe.kind == "generate" and not args.json and len(recipe.prompts) == 1
+
+    def on_text(row: int, chunk: str) -> None:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    out = rerun(recipe, device=args.device, allow_changes=args.allow_changes, output=args.output,
+                progress=progress, on_text=on_text if streaming else None)
+    if args.json:
+        print(json.dumps({"kind": recipe.kind, "reproduced": out.reproduced, "differences": out.differences,
+                          "record": out.record.to_dict()}, ensure_ascii=False))
+        return 0
+    if recipe.kind == "generate":
+        if streaming:
+            print()
+        else:
+            for i, row in enumerate(out.record.outputs["rows"]):
+                print(f"--- row {i} ---\n{row['text']}")
+    elif recipe.kind == "sweep":
+        print(_sweep_table(out.result))
+    else:
+        print(f"recomputed {out.result.num_layers} layers" + (f", wrote {args.output}" if args.output else ""))
+    verdict = "reproduced the recorded outputs" if out.reproduced else "did NOT reproduce the recorded outputs"
+    print(f"{recipe.kind}: {verdict}" + "".join(f"\n  - {d}" for d in out.differences))
     return 0
 
 
@@ -250,7 +469,7 @@ def cmd_install_desktop(args: argparse.Namespace) -> int:
 
 COMMANDS = {"demo": cmd_demo, "install-desktop": cmd_install_desktop,
             "info": cmd_info, "compute": cmd_compute, "generate": cmd_generate, "export": cmd_export,
-            "datasets": cmd_datasets}
+            "datasets": cmd_datasets, "sweep": cmd_sweep, "inspect": cmd_inspect, "run": cmd_run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

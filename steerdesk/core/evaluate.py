@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -181,6 +181,11 @@ class Layout:
     counts: torch.Tensor  # [b] float32, scored tokens per row
     texts: list[int]  # index into EvalTexts of each row
     kind: str  # "heldout" or "neutral"
+    source_rows: list[int] = field(default_factory=list)  # rows of the batch this was cut from
+
+    def __post_init__(self) -> None:
+        if not self.source_rows:
+            self.source_rows = list(range(self.rows))
 
     @property
     def rows(self) -> int:
@@ -198,6 +203,20 @@ class Layout:
         """Columns whose logits are needed (``logits_to_keep``)."""
         lo, hi = int(self.src_col.min()), int(self.src_col.max())
         return torch.arange(lo, hi + 1, device=self.ids.device)
+
+    def subset(self, rows: Sequence[int]) -> "Layout":
+        """These rows (repeats allowed), same width and reply column."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.ids.device)
+        src_row, src_col, tok = [], [], []
+        for new, old in enumerate(rows):
+            sel = self.src_row == old
+            src_row.append(torch.full((int(sel.sum()),), new, dtype=torch.long, device=self.ids.device))
+            src_col.append(self.src_col[sel])
+            tok.append(self.tok[sel])
+        return Layout(ids=self.ids[idx], mask=self.mask[idx], positions=self.positions[idx],
+                      reply_col=self.reply_col, src_row=torch.cat(src_row), src_col=torch.cat(src_col),
+                      tok=torch.cat(tok), counts=self.counts[idx.cpu()], texts=[self.texts[r] for r in rows],
+                      kind=self.kind, source_rows=[self.source_rows[r] for r in rows])
 
     def tiled(self, copies: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ids, mask, positions repeated ``copies`` times along the batch."""

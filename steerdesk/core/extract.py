@@ -12,6 +12,7 @@ import torch
 
 from .datasets import Dataset, format_pair, uses_chat_template
 from .errors import Cancelled, SteerdeskError
+from .memory import oom_guard
 from .steering import _block_hidden
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,8 @@ def collect(
             state["reads"] = torch.zeros((len(idx), len(layers), hidden))
             state["norms"] = torch.zeros((len(idx), len(layers)))
             try:
-                forward_with_positions(base, ids, mask, positions, use_cache=False)
+                with oom_guard("extracting activations", f"try a batch size below {batch_size}."):
+                    forward_with_positions(base, ids, mask, positions, use_cache=False)
             except _Done:
                 pass
             reads[idx] = state["reads"]
@@ -235,6 +237,7 @@ def compute_vectors(
         raise SteerdeskError("PCA needs paired examples; this dataset's base and target lists differ in length.")
     base_pairs, target_pairs = dataset.base_texts, dataset.target_texts
     encoded = encode(lm, list(base_pairs) + list(target_pairs), system)
+    n_truncated = sum(e.truncated for e in encoded)
     reads, norms = collect(lm, encoded, read=read, batch_size=batch_size, progress=progress, cancel=cancel)
     nb = len(base_pairs)
     base, target = reads[:nb], reads[nb:]
@@ -260,6 +263,7 @@ def compute_vectors(
         "dataset_sha256": dataset.sha256(),
         "dataset_name": dataset.name,
         "num_examples": str(len(dataset)),
+        "truncated_examples": str(n_truncated),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "steerdesk_version": __version__,
     }

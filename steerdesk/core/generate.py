@@ -10,6 +10,7 @@ import torch
 
 from .datasets import format_prompt, uses_chat_template
 from .errors import SteerdeskError
+from .memory import oom_guard
 from .steering import Steer, Steering
 
 TextCallback = Callable[[int, str], None]
@@ -229,8 +230,9 @@ def generate(
     with torch.random.fork_rng(devices=[] if lm.input_device.type != "cuda" else [lm.input_device]):
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        with Steering(lm, rows, prompt_length=width, observe=observe if units is not None else None,
-                      watch=watch_layers), torch.inference_mode():
+        with oom_guard("generating", "try fewer new tokens or a shorter prompt."), \
+                Steering(lm, rows, prompt_length=width, observe=observe if units is not None else None,
+                         watch=watch_layers), torch.inference_mode():
             out = lm.model.generate(
                 **inputs,
                 generation_config=config,

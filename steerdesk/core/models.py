@@ -229,6 +229,37 @@ def _from_pretrained(cls: Any, source: str, **kwargs: Any) -> Any:
         raise SteerdeskError(f"{source!r} is not a causal language model steerdesk can load: {first}") from exc
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the hub host (only when the user asked for a model not cached)."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_hub_model_available(spec: str, trust_remote_code: bool) -> None:
+    """Fail fast, in one sentence, for a hub model that is neither cached nor downloadable."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(spec, local_files_only=True, trust_remote_code=trust_remote_code)
+        return  # cached
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise SteerdeskError(f"Model {spec!r} is not in the local Hugging Face cache, and downloads are off "
+                             f"(HF_HUB_OFFLINE=1).")
+    if not _hub_reachable():
+        raise SteerdeskError(f"Cannot download model {spec!r}: the Hugging Face hub is unreachable (no network?) "
+                             f"and the model is not in the local cache.")
+
+
 def _convert_gguf(folder: str, gguf_file: str, target: Path,
                   progress: Callable[[str], None] | None) -> None:
     """De-quantise a GGUF model once and keep a safetensors copy in the cache."""
@@ -280,6 +311,7 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # steerdesk reports its own progress
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # no retry chatter; errors are ours
     if trust_remote_code:
         log.warning("trust_remote_code is on: the model's own Python code will run.")
     folder, gguf_file = resolve_source(spec)
@@ -290,6 +322,8 @@ def load_model(
         if not (cached / "config.json").is_file():
             _convert_gguf(folder, gguf_file, cached, progress)
         source = str(cached)
+    if gguf_file is None and not Path(source).exists():
+        _check_hub_model_available(source, trust_remote_code)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     if progress:

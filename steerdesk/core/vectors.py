@@ -188,11 +188,22 @@ def _field_str(field: Any) -> str:
 def import_gguf(path: str | Path, num_layers: int | None = None) -> VectorSet:
     """Read a llama.cpp / repeng control vector: ``direction.N`` -> steerdesk layer N.
 
-    Layer 0 (and any layer without a tensor) gets a zero vector.
+    Layer 0 (and any layer without a tensor) gets a zero vector. A damaged file raises
+    ``SteerdeskError`` whatever part of it is damaged.
     """
+    path = Path(path)
+    try:
+        return _import_gguf(path, num_layers)
+    except SteerdeskError:
+        raise
+    except Exception as exc:  # gguf-py trusts the file: bad strings, offsets, shapes surface anywhere
+        raise SteerdeskError(f"{path}: damaged GGUF control vector ({type(exc).__name__}: {str(exc)[:100]}).") \
+            from None
+
+
+def _import_gguf(path: Path, num_layers: int | None) -> VectorSet:
     import gguf
 
-    path = Path(path)
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # gguf raises ValueError, struct/numpy errors on damaged files

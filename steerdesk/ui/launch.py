@@ -49,4 +49,9 @@ def run_gui() -> int:
 
     QTimer.singleShot(0, after_paint)
     code = app.exec()
+    if not window.controller.thread.isFinished():
+        # A model load cannot be interrupted; settings and dataset edits are already saved,
+        # so leave now rather than let Qt abort on a QThread destroyed while running.
+        sys.stderr.flush()
+        os._exit(int(code))
     return int(code)

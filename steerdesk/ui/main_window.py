@@ -288,6 +288,11 @@ class MainWindow(QMainWindow):
         item = self.vector_panel.add_vectors(vs)
         self.generation_panel.select_vectors(item.name)
         self.vector_dock.raise_()
+        cut = int(vs.metadata.get("truncated_examples", "0") or 0)
+        if cut:
+            self.show_user_error("Long examples were cut",
+                                 f"{cut} example(s) were longer than the model's context and were cut from the "
+                                 f"left (the end of each reply, which is what is read, was kept).")
         self.show_status(f"Vectors ready: {item.name}")
 
     def on_generate(self) -> None:
