@@ -1,0 +1,145 @@
+"""Held-out scores: margin / fluency / KL against hand-computed references, padding, cancel, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from steerdesk.core.datasets import Dataset, Example
+from steerdesk.core.errors import Cancelled, SteerdeskError
+from steerdesk.core.evaluate import NEUTRAL_TEXTS, evaluate, make_layouts, prepare_texts
+from steerdesk.core.extract import encode
+from steerdesk.core.steering import Steering, steers_for
+from tinylm import random_vectors
+
+PAIRS = Dataset([
+    Example("How do I boil an egg?", "Boil it for six minutes.", "Ugh. Six minutes. Obviously."),
+    Example("What is the capital of France?", "Paris is the capital of France.", "Paris, duh. Look it up."),
+    Example("Can you recommend a book?", "Try a classic novel such as Emma.", "Read anything. I don't care."),
+    Example("", "A reply with no prompt at all.", "Whatever, no prompt either."),
+], name="unit")
+
+
+def _reference_logprob(lm, prompt, reply, steers=(), positions_generated=False):
+    """Mean log-prob per reply token of one text, unbatched and unpadded (the definition)."""
+    (e,) = encode(lm, [(prompt, reply)])
+    ids = torch.tensor([e.ids])
+    kwargs = {"prompt_length": e.reply_start} if positions_generated else {}
+    with Steering(lm, list(steers), **kwargs), torch.inference_mode():
+        logp = lm.model(input_ids=ids).logits[0].float().log_softmax(-1)
+    first = max(e.reply_start, 1)
+    toks = torch.tensor(e.ids[first:])
+    return float(logp[first - 1:len(e.ids) - 1].gather(-1, toks[:, None]).mean())
+
+
+def _reference_scores(lm, ds, steers=(), generated=False):
+    base = [_reference_logprob(lm, e.prompt, e.base, steers, generated) for e in ds.examples]
+    target = [_reference_logprob(lm, e.prompt, e.target, steers, generated) for e in ds.examples]
+    margin = sum(t - b for t, b in zip(target, base)) / len(base)
+    fluency = (sum(base) + sum(target)) / (len(base) + len(target))
+    return margin, fluency
+
+
+def test_unsteered_scores_match_the_definition(tiny):
+    ev = evaluate(tiny, PAIRS, [], batch_size=3)
+    margin, fluency = _reference_scores(tiny, PAIRS)
+    assert ev.unsteered.margin == pytest.approx(margin, abs=1e-5)
+    assert ev.unsteered.fluency == pytest.approx(fluency, abs=1e-5)
+    assert ev.n_pairs == 4
+    assert ev.margin_delta == 0.0 and ev.fluency_delta == 0.0
+
+
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_steered_scores_match_the_definition(tiny, positions):
+    v = random_vectors(tiny, scale=0.5)
+    steers = steers_for(v, [1, 2], scale=2.0, positions=positions)
+    ev = evaluate(tiny, PAIRS, steers, batch_size=3)
+    margin, fluency = _reference_scores(tiny, PAIRS, steers, generated=positions == "generated")
+    m0, f0 = _reference_scores(tiny, PAIRS)
+    assert ev.steered.margin == pytest.approx(margin, abs=1e-5)
+    assert ev.steered.fluency == pytest.approx(fluency, abs=1e-5)
+    assert ev.margin_delta == pytest.approx(margin - m0, abs=1e-5)
+    assert ev.fluency_delta == pytest.approx(fluency - f0, abs=1e-5)
+    assert abs(ev.fluency_delta) > 1e-4  # the vector is strong enough to matter
+
+
+def test_batch_size_and_padding_do_not_matter(tiny):
+    v = random_vectors(tiny, scale=0.5)
+    steers = steers_for(v, [2], scale=1.5)
+    a = evaluate(tiny, PAIRS, steers, batch_size=1)
+    b = evaluate(tiny, PAIRS, steers, batch_size=8, max_rows=8)
+    assert a.steered.margin == pytest.approx(b.steered.margin, abs=1e-5)
+    assert a.steered.fluency == pytest.approx(b.steered.fluency, abs=1e-5)
+
+
+def test_layout_aligns_replies(tiny):
+    texts = prepare_texts(tiny, PAIRS)
+    (lay,) = [x for x in make_layouts(tiny, texts, batch_size=16) if x.kind == "heldout"]
+    for row, t in enumerate(lay.texts):
+        e = texts.encoded[t]
+        off = lay.reply_col - e.reply_start
+        assert lay.ids[row, off:off + len(e.ids)].tolist() == e.ids
+        assert lay.mask[row].sum() == len(e.ids)
+        # Position ids count real tokens only, whatever the padding on either side.
+        assert lay.positions[row, off:off + len(e.ids)].tolist() == list(range(len(e.ids)))
+        assert int(lay.counts[row]) == len(e.ids) - max(e.reply_start, 1)
+    assert int(lay.counts.sum()) == lay.n_tokens
+
+
+def test_scale_zero_and_zero_vector_give_exactly_zero(tiny):
+    v = random_vectors(tiny, scale=0.5)
+    for steers in (steers_for(v, [1], scale=0.0), steers_for(torch.zeros_like(v), [1], scale=3.0)):
+        ev = evaluate(tiny, PAIRS, steers, neutral=NEUTRAL_TEXTS[:2])
+        assert abs(ev.margin_delta) < 1e-5 and abs(ev.fluency_delta) < 1e-5 and abs(ev.kl) < 1e-6
+
+
+def test_kl_matches_the_definition(tiny):
+    v = random_vectors(tiny, scale=0.5)
+    steers = steers_for(v, [1], scale=2.0)
+    text = NEUTRAL_TEXTS[0]
+    ev = evaluate(tiny, PAIRS, steers, neutral=[text])
+    (e,) = encode(tiny, [("", text)])
+    ids = torch.tensor([e.ids])
+    with torch.inference_mode():
+        p = tiny.model(input_ids=ids).logits[0].float().log_softmax(-1)
+        with Steering(tiny, steers):
+            q = tiny.model(input_ids=ids).logits[0].float().log_softmax(-1)
+    first = max(e.reply_start, 1)
+    p, q = p[first - 1:len(e.ids) - 1], q[first - 1:len(e.ids) - 1]
+    kl = float((p.exp() * (p - q)).sum(-1).mean())
+    assert ev.kl == pytest.approx(kl, rel=1e-4, abs=1e-6)
+    assert ev.kl > 0 and ev.unsteered.kl == 0.0
+
+
+def test_no_kl_without_neutral_texts(tiny):
+    ev = evaluate(tiny, PAIRS, [])
+    assert ev.kl is None and ev.to_dict()["kl"] is None
+
+
+def test_progress_and_cancel(tiny):
+    seen = []
+    evaluate(tiny, PAIRS, steers_for(random_vectors(tiny), [1]), batch_size=2,
+             progress=lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == list(range(1, len(seen) + 1))
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        evaluate(tiny, PAIRS, [], cancel=stop)
+
+
+def test_errors(tiny):
+    with pytest.raises(SteerdeskError, match="base and one target"):
+        evaluate(tiny, Dataset([Example("p", "only a base", "")], name="half", paired=False), [])
+    with pytest.raises(SteerdeskError, match="at least 1"):
+        evaluate(tiny, PAIRS, [], max_pairs=0)
+    with pytest.raises(SteerdeskError, match="Batch size"):
+        evaluate(tiny, PAIRS, [], batch_size=0)
+
+
+def test_max_pairs_keeps_the_first_rows(tiny):
+    ev = evaluate(tiny, PAIRS, [], max_pairs=2)
+    sub = Dataset(PAIRS.examples[:2], name="first two")
+    margin, _ = _reference_scores(tiny, sub)
+    assert ev.n_pairs == 2 and ev.unsteered.margin == pytest.approx(margin, abs=1e-5)
