@@ -52,9 +52,14 @@ def test_info_json(capsys, fast_model):
 
 
 def test_compute_writes_a_vector_file(capsys, fast_model, tmp_path):
+    from steerdesk.core.datasets import load_bundled, save_dataset
+
+    small = load_bundled("neutral_rude")
+    small.examples = small.examples[:8]
+    save_dataset(small, tmp_path / "small.jsonl")
     out_file = tmp_path / "v.safetensors"
-    code, out, err = run(capsys, "compute", "--dataset", "neutral_rude", "--batch-size", "16", "-o", str(out_file),
-                         "--json")
+    code, out, err = run(capsys, "compute", "--dataset", str(tmp_path / "small.jsonl"), "--batch-size", "8",
+                         "-o", str(out_file), "--json")
     assert code == 0, err
     summary = json.loads(out)
     assert summary["layers"] == 30 and out_file.is_file()
