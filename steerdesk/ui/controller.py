@@ -8,7 +8,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
 
-from .requests import ComputeRequest, ErrorInfo, GenerateRequest, LoadRequest
+from .requests import ComputeRequest, ErrorInfo, GenerateRequest, LoadRequest, TaskRequest
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,10 @@ class ModelController(QObject):
     """Coalesced generation steps: list of dicts (``step``, ``ids``, ``texts``, ``proj``)."""
     generation_finished = Signal(object)
     """Results of the current generation."""
+    task_event = Signal(str, object)
+    """A partial result of the current task ``name``."""
+    task_finished = Signal(str, object)
+    """The current task ``name`` finished with a result."""
     job_cancelled = Signal(str)
     """The current job of ``kind`` stopped on request."""
     failed = Signal(object)
@@ -61,6 +65,8 @@ class ModelController(QObject):
         self._worker.text_generated.connect(self._on_text)
         self._worker.step_ready.connect(self._on_step)
         self._worker.generation_finished.connect(self._on_generation_finished)
+        self._worker.task_event.connect(self._on_task_event)
+        self._worker.task_finished.connect(self._on_task_finished)
         self._worker.cancelled.connect(self._on_cancelled)
         self._worker.failed.connect(self._on_failed)
         self._thread.finished.connect(self._worker.deleteLater)
@@ -81,8 +87,9 @@ class ModelController(QObject):
         if request.kind == "load":  # a new model makes every other running job stale
             for other in self._running.values():
                 other.cancel.set()
-            self._current.pop("compute", None)
-            self._current.pop("generate", None)
+            for kind in list(self._current):
+                if kind != "load":
+                    self._current.pop(kind, None)
         was_busy = self.busy
         self._current[request.kind] = request
         self._running[request.id] = request
@@ -109,6 +116,10 @@ class ModelController(QObject):
         """Generate with per-row steering; streams via ``text_generated``."""
         return self._send(GenerateRequest(id=next(self._ids), prompts=tuple(prompts),
                                           rows=tuple(tuple(r) for r in rows), sampling=sampling, **kwargs))
+
+    def run_task(self, name: str, fn: Any, title: str = "Task failed") -> int:
+        """Run ``fn(lm, cancel, emit)`` in the worker; results arrive as ``task_event``/``task_finished``."""
+        return self._send(TaskRequest(id=next(self._ids), name=name, fn=fn, title=title))
 
     def stop(self, kind: str | None = None) -> None:
         """Stop the current job (of ``kind``, or all) now: sets its Event directly."""
@@ -193,6 +204,20 @@ class ModelController(QObject):
             self.generation_finished.emit(results)
         elif wanted:
             self.job_cancelled.emit("generate")
+
+    @Slot(int, object)
+    def _on_task_event(self, req_id: int, payload: Any) -> None:
+        req = self._running.get(req_id)
+        if req is not None and self.is_current(req.kind, req_id):
+            self.task_event.emit(req.name, payload)
+
+    @Slot(int, object)
+    def _on_task_finished(self, req_id: int, result: Any) -> None:
+        req = self._running.get(req_id)
+        wanted = req is not None and self.is_current(req.kind, req_id)
+        self._finish(req_id)
+        if wanted:
+            self.task_finished.emit(req.name, result)
 
     @Slot(int)
     def _on_cancelled(self, req_id: int) -> None:

@@ -14,6 +14,7 @@ from .controller import ModelController
 from .dialogs import ask_hub_id, show_error
 from .panels.dataset_panel import DatasetPanel
 from .panels.generation_panel import GenerationPanel
+from .panels.sweep_panel import SweepPanel
 from .panels.vector_panel import VectorPanel
 from .recovery import RecoveryStore
 from .requests import ErrorInfo
@@ -43,13 +44,16 @@ class MainWindow(QMainWindow):
 
         self.dataset_panel = DatasetPanel(recovery=recovery or RecoveryStore())
         self.vector_panel = VectorPanel()
+        self.sweep_panel = SweepPanel()
         self.generation_panel = GenerationPanel()
         self.setCentralWidget(self.generation_panel)
         self.dataset_dock = self._dock("Dataset", "datasetDock", self.dataset_panel,
                                        Qt.DockWidgetArea.LeftDockWidgetArea)
         self.vector_dock = self._dock("Vectors", "vectorDock", self.vector_panel,
                                       Qt.DockWidgetArea.LeftDockWidgetArea)
+        self.sweep_dock = self._dock("Sweep", "sweepDock", self.sweep_panel, Qt.DockWidgetArea.LeftDockWidgetArea)
         self.tabifyDockWidget(self.dataset_dock, self.vector_dock)
+        self.tabifyDockWidget(self.vector_dock, self.sweep_dock)
         self.dataset_dock.raise_()
         self.resizeDocks([self.dataset_dock], [640], Qt.Orientation.Horizontal)
 
@@ -131,6 +135,7 @@ class MainWindow(QMainWindow):
         view_menu = menu.addMenu("&View")
         view_menu.addAction(self.dataset_dock.toggleViewAction())
         view_menu.addAction(self.vector_dock.toggleViewAction())
+        view_menu.addAction(self.sweep_dock.toggleViewAction())
 
         tb = self.addToolBar("Main")
         tb.setObjectName("mainToolbar")
@@ -165,6 +170,14 @@ class MainWindow(QMainWindow):
         vp.selection_changed.connect(gp.select_vectors)
         vp.error_occurred.connect(self.show_user_error)
         vp.status_message.connect(self.show_status)
+        sp = self.sweep_panel
+        sp.run_requested.connect(self.on_sweep)
+        sp.cancel_requested.connect(lambda: self.controller.stop("task:sweep"))
+        sp.cell_chosen.connect(self.on_sweep_cell_chosen)
+        sp.error_occurred.connect(self.show_user_error)
+        sp.status_message.connect(self.show_status)
+        c.task_event.connect(self.on_task_event)
+        c.task_finished.connect(self.on_task_finished)
         gp.generate_requested.connect(self.on_generate)
         gp.stop_requested.connect(self.on_stop)
         gp.status_message.connect(self.show_status)
@@ -318,13 +331,85 @@ class MainWindow(QMainWindow):
         self.generation_panel.set_busy(False)
         self.generation_panel.finish(results)
 
+    # -- sweeps ------------------------------------------------------------------------
+    def _steering_vectors(self) -> Any:
+        """The vector set the generation pane steers with (or the vector panel's selection)."""
+        item = self.generation_panel.current_set() or self.vector_panel.current()
+        return item if item is not None and item.usable else None
+
+    def on_sweep(self) -> None:
+        from ..core.errors import SteerdeskError
+
+        info = self.controller.model_info
+        if info is None:
+            self.show_user_error("No model", "Wait for the model to load first.")
+            return
+        item = self._steering_vectors()
+        if item is None:
+            self.show_user_error("No vectors", "Compute or load a vector set for this model first.")
+            return
+        try:
+            settings = self.sweep_panel.settings(info.num_layers)
+            _train, heldout = self.dataset_panel.train_and_heldout()
+            if len(heldout) == 0:
+                raise SteerdeskError("The held-out split is empty: set 'Held out' above 0 in the Dataset panel.")
+            heldout.validate()
+        except SteerdeskError as exc:
+            self.show_user_error("Cannot run the sweep", str(exc))
+            return
+        vs = item.vectors
+        self.sweep_panel.start(settings["layers"], settings["sets"], settings["scales"], settings["fluency_budget"])
+        self.sweep_panel.set_busy(True)
+        self.sweep_dock.raise_()
+
+        def task(lm: Any, cancel: Any, emit: Any) -> Any:
+            from ..core.sweep import sweep
+
+            return sweep(lm, vs, heldout, layers=settings["layers"], scales=settings["scales"],
+                         sets=settings["sets"] or None, mode=settings["mode"],
+                         fluency_budget=settings["fluency_budget"], max_pairs=settings["max_pairs"],
+                         on_cell=lambda r, c, m, f: emit(("cell", r, c, m, f)),
+                         progress=lambda d, t: emit(("progress", d, t)), cancel=cancel)
+
+        self.controller.run_task("sweep", task, title="Sweep failed")
+
+    @Slot(str, object)
+    def on_task_event(self, name: str, payload: Any) -> None:
+        if name == "sweep":
+            if payload[0] == "cell":
+                self.sweep_panel.set_cell(*payload[1:])
+            elif payload[0] == "progress":
+                self.sweep_panel.set_progress(*payload[1:])
+
+    @Slot(str, object)
+    def on_task_finished(self, name: str, result: Any) -> None:
+        if name == "sweep":
+            self.sweep_panel.set_busy(False)
+            self.sweep_panel.finish(result)
+            self.show_status(f"Sweep done in {result.seconds:.1f} s ({result.path} path).")
+
+    @Slot(object, float)
+    def on_sweep_cell_chosen(self, layers: list[int], scale: float) -> None:
+        """A sweep cell was clicked: steer with its layers and scale and generate a comparison."""
+        gp = self.generation_panel
+        item = self._steering_vectors()
+        if item is not None:
+            gp.select_vectors(item.name)
+        gp.set_layers(layers)
+        gp.set_scale(scale)
+        gp.mode.setCurrentIndex(max(0, gp.mode.findData(self.sweep_panel.mode.currentData())))
+        gp.compare.setChecked(True)
+        self.on_generate()
+
     @Slot(str)
     def on_job_cancelled(self, kind: str) -> None:
         if kind == "compute":
             self.vector_panel.set_busy(False)
         if kind == "generate":
             self.generation_panel.set_busy(False)
-        self.show_status(f"{kind.capitalize()} stopped.")
+        if kind == "task:sweep":
+            self.sweep_panel.set_busy(False)
+        self.show_status(f"{kind.replace('task:', '').capitalize()} stopped.")
 
     @Slot(str, int, int, str)
     def on_progress(self, kind: str, done: int, total: int, message: str) -> None:
@@ -336,6 +421,7 @@ class MainWindow(QMainWindow):
     def on_failed(self, error: ErrorInfo) -> None:
         self.vector_panel.set_busy(False)
         self.generation_panel.set_busy(False)
+        self.sweep_panel.set_busy(False)
         if self.controller.model_info is None:
             self.model_label.setText("no model")
         self._dialogs.append(show_error(self, error))
@@ -347,6 +433,7 @@ class MainWindow(QMainWindow):
         if not busy:
             self.vector_panel.set_busy(False)
             self.generation_panel.set_busy(False)
+            self.sweep_panel.set_busy(False)
 
     def show_user_error(self, title: str, message: str) -> None:
         self._dialogs.append(show_error(self, ErrorInfo(title, message)))

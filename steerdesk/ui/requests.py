@@ -51,6 +51,25 @@ class GenerateRequest:
 
 
 @dataclass(frozen=True)
+class TaskRequest:
+    """Any other model job: ``fn(lm, cancel, emit) -> result`` runs in the worker thread.
+
+    ``emit(payload)`` streams partial results (e.g. sweep cells) back to the GUI thread.
+    Tasks with the same ``name`` supersede each other; different names do not.
+    """
+
+    id: int
+    name: str
+    fn: Any
+    title: str = "Task failed"
+    cancel: threading.Event = field(default_factory=threading.Event, compare=False)
+
+    @property
+    def kind(self) -> str:
+        return f"task:{self.name}"
+
+
+@dataclass(frozen=True)
 class ErrorInfo:
     """A failure reported to the GUI: a sentence for the dialog, details for the expander."""
 

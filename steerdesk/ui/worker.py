@@ -28,6 +28,10 @@ class ModelWorker(QObject):
     """One generation step: dict with ``step``, ``ids`` and ``texts`` per row, ``proj`` ``[rows, layers]`` or None."""
     generation_finished = Signal(int, object)
     """Generation ended: list of ``GenerationResult``."""
+    task_event = Signal(int, object)
+    """A task streamed a partial result."""
+    task_finished = Signal(int, object)
+    """A task returned its result."""
     cancelled = Signal(int)
     """Request ``id`` was stopped on request."""
     failed = Signal(int, object)
@@ -42,9 +46,11 @@ class ModelWorker(QObject):
         """Dispatch one request; every outcome is reported by a signal."""
         from ..core.errors import Cancelled
 
-        handler = {"load": self._load, "compute": self._compute, "generate": self._generate}[request.kind]
+        handler = {"load": self._load, "compute": self._compute, "generate": self._generate}.get(
+            request.kind, self._task)
         titles = {"load": "Could not load the model", "compute": "Could not compute vectors",
                   "generate": "Generation failed"}
+        title = titles.get(request.kind) or getattr(request, "title", "Task failed")
         if request.cancel.is_set():
             self.cancelled.emit(request.id)
             return
@@ -54,7 +60,16 @@ class ModelWorker(QObject):
             self.cancelled.emit(request.id)
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the GUI
             self._recover_memory(exc)
-            self.failed.emit(request.id, ErrorInfo.from_exception(exc, titles[request.kind]))
+            self.failed.emit(request.id, ErrorInfo.from_exception(exc, title))
+
+    def _task(self, req: Any) -> None:
+        lm = self._need_model()
+        result = req.fn(lm, req.cancel, lambda payload: self.task_event.emit(req.id, payload))
+        if req.cancel.is_set():
+            from ..core.errors import Cancelled
+
+            raise Cancelled("Stopped.")
+        self.task_finished.emit(req.id, result)
 
     def _recover_memory(self, exc: BaseException) -> None:
         import torch

@@ -1,0 +1,236 @@
+"""Sweep panel: the layers x scales heatmap of behaviour margin, filled live, click to try a cell."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QRectF, Qt, Signal
+from PySide6.QtGui import QBrush, QColor, QPen
+from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGraphicsRectItem, QGroupBox,
+                               QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout,
+                               QWidget)
+
+from ..widgets.heatmap import HeatmapView
+
+
+class SweepPanel(QWidget):
+    """Controls for a scored sweep and its heatmap (colour = margin delta vs unsteered)."""
+
+    run_requested = Signal()
+    """The user pressed Run sweep."""
+    cancel_requested = Signal()
+    """The user pressed Cancel."""
+    cell_chosen = Signal(object, float)
+    """A cell was clicked: (layers, scale) to try in the generation pane."""
+    error_occurred = Signal(str, str)
+    """A problem to show: (title, message)."""
+    status_message = Signal(str)
+    """A short message for the status bar."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.result: Any = None
+        self._rows: list[list[int]] = []
+        self._row_labels: list[str] = []
+        self._scales: list[float] = []
+        self._margin = np.zeros((1, 1), dtype=np.float32)
+        self._fluency = np.zeros((1, 1), dtype=np.float32)
+        self._overlays: list[QGraphicsRectItem] = []
+
+        self.layers = QLineEdit()
+        self.layers.setPlaceholderText("all layers (or e.g. 4-20, or 8,12,16)")
+        self.sets = QLineEdit()
+        self.sets.setPlaceholderText("optional sets, e.g. mid=12,15;late=20-24")
+        self.scales = QLineEdit("0,0.5,1,1.5,2")
+        self.scales.setToolTip("Comma-separated scales; 0 is the unsteered reference (delta 0).")
+        self.mode = QComboBox()
+        for m in ("add", "project", "clamp"):
+            self.mode.addItem(m, m)
+        self.budget = QDoubleSpinBox()
+        self.budget.setRange(0.0, 50.0)
+        self.budget.setSingleStep(0.1)
+        self.budget.setValue(0.5)
+        self.budget.setToolTip("Largest acceptable drop of mean log-prob per token (nats) of the replies; "
+                               "cells beyond it are hatched.")
+        self.max_pairs = QSpinBox()
+        self.max_pairs.setRange(1, 10000)
+        self.max_pairs.setValue(16)
+        self.max_pairs.setToolTip("Held-out pairs scored per cell (from the dataset's held-out split).")
+        self.run_button = QPushButton("Run sweep")
+        self.run_button.setObjectName("sweepButton")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.save_button = QPushButton("Save JSON…")
+        self.save_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.summary = QLabel("Run a sweep to see where the vector steers. Click a cell to try it.")
+        self.summary.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Layers", self.layers)
+        form.addRow("Layer sets", self.sets)
+        form.addRow("Scales", self.scales)
+        form.addRow("Mode", self.mode)
+        form.addRow("Fluency budget", self.budget)
+        form.addRow("Held-out pairs", self.max_pairs)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.save_button)
+        box = QGroupBox("Scored sweep (behaviour margin vs fluency)")
+        bl = QVBoxLayout(box)
+        bl.addLayout(form)
+        bl.addLayout(buttons)
+        bl.addWidget(self.progress)
+
+        self.heatmap = HeatmapView("Margin delta (target - base log-prob / token)", row_label="layer",
+                                   col_label="scale")
+        self.heatmap.describe = self._describe
+        self.best_marker = pg.ScatterPlotItem(size=18, symbol="star", brush=pg.mkBrush(255, 215, 0),
+                                              pen=pg.mkPen("k", width=1))
+        self.heatmap.plot.addItem(self.best_marker)
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(4, 4, 4, 4)
+        layout.addWidget(box)
+        layout.addWidget(self.heatmap, 1)
+        layout.addWidget(self.summary)
+
+        self.run_button.clicked.connect(self.run_requested)
+        self.cancel_button.clicked.connect(self.cancel_requested)
+        self.save_button.clicked.connect(self._on_save)
+        self.heatmap.cell_clicked.connect(self._on_cell_clicked)
+
+    # -- settings ------------------------------------------------------------------------
+    def settings(self, num_layers: int) -> dict[str, Any]:
+        """Parsed controls; raises ``SteerdeskError`` with a sentence on bad text."""
+        from ...core.steering import parse_layers
+        from ...core.sweep import parse_scales, parse_sets
+
+        text = self.layers.text().strip()
+        layers = parse_layers(text, num_layers) if text else list(range(num_layers))
+        sets = parse_sets(self.sets.text(), num_layers) if self.sets.text().strip() else {}
+        return {"layers": layers, "sets": sets, "scales": parse_scales(self.scales.text()),
+                "mode": self.mode.currentData(), "fluency_budget": self.budget.value(),
+                "max_pairs": self.max_pairs.value()}
+
+    def set_busy(self, busy: bool) -> None:
+        self.run_button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
+
+    # -- live filling --------------------------------------------------------------------
+    def start(self, layers: list[int], sets: dict[str, list[int]], scales: list[float], budget: float) -> None:
+        """Prepare an empty (NaN) grid for a new sweep."""
+        self.result = None
+        self._rows = [[layer] for layer in layers] + [list(v) for v in sets.values()]
+        self._row_labels = [str(layer) for layer in layers] + list(sets)
+        self._scales = list(scales)
+        self._budget = budget
+        self._margin = np.full((len(self._rows), len(scales)), np.nan, dtype=np.float32)
+        self._fluency = np.full_like(self._margin, np.nan)
+        self._clear_overlays()
+        self.best_marker.setData([], [])
+        self.progress.setRange(0, 0)
+        self.save_button.setEnabled(False)
+        self.summary.setText("Sweeping…")
+        self._redraw()
+
+    def set_progress(self, done: int, total: int) -> None:
+        self.progress.setRange(0, max(total, 1))
+        self.progress.setValue(done)
+
+    def set_cell(self, row: int, col: int, margin: float | None, fluency: float | None) -> None:
+        """One finished cell (called as the sweep goes)."""
+        if not (0 <= row < self._margin.shape[0] and 0 <= col < self._margin.shape[1]):
+            return
+        self._margin[row, col] = np.nan if margin is None else margin
+        self._fluency[row, col] = np.nan if fluency is None else fluency
+        if fluency is not None and -fluency > self._budget:
+            self._hatch(row, col)
+        self._redraw()
+
+    def finish(self, result: Any) -> None:
+        """The full result: exact values, the best cell starred, JSON saving enabled."""
+        self.result = result
+        for row in range(result.n_rows):
+            for col in range(len(result.scales)):
+                m, f = result.cell(row, col)
+                self._margin[row, col] = np.nan if m is None else m
+                self._fluency[row, col] = np.nan if f is None else f
+        self._clear_overlays()
+        for row in range(result.n_rows):
+            for col in range(len(result.scales)):
+                if not result.within_budget(row, col):
+                    self._hatch(row, col)
+        self._redraw()
+        best = result.best
+        if best:
+            row, col = int(best["row"]), int(best["col"])
+            self.best_marker.setData([col + 0.5], [row + 0.5])
+            self.summary.setText(
+                f"Best within the fluency budget: {self._row_name(row)} at scale {self._scales[col]:g} — margin "
+                f"{self._margin[row, col]:+.3f}, fluency {self._fluency[row, col]:+.3f} nats/token. "
+                f"Click any cell to generate with it.")
+        else:
+            self.summary.setText("No cell raised the margin within the fluency budget.")
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1)
+        self.save_button.setEnabled(True)
+
+    def _row_name(self, row: int) -> str:
+        label = self._row_labels[row]
+        return f"layer {label}" if label.isdigit() else f"set {label} ({','.join(map(str, self._rows[row]))})"
+
+    def _redraw(self) -> None:
+        finite = self._margin[np.isfinite(self._margin)]
+        m = float(np.abs(finite).max()) if finite.size else 1.0
+        self.heatmap.set_data(self._margin, levels=(-(m or 1.0), m or 1.0),
+                              col_ticks=[(i + 0.5, f"{s:g}") for i, s in enumerate(self._scales)])
+        if len(self._rows) and any(not lbl.isdigit() for lbl in self._row_labels):
+            self.heatmap.plot.getAxis("left").setTicks([[(i + 0.5, lbl) for i, lbl in enumerate(self._row_labels)]])
+
+    def _hatch(self, row: int, col: int) -> None:
+        rect = QGraphicsRectItem(QRectF(col, row, 1, 1))
+        rect.setBrush(QBrush(QColor(90, 90, 90, 170), Qt.BrushStyle.BDiagPattern))
+        rect.setPen(QPen(Qt.PenStyle.NoPen))
+        rect.setZValue(5)
+        self.heatmap.plot.addItem(rect)
+        self._overlays.append(rect)
+
+    def _clear_overlays(self) -> None:
+        for item in self._overlays:
+            self.heatmap.plot.removeItem(item)
+        self._overlays = []
+
+    def _describe(self, row: int, col: int, value: float) -> str:
+        if not self._rows:
+            return ""
+        f = self._fluency[row, col]
+        over = "" if not np.isfinite(f) or -f <= self._budget else "  (beyond the fluency budget)"
+        if not math.isfinite(value):
+            return f"{self._row_name(row)}, scale {self._scales[col]:g}: not scored yet"
+        return (f"{self._row_name(row)}, scale {self._scales[col]:g}: margin {value:+.3f}, fluency {f:+.3f}"
+                f"{over} — click to generate")
+
+    def _on_cell_clicked(self, row: int, col: int) -> None:
+        if self._rows and row < len(self._rows) and col < len(self._scales):
+            self.cell_chosen.emit(list(self._rows[row]), float(self._scales[col]))
+
+    def margin(self) -> np.ndarray:
+        return self._margin
+
+    def _on_save(self) -> None:
+        from ...core.errors import SteerdeskError
+
+        if self.result is None:
+            return
+        path = QFileDialog.getSaveFileName(self, "Save sweep", "sweep.json", "JSON (*.json)")[0]
+        if path:
+            try:
+                self.result.save(path)
+                self.status_message.emit(f"Saved {path}")
+            except SteerdeskError as exc:
+                self.error_occurred.emit("Could not save the sweep", str(exc))

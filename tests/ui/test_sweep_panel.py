@@ -1,0 +1,55 @@
+"""The sweep heatmap in the window: fills live cell by cell; clicking a cell drives the generation pane."""
+
+from __future__ import annotations
+
+import numpy as np
+from PySide6.QtCore import QPointF, Qt
+
+from test_window import compute, load
+
+
+def click_cell(qtbot, heatmap, row, col):
+    """Click the centre of a heatmap cell with the mouse, as a person would."""
+    vb = heatmap.plot.getViewBox()
+    scene = vb.mapViewToScene(QPointF(col + 0.5, row + 0.5))
+    pos = heatmap.plot.mapFromScene(scene)
+    qtbot.mouseClick(heatmap.plot.viewport(), Qt.MouseButton.LeftButton, pos=pos)
+
+
+def test_sweep_fills_live_and_click_generates(qtbot, window, tiny_model_dirs):
+    load(qtbot, window, tiny_model_dirs["tiny-a"])
+    compute(qtbot, window)
+    sp = window.sweep_panel
+    sp.layers.setText("1,2")
+    sp.scales.setText("0,1,4")
+    sp.max_pairs.setValue(4)
+    cells = []
+    window.controller.task_event.connect(lambda name, p: cells.append(p) if p[0] == "cell" else None)
+    with qtbot.waitSignal(window.controller.task_finished, timeout=120000) as blocker:
+        qtbot.mouseClick(sp.run_button, Qt.MouseButton.LeftButton)
+    name, result = blocker.args
+    assert name == "sweep"
+    assert len(cells) == 6  # every cell arrived on its own, before the end
+    margin = sp.margin()
+    assert margin.shape == (2, 3) and np.isfinite(margin).all()
+    assert np.allclose(margin[:, 0], 0.0, atol=1e-5)  # scale 0 = unsteered
+    assert np.allclose(margin, np.array(result.margin_delta, dtype=np.float32), atol=1e-6)
+    assert sp.save_button.isEnabled() and "scale" in sp.summary.text()
+
+    sp.resize(700, 700)
+    sp.show()
+    qtbot.wait(50)
+    with qtbot.waitSignal(window.controller.generation_finished, timeout=60000):
+        click_cell(qtbot, sp.heatmap, 1, 2)
+    gp = window.generation_panel
+    assert gp.selected_layers() == [2] and gp.scale.value() == 4.0
+    assert gp.steered_view.toPlainText()
+
+
+def test_sweep_needs_a_heldout_split(qtbot, window, tiny_model_dirs):
+    load(qtbot, window, tiny_model_dirs["tiny-a"])
+    compute(qtbot, window)
+    window.dataset_panel.set_heldout_fraction(0.0)
+    qtbot.mouseClick(window.sweep_panel.run_button, Qt.MouseButton.LeftButton)
+    assert "held-out" in window._dialogs[-1].text().lower()
+    assert not window.controller.busy
