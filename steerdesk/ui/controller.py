@@ -39,6 +39,8 @@ class ModelController(QObject):
     """A partial result of the current task ``name``."""
     task_finished = Signal(str, object)
     """The current task ``name`` finished with a result."""
+    record_ready = Signal(object)
+    """A ``RunRecord`` of a finished run."""
     job_cancelled = Signal(str)
     """The current job of ``kind`` stopped on request."""
     failed = Signal(object)
@@ -68,6 +70,7 @@ class ModelController(QObject):
         self._worker.task_event.connect(self._on_task_event)
         self._worker.task_finished.connect(self._on_task_finished)
         self._worker.cancelled.connect(self._on_cancelled)
+        self._worker.record_ready.connect(self._on_record)
         self._worker.failed.connect(self._on_failed)
         self._thread.finished.connect(self._worker.deleteLater)
         self._flush_timer = QTimer(self)
@@ -204,6 +207,10 @@ class ModelController(QObject):
             self.generation_finished.emit(results)
         elif wanted:
             self.job_cancelled.emit("generate")
+
+    @Slot(object)
+    def _on_record(self, record: Any) -> None:
+        self.record_ready.emit(record)
 
     @Slot(int, object)
     def _on_task_event(self, req_id: int, payload: Any) -> None:

@@ -14,6 +14,7 @@ from .controller import ModelController
 from .dialogs import ask_hub_id, show_error
 from .panels.dataset_panel import DatasetPanel
 from .panels.generation_panel import GenerationPanel
+from .panels.analysis_panel import AnalysisPanel
 from .panels.sweep_panel import SweepPanel
 from .panels.vector_panel import VectorPanel
 from .recovery import RecoveryStore
@@ -45,6 +46,7 @@ class MainWindow(QMainWindow):
         self.dataset_panel = DatasetPanel(recovery=recovery or RecoveryStore())
         self.vector_panel = VectorPanel()
         self.sweep_panel = SweepPanel()
+        self.analysis_panel = AnalysisPanel()
         self.generation_panel = GenerationPanel()
         self.setCentralWidget(self.generation_panel)
         self.dataset_dock = self._dock("Dataset", "datasetDock", self.dataset_panel,
@@ -53,7 +55,10 @@ class MainWindow(QMainWindow):
                                       Qt.DockWidgetArea.LeftDockWidgetArea)
         self.sweep_dock = self._dock("Sweep", "sweepDock", self.sweep_panel, Qt.DockWidgetArea.LeftDockWidgetArea)
         self.tabifyDockWidget(self.dataset_dock, self.vector_dock)
+        self.analysis_dock = self._dock("Analysis", "analysisDock", self.analysis_panel,
+                                        Qt.DockWidgetArea.LeftDockWidgetArea)
         self.tabifyDockWidget(self.vector_dock, self.sweep_dock)
+        self.tabifyDockWidget(self.sweep_dock, self.analysis_dock)
         self.dataset_dock.raise_()
         self.resizeDocks([self.dataset_dock], [640], Qt.Orientation.Horizontal)
 
@@ -136,6 +141,7 @@ class MainWindow(QMainWindow):
         view_menu.addAction(self.dataset_dock.toggleViewAction())
         view_menu.addAction(self.vector_dock.toggleViewAction())
         view_menu.addAction(self.sweep_dock.toggleViewAction())
+        view_menu.addAction(self.analysis_dock.toggleViewAction())
 
         tb = self.addToolBar("Main")
         tb.setObjectName("mainToolbar")
@@ -176,6 +182,11 @@ class MainWindow(QMainWindow):
         sp.cell_chosen.connect(self.on_sweep_cell_chosen)
         sp.error_occurred.connect(self.show_user_error)
         sp.status_message.connect(self.show_status)
+        ap = self.analysis_panel
+        ap.diagnostics.run_requested.connect(self.on_diagnose)
+        ap.versus.run_requested.connect(self.on_versus)
+        ap.grid.run_requested.connect(self.on_grid)
+        c.record_ready.connect(ap.history.add)
         c.task_event.connect(self.on_task_event)
         c.task_finished.connect(self.on_task_finished)
         gp.generate_requested.connect(self.on_generate)
@@ -365,24 +376,150 @@ class MainWindow(QMainWindow):
         def task(lm: Any, cancel: Any, emit: Any) -> Any:
             from ..core.sweep import sweep
 
-            return sweep(lm, vs, heldout, layers=settings["layers"], scales=settings["scales"],
-                         sets=settings["sets"] or None, mode=settings["mode"],
-                         fluency_budget=settings["fluency_budget"], max_pairs=settings["max_pairs"],
-                         on_cell=lambda r, c, m, f: emit(("cell", r, c, m, f)),
-                         progress=lambda d, t: emit(("progress", d, t)), cancel=cancel)
+            result = sweep(lm, vs, heldout, layers=settings["layers"], scales=settings["scales"],
+                           sets=settings["sets"] or None, mode=settings["mode"],
+                           fluency_budget=settings["fluency_budget"], max_pairs=settings["max_pairs"],
+                           on_cell=lambda r, c, m, f: emit(("cell", r, c, m, f)),
+                           progress=lambda d, t: emit(("progress", d, t)), cancel=cancel)
+            try:
+                from ..core.records import record_sweep
+
+                emit(("record", record_sweep(lm, result, heldout, vs)))
+            except Exception:  # noqa: BLE001 - a record never fails the sweep
+                log.exception("Could not record the sweep")
+            return result
 
         self.controller.run_task("sweep", task, title="Sweep failed")
 
+    # -- analysis ----------------------------------------------------------------------
+    def _analysis_inputs(self, need_heldout: bool = True) -> tuple[Any, Any] | None:
+        from ..core.errors import SteerdeskError
+
+        if self.controller.model_info is None:
+            self.show_user_error("No model", "Wait for the model to load first.")
+            return None
+        item = self._steering_vectors()
+        if item is None:
+            self.show_user_error("No vectors", "Compute or load a vector set for this model first.")
+            return None
+        heldout = None
+        if need_heldout:
+            try:
+                _train, heldout = self.dataset_panel.train_and_heldout()
+                if len(heldout) == 0:
+                    raise SteerdeskError("The held-out split is empty: set 'Held out' above 0 in the Dataset panel.")
+                heldout.validate()
+            except SteerdeskError as exc:
+                self.show_user_error("Held-out pairs needed", str(exc))
+                return None
+        return item, heldout
+
+    def on_diagnose(self) -> None:
+        got = self._analysis_inputs()
+        if got is None:
+            return
+        item, heldout = got
+        vs = item.vectors
+        self.analysis_panel.set_busy(True)
+
+        def task(lm: Any, cancel: Any, emit: Any) -> Any:
+            from ..core.diagnostics import diagnose
+
+            return diagnose(lm, vs, heldout, cancel=cancel)
+
+        self.controller.run_task("diagnose", task, title="Diagnostics failed")
+
+    def on_versus(self) -> None:
+        from ..core.errors import SteerdeskError
+
+        got = self._analysis_inputs()
+        if got is None:
+            return
+        _item, heldout = got
+        try:
+            request = self.generation_panel.build_request()
+        except SteerdeskError as exc:
+            self.show_user_error("Cannot compare", str(exc))
+            return
+        steers = next((r for r in request["rows"] if r), [])
+        instruction = self.analysis_panel.versus.instruction.text()
+        prompt, sampling = request["prompts"][0], request["sampling"]
+        self.analysis_panel.set_busy(True)
+
+        def task(lm: Any, cancel: Any, emit: Any) -> Any:
+            from ..core.versus import prompt_vs_vector
+
+            return prompt_vs_vector(lm, heldout, steers, instruction, prompt, sampling=sampling, cancel=cancel)
+
+        self.controller.run_task("versus", task, title="Comparison failed")
+
+    def on_grid(self) -> None:
+        from ..core.errors import SteerdeskError
+        from ..core.steering import parse_layers
+        from ..core.sweep import parse_scales
+        from ..core.textgrid import compile_pattern
+
+        got = self._analysis_inputs(need_heldout=False)
+        if got is None:
+            return
+        item, _ = got
+        grid, gp = self.analysis_panel.grid, self.generation_panel
+        try:
+            n = item.vectors.num_layers
+            layers = parse_layers(grid.layers.text(), n) if grid.layers.text().strip() else gp.selected_layers()
+            if not layers:
+                raise SteerdeskError("Give layers for the grid.")
+            scales = parse_scales(grid.scales.text())
+            prompts = grid.prompt_list()
+            if not prompts:
+                raise SteerdeskError("Give at least one prompt (one a line).")
+            pattern = compile_pattern(grid.pattern.text(), grid.regex.isChecked())
+        except SteerdeskError as exc:
+            self.show_user_error("Cannot run the grid", str(exc))
+            return
+        from ..core.generate import SamplingSettings
+
+        sampling = gp.sampling()
+        sampling = SamplingSettings(max_new_tokens=grid.tokens.value(), temperature=sampling.temperature,
+                                    top_p=sampling.top_p, seed=sampling.seed)
+        directions, mode, normalize = item.vectors.directions, gp.mode.currentData(), gp.normalize.isChecked()
+        grid.start()
+        self.analysis_panel.set_busy(True)
+
+        def task(lm: Any, cancel: Any, emit: Any) -> Any:
+            from ..core.textgrid import generation_grid
+
+            return generation_grid(lm, directions, layers, scales, prompts, mode=mode, normalize=normalize,
+                                   sampling=sampling, pattern=pattern, on_row=emit, cancel=cancel)
+
+        self.controller.run_task("grid", task, title="Generation grid failed")
+
     @Slot(str, object)
     def on_task_event(self, name: str, payload: Any) -> None:
+        if name == "grid":
+            self.analysis_panel.grid.add_row(payload)
         if name == "sweep":
             if payload[0] == "cell":
                 self.sweep_panel.set_cell(*payload[1:])
             elif payload[0] == "progress":
                 self.sweep_panel.set_progress(*payload[1:])
+            elif payload[0] == "record":
+                self.analysis_panel.history.add(payload[1])
 
     @Slot(str, object)
     def on_task_finished(self, name: str, result: Any) -> None:
+        if name in ("diagnose", "versus", "grid"):
+            self.analysis_panel.set_busy(False)
+            self.analysis_dock.raise_()
+        if name == "diagnose":
+            self.analysis_panel.setCurrentWidget(self.analysis_panel.diagnostics)
+            self.analysis_panel.diagnostics.show_diagnostics(result)
+        elif name == "versus":
+            self.analysis_panel.setCurrentWidget(self.analysis_panel.versus)
+            self.analysis_panel.versus.show_result(result)
+        elif name == "grid":
+            self.analysis_panel.setCurrentWidget(self.analysis_panel.grid)
+            self.analysis_panel.grid.finish(result)
         if name == "sweep":
             self.sweep_panel.set_busy(False)
             self.sweep_panel.finish(result)
@@ -409,6 +546,8 @@ class MainWindow(QMainWindow):
             self.generation_panel.set_busy(False)
         if kind == "task:sweep":
             self.sweep_panel.set_busy(False)
+        if kind in ("task:diagnose", "task:versus", "task:grid"):
+            self.analysis_panel.set_busy(False)
         self.show_status(f"{kind.replace('task:', '').capitalize()} stopped.")
 
     @Slot(str, int, int, str)
@@ -422,6 +561,7 @@ class MainWindow(QMainWindow):
         self.vector_panel.set_busy(False)
         self.generation_panel.set_busy(False)
         self.sweep_panel.set_busy(False)
+        self.analysis_panel.set_busy(False)
         if self.controller.model_info is None:
             self.model_label.setText("no model")
         self._dialogs.append(show_error(self, error))
@@ -434,6 +574,7 @@ class MainWindow(QMainWindow):
             self.vector_panel.set_busy(False)
             self.generation_panel.set_busy(False)
             self.sweep_panel.set_busy(False)
+            self.analysis_panel.set_busy(False)
 
     def show_user_error(self, title: str, message: str) -> None:
         self._dialogs.append(show_error(self, ErrorInfo(title, message)))

@@ -32,6 +32,8 @@ class ModelWorker(QObject):
     """A task streamed a partial result."""
     task_finished = Signal(int, object)
     """A task returned its result."""
+    record_ready = Signal(object)
+    """A finished run's ``RunRecord`` (for the history panel)."""
     cancelled = Signal(int)
     """Request ``id`` was stopped on request."""
     failed = Signal(int, object)
@@ -111,6 +113,8 @@ class ModelWorker(QObject):
         )
         vs.metadata["name"] = req.name
         self.vectors_ready.emit(req.id, vs)
+        self._record(lambda: __import__("steerdesk.core.records", fromlist=["x"]).record_compute(
+            lm, req.dataset, vs, batch_size=req.batch_size))
 
     def _generate(self, req: GenerateRequest) -> None:
         from ..core.generate import generate
@@ -135,3 +139,18 @@ class ModelWorker(QObject):
         if req.cancel.is_set():
             self.cancelled.emit(req.id)
         self.generation_finished.emit(req.id, results)
+        if not req.cancel.is_set():
+            from ..core.records import record_generation
+
+            steered = [bool(r) for r in req.rows]
+            steers = next((list(r) for r in req.rows if r), [])
+            self._record(lambda: record_generation(lm, list(req.prompts), results, steers=steers,
+                                                   steered_rows=steered, sampling=req.sampling,
+                                                   system=req.system, vectors=req.vectors))
+
+    def _record(self, make: Any) -> None:
+        """Emit a run record; a failure to record never fails the run itself."""
+        try:
+            self.record_ready.emit(make())
+        except Exception:  # noqa: BLE001
+            log.exception("Could not record the run")

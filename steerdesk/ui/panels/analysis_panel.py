@@ -1,0 +1,264 @@
+"""Analysis: vector diagnostics, prompt versus vector, the generation grid, and the run history."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout, QHeaderView, QLabel,
+                               QLineEdit, QListWidget, QPlainTextEdit, QPushButton, QSpinBox, QSplitter,
+                               QTableWidget, QTableWidgetItem, QTabWidget, QTextEdit, QVBoxLayout, QWidget)
+
+from ..widgets.heatmap import HeatmapView, _match_palette
+
+
+class DiagnosticsTab(QWidget):
+    """Per-layer separation (AUC, d'), consistency, relative norm; layer x layer cosine matrix."""
+
+    run_requested = Signal()
+    """Diagnose the selected vectors on the held-out split."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        _match_palette()
+        self.run_button = QPushButton("Diagnose on held-out pairs")
+        self.run_button.setObjectName("diagnoseButton")
+        self.summary = QLabel("Separation of base and target along each layer's direction, on pairs the vector "
+                              "was not computed from.")
+        self.summary.setWordWrap(True)
+        self.lines = pg.PlotWidget(title="per layer")
+        self.lines.addLegend(offset=(5, 5))
+        self.lines.setLabel("bottom", "layer")
+        self.lines.setMenuEnabled(False)
+        self.curves = {
+            "auc": self.lines.plot([], [], pen=pg.mkPen((214, 96, 77), width=2), name="ROC-AUC"),
+            "consistency": self.lines.plot([], [], pen=pg.mkPen((67, 147, 195), width=2), name="consistency"),
+            "relative_norm": self.lines.plot([], [], pen=pg.mkPen((120, 120, 120), width=2, style=Qt.PenStyle.DashLine),
+                                             name="|v|/|h|"),
+        }
+        self.cosine = HeatmapView("cosine between layer directions", row_label="layer", col_label="layer")
+        self.table = QTableWidget(0, 6)
+        self.table.setHorizontalHeaderLabels(["layer", "AUC", "d'", "consistency", "|v|/|h|", "alignment"])
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.table.verticalHeader().hide()
+        split = QSplitter(Qt.Orientation.Horizontal)
+        split.addWidget(self.lines)
+        split.addWidget(self.cosine)
+        layout = QVBoxLayout(self)
+        top = QHBoxLayout()
+        top.addWidget(self.run_button)
+        top.addWidget(self.summary, 1)
+        layout.addLayout(top)
+        layout.addWidget(split, 2)
+        layout.addWidget(self.table, 1)
+        self.run_button.clicked.connect(self.run_requested)
+
+    def show_diagnostics(self, d: Any) -> None:
+        layers = np.array(d.layers, dtype=float)
+        for key, curve in self.curves.items():
+            values = np.array([np.nan if v is None else v for v in getattr(d, key)], dtype=float)
+            curve.setData(layers, np.nan_to_num(values, nan=0.0))
+        cos = np.array([[np.nan if v is None else v for v in row] for row in d.cosine], dtype=np.float32)
+        self.cosine.set_data(cos, levels=(-1.0, 1.0))
+        self.table.setRowCount(len(d.layers))
+        for i, layer in enumerate(d.layers):
+            values = [layer, d.auc[i], d.d_prime[i], d.consistency[i], d.relative_norm[i], d.alignment[i]]
+            for j, v in enumerate(values):
+                text = "—" if v is None else (str(v) if j == 0 else f"{v:.3f}")
+                self.table.setItem(i, j, QTableWidgetItem(text))
+        aucs = [(a, layer) for a, layer in zip(d.auc, d.layers) if a is not None]
+        if aucs:
+            best_auc, best_layer = max(aucs)
+            self.summary.setText(f"{d.n_base} base / {d.n_target} target held-out examples. Best separation: "
+                                 f"layer {best_layer} (AUC {best_auc:.3f}).")
+
+
+class VersusTab(QWidget):
+    """A system-prompt instruction, the vector, and both — scored and generated side by side."""
+
+    run_requested = Signal()
+    """Compare the instruction with the steering settings of the generation pane."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.instruction = QLineEdit("Reply rudely.")
+        self.instruction.setObjectName("instructionEdit")
+        self.run_button = QPushButton("Compare prompt vs vector")
+        self.run_button.setObjectName("versusButton")
+        self.note = QLabel("Uses the generation pane's prompt, vector, layers, scale and mode; scores are deltas "
+                           "versus the plain model on held-out pairs (nats per token).")
+        self.note.setWordWrap(True)
+        grid = QGridLayout()
+        self.views: dict[str, tuple[QLabel, QTextEdit]] = {}
+        for i, name in enumerate(("unsteered", "prompt", "vector", "both")):
+            label = QLabel(f"<b>{name}</b>")
+            view = QTextEdit()
+            view.setReadOnly(True)
+            grid.addWidget(label, 0, i)
+            grid.addWidget(view, 1, i)
+            self.views[name] = (label, view)
+        form = QFormLayout()
+        form.addRow("Instruction (system message)", self.instruction)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        row = QHBoxLayout()
+        row.addWidget(self.run_button)
+        row.addWidget(self.note, 1)
+        layout.addLayout(row)
+        layout.addLayout(grid, 1)
+        self.run_button.clicked.connect(self.run_requested)
+
+    def show_result(self, v: Any) -> None:
+        for c in v.conditions:
+            label, view = self.views[c.name]
+            label.setText(f"<b>{c.name}</b><br>margin {c.margin_delta:+.3f} · fluency {c.fluency_delta:+.3f}")
+            view.setPlainText(c.text)
+
+
+class GridTab(QWidget):
+    """Layers x scales x prompts of generated text, with an optional keyword/regex count column."""
+
+    run_requested = Signal()
+    """Generate the grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[Any] = []
+        self.layers = QLineEdit("")
+        self.layers.setPlaceholderText("layers, e.g. 8,12,16 (default: the generation pane's)")
+        self.scales = QLineEdit("0.5,1,2")
+        self.prompts = QPlainTextEdit("How do I boil an egg?\nWhat is the capital of France?")
+        self.prompts.setMaximumHeight(70)
+        self.pattern = QLineEdit("ugh, seriously, obviously")
+        self.regex = QCheckBox("regex")
+        self.tokens = QSpinBox()
+        self.tokens.setRange(1, 512)
+        self.tokens.setValue(32)
+        self.run_button = QPushButton("Generate grid")
+        self.run_button.setObjectName("gridButton")
+        self.export_button = QPushButton("Export CSV/JSON…")
+        self.export_button.setEnabled(False)
+        self.table = QTableWidget(0, 5)
+        self.table.setHorizontalHeaderLabels(["layer", "scale", "prompt", "text", "matches"])
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
+        self.table.setWordWrap(True)
+        form = QFormLayout()
+        form.addRow("Layers", self.layers)
+        form.addRow("Scales", self.scales)
+        form.addRow("Prompts (one a line)", self.prompts)
+        pat = QHBoxLayout()
+        pat.addWidget(self.pattern)
+        pat.addWidget(self.regex)
+        form.addRow("Count matches of", pat)
+        form.addRow("Max new tokens", self.tokens)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.export_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.table, 1)
+        self.run_button.clicked.connect(self.run_requested)
+        self.export_button.clicked.connect(self._export)
+
+    def prompt_list(self) -> list[str]:
+        return [p.strip() for p in self.prompts.toPlainText().splitlines() if p.strip()]
+
+    def start(self) -> None:
+        self.rows = []
+        self.table.setRowCount(0)
+        self.export_button.setEnabled(False)
+
+    def add_row(self, r: Any) -> None:
+        self.rows.append(r)
+        i = self.table.rowCount()
+        self.table.insertRow(i)
+        values = ["unsteered" if r.layer is None else str(r.layer), f"{r.scale:g}", r.prompt, r.text,
+                  "" if r.matches is None else str(r.matches)]
+        for j, v in enumerate(values):
+            item = QTableWidgetItem(v)
+            item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEditable)
+            self.table.setItem(i, j, item)
+
+    def finish(self, rows: list[Any]) -> None:
+        if len(rows) != len(self.rows):
+            self.start()
+            for r in rows:
+                self.add_row(r)
+        self.table.resizeRowsToContents()
+        self.export_button.setEnabled(bool(rows))
+
+    def export_to(self, path: str) -> None:
+        from ...core.fileio import atomic_write_text
+        from ...core.textgrid import grid_to_csv, grid_to_json
+
+        atomic_write_text(path, grid_to_json(self.rows) if path.lower().endswith(".json") else grid_to_csv(self.rows))
+
+    def _export(self) -> None:
+        path = QFileDialog.getSaveFileName(self, "Export grid", "grid.csv", "CSV (*.csv);;JSON (*.json)")[0]
+        if path:
+            self.export_to(path)
+
+
+class HistoryTab(QWidget):
+    """Every generation, compute and sweep of the session; each exports as a JSON recipe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[Any] = []
+        self.list = QListWidget()
+        self.list.setObjectName("historyList")
+        self.details = QPlainTextEdit()
+        self.details.setReadOnly(True)
+        self.export_button = QPushButton("Export recipe…")
+        self.export_button.setToolTip("Save as JSON; `steerdesk run RECIPE.json` re-runs it.")
+        self.export_button.setEnabled(False)
+        split = QSplitter(Qt.Orientation.Horizontal)
+        split.addWidget(self.list)
+        split.addWidget(self.details)
+        layout = QVBoxLayout(self)
+        layout.addWidget(split, 1)
+        layout.addWidget(self.export_button)
+        self.list.currentRowChanged.connect(self._show)
+        self.export_button.clicked.connect(self._export)
+
+    def add(self, record: Any) -> None:
+        self.records.append(record)
+        self.list.addItem(f"{record.created[11:19] if record.created else ''}  {record.title}")
+        self.list.setCurrentRow(self.list.count() - 1)
+
+    def _show(self, row: int) -> None:
+        ok = 0 <= row < len(self.records)
+        self.export_button.setEnabled(ok)
+        self.details.setPlainText(self.records[row].to_json() if ok else "")
+
+    def export_to(self, path: str, row: int | None = None) -> None:
+        rec = self.records[self.list.currentRow() if row is None else row]
+        rec.save(path)
+
+    def _export(self) -> None:
+        path = QFileDialog.getSaveFileName(self, "Export recipe", "recipe.json", "JSON (*.json)")[0]
+        if path:
+            self.export_to(path)
+
+
+class AnalysisPanel(QTabWidget):
+    """Tabs: Diagnostics, Prompt vs vector, Generation grid, History."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.diagnostics = DiagnosticsTab()
+        self.versus = VersusTab()
+        self.grid = GridTab()
+        self.history = HistoryTab()
+        self.addTab(self.diagnostics, "Diagnostics")
+        self.addTab(self.versus, "Prompt vs vector")
+        self.addTab(self.grid, "Generation grid")
+        self.addTab(self.history, "History")
+
+    def set_busy(self, busy: bool) -> None:
+        for b in (self.diagnostics.run_button, self.versus.run_button, self.grid.run_button):
+            b.setEnabled(not busy)
