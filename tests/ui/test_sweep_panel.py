@@ -35,6 +35,8 @@ def test_sweep_fills_live_and_click_generates(qtbot, window, tiny_model_dirs):
     assert np.allclose(margin[:, 0], 0.0, atol=1e-5)  # scale 0 = unsteered
     assert np.allclose(margin, np.array(result.margin_delta, dtype=np.float32), atol=1e-6)
     assert sp.save_button.isEnabled() and "scale" in sp.summary.text()
+    labels = [label for _, label in sp.heatmap.plot.getAxis("left")._tickLevels[0]]
+    assert labels == ["1", "2"]  # rows are labelled with the swept layers
 
     sp.resize(700, 700)
     sp.show()

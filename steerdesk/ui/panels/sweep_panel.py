@@ -189,8 +189,10 @@ class SweepPanel(QWidget):
         m = float(np.abs(finite).max()) if finite.size else 1.0
         self.heatmap.set_data(self._margin, levels=(-(m or 1.0), m or 1.0),
                               col_ticks=[(i + 0.5, f"{s:g}") for i, s in enumerate(self._scales)])
-        if len(self._rows) and any(not lbl.isdigit() for lbl in self._row_labels):
-            self.heatmap.plot.getAxis("left").setTicks([[(i + 0.5, lbl) for i, lbl in enumerate(self._row_labels)]])
+        if self._row_labels:  # rows are the swept layers (and sets), not 0..n
+            step = max(1, -(-len(self._row_labels) // 16))
+            ticks = [(i + 0.5, lbl) for i, lbl in enumerate(self._row_labels) if i % step == 0 or not lbl.isdigit()]
+            self.heatmap.plot.getAxis("left").setTicks([ticks])
 
     def _hatch(self, row: int, col: int) -> None:
         rect = QGraphicsRectItem(QRectF(col, row, 1, 1))

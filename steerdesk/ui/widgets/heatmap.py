@@ -79,6 +79,7 @@ class HeatmapView(QWidget):
         self.plot.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.plot.customContextMenuRequested.connect(self._context_menu)
         self.plot.scene().sigMouseMoved.connect(self._on_mouse_moved)
+        self.set_data(np.full((1, 1), np.nan, dtype=np.float32))
         self.plot.scene().sigMouseClicked.connect(self._on_mouse_clicked)
 
     # -- data --------------------------------------------------------------------------
