@@ -351,20 +351,12 @@ class MainWindow(QMainWindow):
     def on_sweep(self) -> None:
         from ..core.errors import SteerdeskError
 
-        info = self.controller.model_info
-        if info is None:
-            self.show_user_error("No model", "Wait for the model to load first.")
+        got = self._analysis_inputs()
+        if got is None:
             return
-        item = self._steering_vectors()
-        if item is None:
-            self.show_user_error("No vectors", "Compute or load a vector set for this model first.")
-            return
+        item, heldout = got
         try:
-            settings = self.sweep_panel.settings(info.num_layers)
-            _train, heldout = self.dataset_panel.train_and_heldout()
-            if len(heldout) == 0:
-                raise SteerdeskError("The held-out split is empty: set 'Held out' above 0 in the Dataset panel.")
-            heldout.validate()
+            settings = self.sweep_panel.settings(self.controller.model_info.num_layers)
         except SteerdeskError as exc:
             self.show_user_error("Cannot run the sweep", str(exc))
             return

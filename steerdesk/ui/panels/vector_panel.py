@@ -279,42 +279,35 @@ class VectorPanel(QWidget):
     def _ask_open_path(self, caption: str, filt: str) -> str:
         return QFileDialog.getOpenFileName(self, caption, "", filt)[0]
 
-    def _on_save(self) -> None:
+    def _write_current(self, caption: str, filt: str, suffix: str, writer: Any, done: str, failed: str) -> None:
+        """Ask for a path (adding ``suffix``) and write the selected set with ``writer(vs, path)``."""
         from ...core.errors import SteerdeskError
+
+        item = self.current()
+        if item is None:
+            return
+        path = self._ask_save_path(caption, filt, f"{item.name}{suffix}")
+        if not path:
+            return
+        if not path.lower().endswith(suffix):
+            path += suffix
+        try:
+            writer(item.vectors, path)
+            self.status_message.emit(done.format(path=path, last=item.vectors.num_layers - 1))
+        except SteerdeskError as exc:
+            self.error_occurred.emit(failed, str(exc))
+
+    def _on_save(self) -> None:
         from ...core.vectors import save_vectors
 
-        item = self.current()
-        if item is None:
-            return
-        path = self._ask_save_path("Save vectors", "Vector sets (*.safetensors)", f"{item.name}.safetensors")
-        if not path:
-            return
-        if not path.lower().endswith(".safetensors"):
-            path += ".safetensors"
-        try:
-            save_vectors(item.vectors, path)
-            self.status_message.emit(f"Saved {path}")
-        except SteerdeskError as exc:
-            self.error_occurred.emit("Could not save vectors", str(exc))
+        self._write_current("Save vectors", "Vector sets (*.safetensors)", ".safetensors", save_vectors,
+                            "Saved {path}", "Could not save vectors")
 
     def _on_export(self) -> None:
-        from ...core.errors import SteerdeskError
         from ...core.vectors import export_gguf
 
-        item = self.current()
-        if item is None:
-            return
-        path = self._ask_save_path("Export llama.cpp control vector", "GGUF control vector (*.gguf)",
-                                   f"{item.name}.gguf")
-        if not path:
-            return
-        if not path.lower().endswith(".gguf"):
-            path += ".gguf"
-        try:
-            export_gguf(item.vectors, path)
-            self.status_message.emit(f"Exported {path} (layers 1-{item.vectors.num_layers - 1})")
-        except SteerdeskError as exc:
-            self.error_occurred.emit("Could not export", str(exc))
+        self._write_current("Export llama.cpp control vector", "GGUF control vector (*.gguf)", ".gguf", export_gguf,
+                            "Exported {path} (layers 1-{last})", "Could not export")
 
     def load_file(self, path: str) -> NamedVectors | None:
         """Load a .safetensors or .gguf vector file into the session."""
