@@ -256,3 +256,14 @@ def test_vector_save_export_and_load_buttons(qtbot, ready, tmp_path, monkeypatch
     orig, from_st, from_gguf = (s.vectors.directions for s in vp.sets())
     assert np.array_equal(orig.numpy(), from_st.numpy())
     assert np.array_equal(orig[1:].numpy(), from_gguf[1:].numpy())  # GGUF has no slot for block 0
+
+
+def test_heatmap_png_export_and_values(qtbot, ready, tmp_path):
+    generate(qtbot, ready, tokens=6)
+    heat = ready.generation_panel.heatmap
+    out = tmp_path / "heat.png"
+    assert heat.export_png(str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not heat.export_png(str(tmp_path / "no" / "such" / "dir.png"))
+    lines = heat.values_tsv().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("layer 3\t")

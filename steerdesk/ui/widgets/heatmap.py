@@ -177,5 +177,14 @@ class HeatmapView(QWidget):
         return "\n".join(rows)
 
     def export_png(self, path: str) -> bool:
-        """Save the heatmap with its axes and colour bar."""
-        return self.grab().save(path)
+        """Save the heatmap with its axes and colour bar (atomically, like every save)."""
+        from ...core.errors import SteerdeskError
+        from ...core.fileio import atomic_path
+
+        try:
+            with atomic_path(path) as tmp:
+                if not self.grab().save(str(tmp), "PNG"):
+                    raise OSError("the image could not be encoded")
+        except (SteerdeskError, OSError):
+            return False
+        return True
