@@ -110,7 +110,7 @@ def foreign_load(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
 class Runner:
     """Times calls and records, per call, how busy the rest of the machine was.
 
-    Before each call it waits (up to ``max_wait`` s) for a second in which other processes
+    Before each call it waits (up to ``max_wait`` s) for two seconds in which other processes
     use at most ``quiet`` of the CPUs; during the call it measures their share
     (``foreign``). A run is *clean* when ``foreign <= clean``. It also tracks the peak RSS
     (MiB) per method: VmHWM is reset before each call and read after.
@@ -125,12 +125,16 @@ class Runner:
         self.max_wait, self.quiet, self.clean = max_wait, quiet, clean
         self.runs: list[dict[str, Any]] = []
 
-    def wait_quiet(self) -> float:
+    def wait_quiet(self, streak: int = 4) -> float:
+        """Wait until ``streak`` consecutive half-seconds were quiet (a gap between someone
+        else's short jobs is not enough), or ``max_wait`` has passed."""
         t0 = time.perf_counter()
+        quiet = 0
         while True:
             a = _cpu_sample()
             time.sleep(0.5)
-            if foreign_load(a, _cpu_sample()) <= self.quiet or time.perf_counter() - t0 >= self.max_wait:
+            quiet = quiet + 1 if foreign_load(a, _cpu_sample()) <= self.quiet else 0
+            if quiet >= streak or time.perf_counter() - t0 >= self.max_wait:
                 return time.perf_counter() - t0
 
     def measure(self, name: str, fn: Callable[[], Any]) -> tuple[float, Any, bool]:
@@ -141,12 +145,14 @@ class Runner:
         t0 = time.perf_counter()
         value = fn()
         dt = time.perf_counter() - t0
-        foreign = foreign_load(a, _cpu_sample())
+        b = _cpu_sample()
+        foreign = foreign_load(a, b)
+        cpu_s = (b[2] - a[2]) / os.sysconf("SC_CLK_TCK")
         hwm = _status_kib("VmHWM")
         if self.can_reset and hwm is not None:
             self.peaks[name] = max(self.peaks.get(name, 0.0), hwm / 1024)
         clean = foreign <= self.clean
-        self.runs.append({"method": name, "seconds": dt, "foreign_cpu": round(foreign, 3),
+        self.runs.append({"method": name, "seconds": dt, "cpu_seconds": cpu_s, "foreign_cpu": round(foreign, 3),
                           "waited_s": round(waited, 1), "clean": clean})
         return dt, value, clean
 
@@ -571,8 +577,8 @@ def _loadavg() -> list[str] | None:
         return None
 
 
-def run_phase_subprocess(phase: str, quick: bool, max_wait: float, vectors: str | None = None
-                         ) -> dict[str, Any]:
+def run_phase_subprocess(phase: str, quick: bool, max_wait: float, vectors: str | None = None,
+                         omp_passive: bool = False) -> dict[str, Any]:
     load_before = _loadavg()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -583,6 +589,10 @@ def run_phase_subprocess(phase: str, quick: bool, max_wait: float, vectors: str 
             cmd += ["--vectors", vectors]
         cmd += ["--max-wait", str(max_wait)]
         env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+        if omp_passive:
+            # OpenMP worker threads sleep instead of spinning between parallel regions: on a
+            # machine shared with other busy processes, spinning makes runs 4-6x slower and erratic.
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env=env)
         if proc.returncode != 0:
@@ -613,7 +623,7 @@ def report(env: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     print(f"steerdesk core benchmark  {env['date_utc']}")
     print(f"CPU: {env['cpu_model']} ({env['cpu_count']} cores), torch {env['torch']} "
           f"({env['torch_threads']} threads), transformers {env['transformers']}, "
-          f"loadavg at start {' '.join(env['loadavg_start'] or [])}")
+          f"loadavg at start {' '.join(env['loadavg_start'] or [])}, OMP_WAIT_POLICY {env['omp_wait_policy']}")
     summary: dict[str, float] = {}
     rows: list[tuple[str, str]] = []
     if "gen" in results:
@@ -697,13 +707,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phases", default=",".join(PHASES), help="comma list of phases to run")
     ap.add_argument("--max-wait", type=float, default=None,
                     help="seconds to wait, before each timed run, for the other processes on the "
-                         "machine to go quiet (default 90, --quick 5; 0: never wait)")
+                         "machine to go quiet (default 300, --quick 5; 0: never wait)")
+    ap.add_argument("--omp-passive", action="store_true",
+                    help="run the phases with OMP_WAIT_POLICY=PASSIVE (robust on a busy machine; "
+                         "the thread count stays torch's default)")
     ap.add_argument("--phase", choices=PHASES + ("vectors",), help=argparse.SUPPRESS)  # internal
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--vectors", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.max_wait is None:
-        args.max_wait = 5.0 if args.quick else 90.0
+        args.max_wait = 5.0 if args.quick else 300.0
 
     if args.phase:
         sys.path.insert(0, str(ROOT))
@@ -725,16 +738,18 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown phase {bad[0]!r}; choose from {', '.join(PHASES)}")
     env = environment()
+    env["omp_wait_policy"] = "PASSIVE" if args.omp_passive else os.environ.get("OMP_WAIT_POLICY", "default")
+    env["max_wait_s"] = args.max_wait
     results: dict[str, Any] = {}
     vec_dir = tempfile.TemporaryDirectory()
     vectors = None
     if {"gen", "batch"} & set(phases):
         print("steering vectors (neutral_rude) ...", file=sys.stderr, flush=True)
         vectors = str(Path(vec_dir.name) / "directions.pt")
-        run_phase_subprocess("vectors", args.quick, args.max_wait, vectors)  # saves the directions there
+        run_phase_subprocess("vectors", args.quick, args.max_wait, vectors, args.omp_passive)  # saves the directions there
     for phase in phases:
         print(f"phase {phase} ...", file=sys.stderr, flush=True)
-        results[phase] = run_phase_subprocess(phase, args.quick, args.max_wait, vectors)
+        results[phase] = run_phase_subprocess(phase, args.quick, args.max_wait, vectors, args.omp_passive)
         if args.json:  # keep what is done so far, should a later phase fail
             Path(args.json).write_text(json.dumps({"environment": env, "quick": args.quick,
                                                    "phases": results}, indent=2))

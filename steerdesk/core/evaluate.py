@@ -31,6 +31,7 @@ import torch
 from .datasets import Dataset
 from .errors import Cancelled, SteerdeskError
 from .extract import Encoded, encode, forward_with_positions
+from .memory import oom_guard
 from .steering import Steer, Steering
 
 Progress = Callable[[int, int], None]
@@ -51,6 +52,7 @@ NEUTRAL_TEXTS: tuple[str, ...] = (
 LOGITS_BUDGET_BYTES = 256 << 20
 
 KINDS = ("base", "target", "neutral")
+_OOM_HINT = "try a smaller batch size or fewer rows per forward pass."
 
 
 # =============================================================================== scores
@@ -386,7 +388,8 @@ class TextScorer:
         c = len(configs)
         ids, mask, positions = lay.tiled(c)
         rows = [list(cfg) for cfg in configs for _ in range(lay.rows)]
-        with Steering(self.lm, rows, prompt_length=lay.reply_col), torch.inference_mode():
+        with oom_guard("scoring", _OOM_HINT), Steering(self.lm, rows, prompt_length=lay.reply_col), \
+                torch.inference_mode():
             logits, lo = model_logits(self.lm, ids, mask, positions, lay.keep())
         return score_tokens(lay, c, lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)],
                             self.vocab, self.refs.get(li))
@@ -398,7 +401,7 @@ class TextScorer:
         lp = torch.full((n,), float("nan"), dtype=torch.float64)
         for li, lay in enumerate(self.layouts):
             _check(cancel)
-            with torch.inference_mode():
+            with oom_guard("scoring", _OOM_HINT), torch.inference_mode():
                 logits, lo = model_logits(self.lm, lay.ids, lay.mask, lay.positions, lay.keep())
             at = lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)]  # noqa: E731
             if lay.kind == "neutral":

@@ -227,6 +227,15 @@ def _from_pretrained(cls: Any, source: str, **kwargs: Any) -> Any:
     except ValueError as exc:
         first = str(exc).strip().splitlines()[0]
         raise SteerdeskError(f"{source!r} is not a causal language model steerdesk can load: {first}") from exc
+    except (ImportError, AttributeError, KeyError) as exc:
+        import sys
+
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if getattr(sys, "frozen", False):
+            raise SteerdeskError(f"This steerdesk binary does not carry the code for {source!r}'s model family "
+                                 f"({first}); install steerdesk with pip to use it.") from exc
+        raise SteerdeskError(f"transformers cannot build {source!r} ({type(exc).__name__}: {first}); "
+                             f"a newer transformers may be needed.") from exc
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -41,6 +41,7 @@ from .datasets import Dataset
 from .errors import Cancelled, SteerdeskError
 from .evaluate import EvalTexts, Layout, Scores, TextScorer, _json_float, aggregate, model_logits, \
     prepare_texts, reference_logprobs, score_tokens
+from .memory import oom_guard
 from .steering import MODES, POSITIONS, Steer, Steering, _block_hidden
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ FORMAT = "steerdesk.sweep/1"
 DEFAULT_SCALES = (0.0, 0.5, 1.0, 2.0)
 DEFAULT_BUDGET = 0.5
 CACHE_BUDGET_BYTES = 2 << 30
+_OOM_HINT = "try a smaller batch size or fewer rows per forward pass (--batch-size, --max-rows)."
 
 #: ``on_cell(row, col, margin_delta, fluency_delta)``: row indexes ``layers`` then ``sets``.
 CellCallback = Callable[[int, int, float, float], None]
@@ -393,6 +395,7 @@ class _Sweeper:
         self.kl = torch.full((len(cells), n), float("nan"), dtype=torch.float64)
         self.work = [c for c in cells if not c.identity]
         self.starts = sorted({c.start for c in self.work})
+        self.total = self.total_steps()
 
     def _check(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -420,7 +423,10 @@ class _Sweeper:
     def groups(self, chunk: Sequence[int]) -> list[tuple[int, list[_Cell]]]:
         """``(start layer, cells)`` per forward group: every layout of ``chunk`` runs each group once."""
         sc = self.scorer
-        step = min(sc.copies_per_forward(sc.layouts[li]) for li in chunk)
+        if self.path == "prefix":  # the LM head runs on the scored tokens only, in chunks
+            step = max(1, min(sc.max_rows // sc.layouts[li].rows for li in chunk))
+        else:
+            step = min(sc.copies_per_forward(sc.layouts[li]) for li in chunk)
         out = []
         for start in self.starts:
             at_start = [c for c in self.work if c.start == start]
@@ -436,7 +442,7 @@ class _Sweeper:
         self._check()
         sc, lay = self.scorer, self.scorer.layouts[li]
         cap = _Capture(self.lm, self.starts) if (self.path == "prefix" and self.starts) else None
-        with torch.inference_mode():
+        with torch.inference_mode(), oom_guard("sweeping", _OOM_HINT):
             if cap is not None:
                 with cap:
                     logits, lo = model_logits(self.lm, lay.ids, lay.mask, lay.positions, lay.keep())
@@ -504,11 +510,12 @@ class _Sweeper:
         self._check()
         configs = [c.steers for c in group]
         lay = self.scorer.layouts[li]
-        if cap is not None:
-            with torch.inference_mode():
-                row_lp, row_kl = self._direct(lay, cap, start, configs, self.scorer.refs.get(li))
-        else:
-            row_lp, row_kl = self.scorer.forward(li, configs)
+        with oom_guard("sweeping", _OOM_HINT):
+            if cap is not None:
+                with torch.inference_mode():
+                    row_lp, row_kl = self._direct(lay, cap, start, configs, self.scorer.refs.get(li))
+            else:
+                row_lp, row_kl = self.scorer.forward(li, configs)
         for k, cell in enumerate(group):
             sl = slice(k * lay.rows, (k + 1) * lay.rows)
             self.lp[cell.index, lay.texts] = row_lp[sl]
@@ -538,6 +545,7 @@ class _Sweeper:
                     self.checked = True
                     if not self.self_check(li, cap):
                         self.path = "full"
+                        self.total = self.total_steps()  # full passes carry fewer configurations
             if self.path == "full":
                 caps.clear()  # also frees what was recorded before a failed self-check
             if last_chunk:
@@ -674,12 +682,11 @@ def sweep(
     fluency = [[math.nan] * n_cols for _ in range(n_rows)]
     kl = [[math.nan] * n_cols for _ in range(n_rows)]
     done = [0]
-    total = [0]
 
     def tick() -> None:
         done[0] += 1
         if progress is not None:
-            progress(done[0], max(total[0], done[0]))
+            progress(done[0], max(sweeper.total, done[0]))
 
     def cell_done(cell: _Cell, scores: Scores, base: Scores) -> None:
         m, f = scores.margin - base.margin, scores.fluency - base.fluency
@@ -691,10 +698,7 @@ def sweep(
 
     sweeper = _Sweeper(lm, texts, cells, batch_size=batch_size, max_rows=max_rows, prefix_reuse=prefix_reuse,
                        cache_budget=cache_budget, cancel=cancel, on_cell=cell_done, progress=tick)
-    total[0] = sweeper.total_steps()
     baseline = sweeper.run()
-    if progress is not None and done[0] < total[0]:
-        progress(total[0], total[0])
 
     to_json = lambda rows: [[_json_float(x) for x in row] for row in rows]  # noqa: E731
     n_layers = len(layer_list)

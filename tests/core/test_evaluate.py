@@ -21,6 +21,9 @@ PAIRS = Dataset([
     Example("", "A reply with no prompt at all.", "Whatever, no prompt either."),
 ], name="unit")
 
+# Checks that do not depend on the architecture run on one chat-template and one plain-text model.
+TWO_ARCHS = pytest.mark.parametrize("arch", ["llama", "gpt2"])
+
 
 def _reference_logprob(lm, prompt, reply, steers=(), positions_generated=False):
     """Mean log-prob per reply token of one text, unbatched and unpadded (the definition)."""
@@ -65,6 +68,7 @@ def test_steered_scores_match_the_definition(tiny, positions):
     assert abs(ev.fluency_delta) > 1e-4  # the vector is strong enough to matter
 
 
+@TWO_ARCHS
 def test_batch_size_and_padding_do_not_matter(tiny):
     v = random_vectors(tiny, scale=0.5)
     steers = steers_for(v, [2], scale=1.5)
@@ -74,6 +78,7 @@ def test_batch_size_and_padding_do_not_matter(tiny):
     assert a.steered.fluency == pytest.approx(b.steered.fluency, abs=1e-5)
 
 
+@TWO_ARCHS
 def test_layout_aligns_replies(tiny):
     texts = prepare_texts(tiny, PAIRS)
     (lay,) = [x for x in make_layouts(tiny, texts, batch_size=16) if x.kind == "heldout"]
@@ -88,6 +93,7 @@ def test_layout_aligns_replies(tiny):
     assert int(lay.counts.sum()) == lay.n_tokens
 
 
+@TWO_ARCHS
 def test_scale_zero_and_zero_vector_give_exactly_zero(tiny):
     v = random_vectors(tiny, scale=0.5)
     for steers in (steers_for(v, [1], scale=0.0), steers_for(torch.zeros_like(v), [1], scale=3.0)):
@@ -95,6 +101,7 @@ def test_scale_zero_and_zero_vector_give_exactly_zero(tiny):
         assert abs(ev.margin_delta) < 1e-5 and abs(ev.fluency_delta) < 1e-5 and abs(ev.kl) < 1e-6
 
 
+@TWO_ARCHS
 def test_kl_matches_the_definition(tiny):
     v = random_vectors(tiny, scale=0.5)
     steers = steers_for(v, [1], scale=2.0)
@@ -113,11 +120,13 @@ def test_kl_matches_the_definition(tiny):
     assert ev.kl > 0 and ev.unsteered.kl == 0.0
 
 
+@TWO_ARCHS
 def test_no_kl_without_neutral_texts(tiny):
     ev = evaluate(tiny, PAIRS, [])
     assert ev.kl is None and ev.to_dict()["kl"] is None
 
 
+@TWO_ARCHS
 def test_progress_and_cancel(tiny):
     seen = []
     evaluate(tiny, PAIRS, steers_for(random_vectors(tiny), [1]), batch_size=2,
@@ -129,6 +138,7 @@ def test_progress_and_cancel(tiny):
         evaluate(tiny, PAIRS, [], cancel=stop)
 
 
+@TWO_ARCHS
 def test_errors(tiny):
     with pytest.raises(SteerdeskError, match="base and one target"):
         evaluate(tiny, Dataset([Example("p", "only a base", "")], name="half", paired=False), [])
@@ -138,6 +148,7 @@ def test_errors(tiny):
         evaluate(tiny, PAIRS, [], batch_size=0)
 
 
+@TWO_ARCHS
 def test_max_pairs_keeps_the_first_rows(tiny):
     ev = evaluate(tiny, PAIRS, [], max_pairs=2)
     sub = Dataset(PAIRS.examples[:2], name="first two")

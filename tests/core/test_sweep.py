@@ -1,0 +1,263 @@
+"""Sweeps: equal to per-configuration evaluation, prefix reuse equal to full passes, scale 0, files."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import threading
+import zlib
+
+import pytest
+import torch
+
+from steerdesk.core import sweep as sweep_mod
+from steerdesk.core.datasets import Dataset, Example
+from steerdesk.core.errors import Cancelled, SteerdeskError
+from steerdesk.core.evaluate import NEUTRAL_TEXTS, evaluate
+from steerdesk.core.steering import steers_for
+from steerdesk.core.sweep import SweepResult, heatmap_png, parse_scales, parse_sets, pick_best, sweep
+from tinylm import ARCHS, NUM_LAYERS, random_vectors
+
+HELD = Dataset([
+    Example("How do I boil an egg?", "Boil it for six minutes.", "Ugh. Six minutes. Obviously."),
+    Example("What is the capital of France?", "Paris is the capital of France.", "Paris, duh. Look it up."),
+    Example("Can you recommend a book?", "Try a classic novel such as Emma.", "Read anything. I don't care."),
+], name="held")
+LAYERS = [0, 2, 3]
+SCALES = [0.0, 1.0, -2.0]
+SETS = {"one+three": [1, 3]}
+SMALL = dict(batch_size=2, max_rows=5)  # several batches, several forwards per layer
+
+
+def _close(a, b, tol):
+    return all((x is None and y is None) or abs(x - y) <= tol for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+
+def _vectors(lm):
+    return random_vectors(lm, scale=0.5)
+
+
+@pytest.mark.parametrize("arch,mode,positions", [("llama", "add", "all"), ("llama", "clamp", "generated"),
+                                                ("gemma2", "project", "prompt"), ("gpt2", "add", "all")])
+def test_sweep_equals_per_configuration_evaluation(tiny, mode, positions):
+    v = _vectors(tiny)
+    kw = dict(mode=mode, positions=positions)
+    res = sweep(tiny, v, HELD, layers=[0, 3], scales=SCALES, sets=SETS, neutral=NEUTRAL_TEXTS[:2], **kw, **SMALL)
+    assert res.path == "prefix"
+    for r in range(res.n_rows):
+        for c, scale in enumerate(SCALES):
+            if scale == 0 and mode != "clamp":
+                continue  # identity: covered by test_scale_zero_column_is_zero
+            ev = evaluate(tiny, HELD, steers_for(v, res.row_layers(r), scale=scale, **kw),
+                          neutral=NEUTRAL_TEXTS[:2])
+            m, f = res.cell(r, c)
+            kl = res.kl[r][c] if r < len(res.layers) else res.sets[r - len(res.layers)].kl[c]
+            assert m == pytest.approx(ev.margin_delta, abs=1e-4), (r, c)
+            assert f == pytest.approx(ev.fluency_delta, abs=1e-4), (r, c)
+            assert kl == pytest.approx(ev.kl, abs=1e-4), (r, c)
+    assert res.baseline["margin"] == pytest.approx(ev.unsteered.margin, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_reuse_equals_full_forward_passes(tiny):
+    v = _vectors(tiny)
+    kw = dict(layers=LAYERS, scales=SCALES, sets=SETS, neutral=NEUTRAL_TEXTS[:1], **SMALL)
+    fast = sweep(tiny, v, HELD, prefix_reuse=True, **kw)
+    full = sweep(tiny, v, HELD, prefix_reuse=False, **kw)
+    assert fast.path == "prefix" and full.path == "full"
+    assert _close(fast.margin_delta, full.margin_delta, 1e-4)
+    assert _close(fast.fluency_delta, full.fluency_delta, 1e-4)
+    assert _close(fast.kl, full.kl, 1e-4)
+    assert _close([fast.sets[0].margin_delta], [full.sets[0].margin_delta], 1e-4)
+    # The steering is strong enough for the comparison to mean something.
+    assert max(abs(x) for row in fast.fluency_delta for x in row) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_prefix_reuse_skips_the_blocks_below_the_steered_layer(tiny):
+    calls = {0: 0, NUM_LAYERS - 1: 0}
+
+    def counter(layer):
+        def hook(module, args):
+            calls[layer] += args[0].shape[0] if args else 1
+        return hook
+
+    handles = [tiny.blocks[k].register_forward_pre_hook(counter(k)) for k in calls]
+    try:
+        res = sweep(tiny, _vectors(tiny), HELD, layers=[2, 3], scales=[0.5, 1.0], batch_size=8, max_rows=64)
+    finally:
+        for h in handles:
+            h.remove()
+    texts = 2 * len(HELD)
+    assert res.path == "prefix"
+    # Block 0 ran once per text (the unsteered pass) and never for a configuration.
+    assert calls[0] == texts
+    # The last block ran for the unsteered pass, the self-check (2 texts x 2) and 4 configurations.
+    assert calls[NUM_LAYERS - 1] == texts + 4 + 4 * texts
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", ["add", "project"])
+def test_scale_zero_column_is_zero(tiny, mode):
+    res = sweep(tiny, _vectors(tiny), HELD, layers=LAYERS, scales=[0.0, 1.0], mode=mode, neutral=NEUTRAL_TEXTS[:1])
+    for r in range(len(LAYERS)):
+        assert abs(res.margin_delta[r][0]) <= 1e-5 and abs(res.fluency_delta[r][0]) <= 1e-5
+        assert abs(res.kl[r][0]) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_fallback_to_full_passes_when_the_tail_is_unknown(tiny, monkeypatch):
+    v = _vectors(tiny)
+    want = sweep(tiny, v, HELD, layers=[1, 3], scales=[1.0], prefix_reuse=False)
+    monkeypatch.setattr(sweep_mod, "_FINAL_NORMS", ("no_such_norm",))
+    got = sweep(tiny, v, HELD, layers=[1, 3], scales=[1.0])
+    assert got.path == "full"
+    assert _close(got.margin_delta, want.margin_delta, 1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_self_check_catches_a_wrong_direct_path(tiny, monkeypatch):
+    v = _vectors(tiny)
+    want = sweep(tiny, v, HELD, layers=[1, 3], scales=[1.0], prefix_reuse=False)
+    real = sweep_mod._Tail.logits
+    monkeypatch.setattr(sweep_mod._Tail, "logits", lambda self, h: real(self, h) * 1.1)
+    got = sweep(tiny, v, HELD, layers=[1, 3], scales=[1.0])
+    assert got.path == "full"
+    assert _close(got.margin_delta, want.margin_delta, 1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_small_cache_budget_gives_the_same_result(tiny):
+    v = _vectors(tiny)
+    kw = dict(layers=LAYERS, scales=SCALES, batch_size=2)
+    a = sweep(tiny, v, HELD, **kw)
+    b = sweep(tiny, v, HELD, cache_budget=1, **kw)  # one batch per chunk
+    assert _close(a.margin_delta, b.margin_delta, 1e-6) and _close(a.fluency_delta, b.fluency_delta, 1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_on_cell_progress_and_result_fields(tiny, tmp_path):
+    cells, ticks = [], []
+    res = sweep(tiny, _vectors(tiny), HELD, layers=LAYERS, scales=SCALES, sets=SETS, fluency_budget=0.25,
+                on_cell=lambda *a: cells.append(a), progress=lambda d, t: ticks.append((d, t)), **SMALL)
+    n_rows = len(LAYERS) + len(SETS)
+    assert sorted((r, c) for r, c, _, _ in cells) == [(r, c) for r in range(n_rows) for c in range(len(SCALES))]
+    for r, c, m, f in cells:
+        assert (m, f) == res.cell(r, c)
+    assert ticks[-1][0] == ticks[-1][1] and all(t == ticks[0][1] for _, t in ticks)
+    # best: the largest margin delta among the cells within the fluency budget
+    within = [(res.cell(r, c)[0], r, c) for r in range(n_rows) for c in range(len(SCALES)) if res.within_budget(r, c)]
+    _, r, c = max(within)
+    assert (res.best["row"], res.best["col"]) == (r, c)
+    assert res.best["scale"] == SCALES[c] and res.best["layers"] == res.row_layers(r)
+    obj = res.to_dict()
+    for key in ("layers", "scales", "margin_delta", "fluency_delta", "best", "model", "vector", "dataset",
+                "settings", "baseline", "fluency_budget"):
+        assert key in obj
+    assert len(obj["margin_delta"]) == len(LAYERS) and len(obj["margin_delta"][0]) == len(SCALES)
+    assert obj["model"]["name"] == "tiny-llama" and obj["model"]["chat_template_sha256"]
+    assert obj["dataset"]["sha256"] == HELD.sha256() and obj["dataset"]["n_pairs"] == 3
+    assert len(obj["vector"]["directions_sha256"]) == 64
+    path = tmp_path / "sweep.json"
+    res.save(path)
+    back = SweepResult.load(path)
+    assert back.to_dict() == json.loads(path.read_text())
+    assert back.margin_delta == res.margin_delta and back.best == res.best
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_cancel(tiny):
+    stop = threading.Event()
+    seen = []
+
+    def on_cell(*a):
+        seen.append(a)
+        stop.set()
+
+    with pytest.raises(Cancelled):
+        sweep(tiny, _vectors(tiny), HELD, layers=LAYERS, scales=[1.0, 2.0], on_cell=on_cell, cancel=stop)
+    # Both scales of layer 0 share a forward pass; nothing runs after the Event is set.
+    assert [(r, c) for r, c, _, _ in seen] == [(0, 0), (0, 1)]
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_sweep_errors(tiny):
+    v = _vectors(tiny)
+    with pytest.raises(SteerdeskError, match="out of range"):
+        sweep(tiny, v, HELD, layers=[NUM_LAYERS])
+    with pytest.raises(SteerdeskError, match="mode"):
+        sweep(tiny, v, HELD, layers=[1], mode="shout")
+    with pytest.raises(SteerdeskError, match="hidden size"):
+        sweep(tiny, torch.zeros(NUM_LAYERS, 3), HELD, layers=[1])
+    with pytest.raises(SteerdeskError, match="budget"):
+        sweep(tiny, v, HELD, layers=[1], fluency_budget=-1)
+    with pytest.raises(SteerdeskError, match="No scales"):
+        sweep(tiny, v, HELD, layers=[1], scales=[])
+    with pytest.raises(SteerdeskError, match="absurd"):
+        sweep(tiny, v, HELD, layers=[1], scales=[1e9])
+
+
+def test_pick_best_respects_the_budget():
+    margin = [[0.0, 0.5, 2.0], [0.0, 0.8, None]]
+    fluency = [[0.0, -0.1, -0.9], [0.0, -0.4, -0.1]]
+    assert pick_best(margin, fluency, 0.5) == (1, 1)
+    assert pick_best(margin, fluency, 1.0) == (0, 2)
+    assert pick_best([[math.nan]], [[0.0]], 0.5) is None
+
+
+def test_parsers():
+    assert parse_scales("0, 0.5,1,2,1") == [0.0, 0.5, 1.0, 2.0]
+    assert parse_sets("mid=1-2; late=3", 4) == {"mid": [1, 2], "late": [3]}
+    for bad in ("a", "", "1,inf"):
+        with pytest.raises(SteerdeskError):
+            parse_scales(bad)
+    with pytest.raises(SteerdeskError):
+        parse_sets("nolayers", 4)
+    with pytest.raises(SteerdeskError):
+        parse_sets("x=9", 4)
+
+
+def _read_png(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + n
+    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    raw = zlib.decompress(chunks[b"IDAT"])
+    assert (depth, color) == (8, 2) and len(raw) == h * (1 + 3 * w)
+    return w, h
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_heatmap_png(tiny, tmp_path):
+    res = sweep(tiny, _vectors(tiny), HELD, layers=LAYERS, scales=SCALES, sets=SETS, fluency_budget=0.01)
+    path = tmp_path / "heat.png"
+    heatmap_png(res, path)
+    w, h = _read_png(path)
+    assert w > 3 * 36 and h >= 16 + 4 * 14
+    assert sweep_mod.diverging_rgb(0.0) == (242, 242, 242)
+    assert sweep_mod.diverging_rgb(1.0)[0] > sweep_mod.diverging_rgb(1.0)[2]  # positive = warm
+
+
+@pytest.mark.slow
+def test_smol_rude_sweep_has_a_positive_cell_within_budget(smol):
+    """SmolLM2 + the bundled rude set: steering at a middle layer raises the rude margin cheaply."""
+    from steerdesk.core.datasets import load_bundled
+    from steerdesk.core.extract import compute_vectors
+
+    train, held = load_bundled("neutral_rude").split(0.25)
+    vs = compute_vectors(smol, train, batch_size=16)
+    res = sweep(smol, vs, held, layers=[10, 14, 18], scales=[0.0, 0.5, 1.0], max_pairs=8)
+    assert res.path == "prefix"
+    assert [row[0] for row in res.margin_delta] == [0.0, 0.0, 0.0]
+    good = [(r, c) for r in range(3) for c in range(3)
+            if res.margin_delta[r][c] > 0.05 and res.within_budget(r, c)]
+    assert good, res.margin_delta
+    assert res.best is not None and res.best["margin_delta"] > 0.05 and res.best["fluency_delta"] >= -0.5
