@@ -754,7 +754,7 @@ _GLYPHS = {
     "0": (7, 5, 5, 5, 7), "1": (2, 6, 2, 2, 7), "2": (7, 1, 7, 4, 7), "3": (7, 1, 7, 1, 7),
     "4": (5, 5, 7, 1, 1), "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 2, 2),
     "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7), ".": (0, 0, 0, 0, 2), "-": (0, 0, 7, 0, 0),
-    " ": (0, 0, 0, 0, 0),
+    "#": (5, 7, 5, 7, 5), " ": (0, 0, 0, 0, 0),
 }
 
 
@@ -794,7 +794,8 @@ def heatmap_png(result: SweepResult, path: str | Path, *, cell_w: int = 36, cell
     """Write the margin-delta heatmap as a PNG (no Qt): rows = layers (then sets), columns = scales.
 
     Diverging colours with symmetric limits (+-max |margin delta|, shown in the colour bar at the
-    right); cells beyond the fluency budget are dimmed and cross-hatched; the best cell is framed.
+    right); cells beyond the fluency budget are dimmed and hatched; the best cell is framed. Rows are
+    labelled with their layer; named sets with ``#1``, ``#2``... in order.
     """
     import numpy as np
 
@@ -814,7 +815,7 @@ def heatmap_png(result: SweepResult, path: str | Path, *, cell_w: int = 36, cell
         _text(img, label_w + c * cell_w + 2, 3, f"{scale:g}"[:4])
     for r in range(n_r):
         y0 = top + r * cell_h
-        label = str(result.layers[r]) if r < len(result.layers) else "-" + str(r - len(result.layers))
+        label = str(result.layers[r]) if r < len(result.layers) else f"#{r - len(result.layers) + 1}"
         _text(img, 2, y0 + 2, label[:4])
         for c in range(n_c):
             m, f = result.cell(r, c)

@@ -12,6 +12,18 @@ from steerdesk.core import models
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread (as in tests/core): on a busy 2-core machine a second OpenMP thread
+    makes SmolLM2's forward passes several times slower, not faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def fast_model(monkeypatch, smol):
     """Reuse the session's loaded SmolLM2 instead of loading it again for every command."""
