@@ -7,7 +7,6 @@ import json
 import pytest
 
 from steerdesk import cli
-from steerdesk.core import models
 
 pytestmark = pytest.mark.slow
 
@@ -22,18 +21,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def fast_model(monkeypatch, smol):
-    """Reuse the session's loaded SmolLM2 instead of loading it again for every command."""
-    def fake_load(spec="default", **kwargs):
-        if spec not in (None, "", "default"):
-            return real_load(spec, **kwargs)
-        return smol
-    real_load = models.load_model
-    monkeypatch.setattr(models, "load_model", fake_load)
-    return smol
 
 
 @pytest.fixture(scope="module")
