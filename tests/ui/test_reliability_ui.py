@@ -20,8 +20,11 @@ def test_100k_row_dataset_loads_and_stays_editable(qtbot, tmp_path):
     panel = DatasetPanel(recovery=RecoveryStore(tmp_path / "rec"))
     qtbot.addWidget(panel)
     panel.show()
+    messages = []
+    panel.status_message.connect(messages.append)
     assert panel.load_file(str(big))
     assert len(panel.dataset()) == 100_000
+    assert messages[0].startswith("Loading big.jsonl") and "100,000 rows" in messages[-1].replace("100000", "100,000")
     model = panel.model()
     model.setData(model.index(99_999, 2), "edited rude")
     assert panel.dataset().examples[99_999].target == "edited rude" and panel.is_modified()

@@ -18,6 +18,7 @@ from PySide6.QtCore import QEvent, QItemSelection, QItemSelectionModel, QModelIn
 from PySide6.QtGui import QAction, QGuiApplication, QKeyEvent, QKeySequence, QPainter, QPalette, QUndoStack
 from PySide6.QtWidgets import (
     QAbstractItemDelegate,
+    QApplication,
     QAbstractItemView,
     QDoubleSpinBox,
     QFileDialog,
@@ -143,6 +144,14 @@ class _DatasetView(QTableView):
 # ---------------------------------------------------------------------------- the panel
 
 LARGE_TABLE_ROWS = 2000
+BIG_FILE_BYTES = 1_000_000
+
+
+def _file_size(path: str | os.PathLike[str]) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 class DatasetPanel(QWidget):
@@ -379,11 +388,19 @@ class DatasetPanel(QWidget):
         afterwards (saving them back would drop prompts), so Save asks where to write.
         Returns False and emits ``error_occurred`` if the file cannot be read.
         """
+        big = _file_size(path) > BIG_FILE_BYTES
+        if big:  # 100,000 rows parse in well under a second: a busy cursor and a message suffice
+            self.status_message.emit(f"Loading {Path(path).name} ({_file_size(path) / 1e6:.1f} MB)…")
+            QApplication.setOverrideCursor(Qt.CursorShape.WaitCursor)
+            QApplication.processEvents()
         try:
             ds = load_dataset(path, target_path)
         except (SteerdeskError, OSError) as exc:
             self.error_occurred.emit("Could not load dataset", str(exc))
             return False
+        finally:
+            if big:
+                QApplication.restoreOverrideCursor()
         p = Path(path)
         self._last_dir = str(p.resolve().parent)
         if target_path is not None:
