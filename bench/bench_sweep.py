@@ -147,8 +147,18 @@ def main() -> int:
         log(f"naive loop: {dt:.1f}s wall, {cpu_times['naive']:.1f}s process CPU")
         return dt, per_config, margin, fluency
 
+    partial: dict[str, Any] = {}
+
+    def checkpoint(**kv: Any) -> None:
+        """Keep what is measured so far (a run killed half-way still leaves its numbers)."""
+        partial.update(kv, process_cpu_seconds=dict(cpu_times))
+        if args.json:
+            Path(args.json + ".partial").write_text(json.dumps(partial, indent=1) + "\n")
+
     t_ship1, res1 = shipped("shipped_1")
+    checkpoint(shipped_1=t_ship1)
     t_naive, per_config, n_margin, n_fluency = naive()
+    checkpoint(naive=t_naive, naive_scale0_configs=sum(v for (r, c), v in per_config.items() if scales[c] == 0))
     t_ship2, res2 = shipped("shipped_2")
     t_full = None
     if args.with_full:
