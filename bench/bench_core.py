@@ -2,16 +2,21 @@
 
 Usage::
 
-    .venv/bin/python bench/bench_core.py                 # full run (~15 min on 2 cores)
-    .venv/bin/python bench/bench_core.py --quick         # smoke run (~2 min)
+    .venv/bin/python bench/bench_core.py                 # full run (~10 min on a quiet 2-core machine)
+    .venv/bin/python bench/bench_core.py --quick         # smoke run (~2-5 min)
     .venv/bin/python bench/bench_core.py --json out.json # also write every number as JSON
     .venv/bin/python bench/bench_core.py --phases gen    # only some phases (gen, extract, batch)
+    .venv/bin/python bench/bench_core.py --max-wait 0    # never wait for the machine to go quiet
+    .venv/bin/python bench/bench_core.py --omp-passive   # OMP_WAIT_POLICY=PASSIVE (busy machines)
 
 Each phase runs in its own subprocess (``--phase NAME``), so its peak RSS is its own
 (``ru_maxrss`` only ever grows within a process). Inside a phase the competing methods are
 interleaved, repeat by repeat, with the order reversed on every other repeat, and the
 ratios are medians of the per-repeat ratios: the machine this was written on has 2 cores
 shared with other work, so absolute timings drift and only within-run ratios mean much.
+Before each timed call the script waits (``--max-wait``) for the other processes to go
+quiet and measures their CPU share during the call; ratios use the pairs where both calls
+were clean (others <= 10 % of the CPUs), or all pairs, flagged, when none was.
 
 Phases (see docs/benchmarks.md):
 
@@ -755,6 +760,9 @@ def main(argv: list[str] | None = None) -> int:
                                                    "phases": results}, indent=2))
     env["loadavg_end"] = _loadavg()
     verdicts = report(env, results)
+    if args.quick:
+        print("\n--quick: sizes and repeats are too small for the targets; the verdicts above only show "
+              "that the script runs.")
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "quick": args.quick, "verdicts": verdicts,
                                                "phases": results}, indent=2))
