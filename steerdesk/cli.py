@@ -157,14 +157,9 @@ def _load_model(args: argparse.Namespace) -> Any:
 
 def load_vectors_for(path: str, info: Any) -> Any:
     """Load a vector file and refuse it if it does not fit the model."""
-    from .core.vectors import import_gguf, load_vectors
+    from .core.vectors import load_vectors
 
-    if str(path).lower().endswith(".gguf"):
-        vs = import_gguf(path)
-        if vs.metadata.get("architecture") is None and vs.num_layers <= info.num_layers:
-            vs = import_gguf(path, num_layers=info.num_layers)  # pad to the model's depth
-    else:
-        vs = load_vectors(path)
+    vs = load_vectors(path, model_layers=info.num_layers)
     vs.check_compatible(info)
     return vs
 

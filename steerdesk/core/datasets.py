@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from .errors import SteerdeskError
 from .fileio import atomic_write_text
@@ -330,12 +330,3 @@ def format_prompt(tokenizer: Any, user: str, system: str | None = None) -> str:
         messages.append({"role": "user", "content": user})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return f"{system}\n{user}\n" if system else f"{user}\n"
-
-
-def iter_pairs(ds: Dataset) -> Iterable[tuple[str, str, str]]:
-    for e in ds.examples:
-        yield e.prompt, e.base, e.target
-
-
-def texts_for(ds: Dataset, side: str) -> Sequence[tuple[str, str]]:
-    return ds.base_texts if side == "base" else ds.target_texts

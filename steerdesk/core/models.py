@@ -201,9 +201,7 @@ def resolve_source(spec: str | None) -> tuple[str, str | None]:
                 f"{path} is not a Hugging Face model folder: it has no config.json."
             )
         return str(path.resolve()), None
-    looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1) \
-        or spec.count("/") > 1
-    if looks_local:
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # a path, not "org/name"
         raise SteerdeskError(f"Model path does not exist: {spec}")
     return spec, None
 

@@ -193,7 +193,7 @@ class Steering:
             rows=rows,
             unit=conv(unit) if mode in ("project", "clamp") else None,
             addend=conv(addend),
-            scale=conv(scales).unsqueeze(-1).squeeze(1) if mode == "project" else None,
+            scale=conv(scales) if mode == "project" else None,  # [R, 1, 1]
         )
 
     # -- hooks -------------------------------------------------------------------------

@@ -12,7 +12,6 @@ This is exactly steerdesk's ``block_output`` convention: steerdesk layer L <-> `
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,13 +103,20 @@ def _validate_loaded(vs: VectorSet, path: Path) -> VectorSet:
     return vs
 
 
-def load_vectors(path: str | Path) -> VectorSet:
-    """Load a steerdesk safetensors vector file or a GGUF control vector (by extension)."""
+def load_vectors(path: str | Path, model_layers: int | None = None) -> VectorSet:
+    """Load a steerdesk safetensors vector file or a GGUF control vector (by extension).
+
+    A foreign GGUF (no steerdesk metadata) only tells its highest ``direction.N``; with
+    ``model_layers`` it is padded with zero vectors to the model's depth when it fits.
+    """
     path = Path(path)
     if not path.is_file():
         raise SteerdeskError(f"Vector file not found: {path}")
     if path.suffix.lower() == ".gguf":
-        return import_gguf(path)
+        vs = import_gguf(path)
+        if model_layers and "architecture" not in vs.metadata and vs.num_layers < model_layers:
+            vs = import_gguf(path, num_layers=model_layers)
+        return vs
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -272,7 +278,3 @@ def describe(vs: VectorSet) -> str:
     return (f"{m.get('method', '?')} vectors for {m.get('model', '?')} ({vs.num_layers} layers x "
             f"{vs.hidden_size}), read at {m.get('read_position', '?')} token, "
             f"dataset {m.get('dataset_name', '?')}")
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None

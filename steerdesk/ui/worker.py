@@ -113,8 +113,9 @@ class ModelWorker(QObject):
         )
         vs.metadata["name"] = req.name
         self.vectors_ready.emit(req.id, vs)
-        self._record(lambda: __import__("steerdesk.core.records", fromlist=["x"]).record_compute(
-            lm, req.dataset, vs, batch_size=req.batch_size))
+        from ..core.records import record_compute
+
+        self._record(lambda: record_compute(lm, req.dataset, vs, batch_size=req.batch_size))
 
     def _generate(self, req: GenerateRequest) -> None:
         from ..core.generate import generate

@@ -312,15 +312,11 @@ class VectorPanel(QWidget):
     def load_file(self, path: str) -> NamedVectors | None:
         """Load a .safetensors or .gguf vector file into the session."""
         from ...core.errors import SteerdeskError
-        from ...core.vectors import import_gguf, load_vectors
+        from ...core.vectors import load_vectors
 
         try:
-            if path.lower().endswith(".gguf") and self._model_info is not None:
-                vs = import_gguf(path)
-                if "architecture" not in vs.metadata and vs.num_layers <= self._model_info.num_layers:
-                    vs = import_gguf(path, num_layers=self._model_info.num_layers)
-            else:
-                vs = load_vectors(path)
+            layers = self._model_info.num_layers if self._model_info is not None else None
+            vs = load_vectors(path, model_layers=layers)
         except SteerdeskError as exc:
             self.error_occurred.emit("Could not load vectors", str(exc))
             return None
