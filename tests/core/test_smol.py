@@ -97,3 +97,21 @@ def test_heldout_margin_rises_under_steering(smol, rude):
         f"target-minus-base log-prob margin {plain.mean():.3f} -> {steered.mean():.3f}"
     # Not carried by one or two examples (measured: 16 of 16 rise, -1.46 -> -0.69 nats/token).
     assert (steered > plain).float().mean() >= 0.75
+
+
+def test_embedded_model_linear_kernel_matches_stock(smol):
+    """load_model picks a CPU linear kernel (core/kernels.py); its logits match aten's."""
+    from steerdesk.core.kernels import use_cpu_linear
+
+    assert smol.info.cpu_linear in ("onednn", "aten")
+    ids = smol.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    try:
+        with torch.inference_mode():
+            use_cpu_linear(smol.model, "onednn")
+            fast = smol.model(input_ids=ids).logits
+            use_cpu_linear(smol.model, "aten")
+            stock = smol.model(input_ids=ids).logits
+    finally:
+        use_cpu_linear(smol.model, smol.info.cpu_linear)
+    torch.testing.assert_close(fast, stock, rtol=1e-3, atol=1e-3)
+    assert torch.equal(fast[0, -1].argmax(), stock[0, -1].argmax())

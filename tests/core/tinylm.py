@@ -7,6 +7,7 @@ the plain-text formatting path is exercised too.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -42,10 +43,18 @@ def tiny_config(arch: str, tok: Any) -> Any:
     raise ValueError(arch)
 
 
-def build_tiny(arch: str, tokenizer: Any, plain_tokenizer: Any, dtype: torch.dtype = torch.float32) -> Any:
+# Tiny models run their linear layers through the kernel steerdesk's own loader may pick on a
+# CPU (oneDNN, core/kernels.py), so every steering invariant is checked on that path; the stock
+# aten path is checked by tests/core/test_kernels.py. STEERDESK_TEST_CPU_LINEAR=aten flips it.
+TEST_LINEAR = os.environ.get("STEERDESK_TEST_CPU_LINEAR", "onednn")
+
+
+def build_tiny(arch: str, tokenizer: Any, plain_tokenizer: Any, dtype: torch.dtype = torch.float32,
+               linear: str | None = None) -> Any:
     """A fresh tiny model wrapped as a LoadedModel (seeded: the same weights every time)."""
     from transformers import AutoModelForCausalLM
 
+    from steerdesk.core.kernels import use_cpu_linear
     from steerdesk.core.models import wrap_model
 
     tok = plain_tokenizer if arch in PLAIN_ARCHS else tokenizer
@@ -53,6 +62,8 @@ def build_tiny(arch: str, tokenizer: Any, plain_tokenizer: Any, dtype: torch.dty
     model = AutoModelForCausalLM.from_config(tiny_config(arch, tok), attn_implementation="eager", dtype=dtype)
     model.eval()
     model.requires_grad_(False)
+    if torch.backends.mkldnn.is_available():
+        use_cpu_linear(model, linear or TEST_LINEAR)
     return wrap_model(model, tok, name=f"tiny-{arch}")
 
 

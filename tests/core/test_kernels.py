@@ -1,0 +1,133 @@
+"""core/kernels.py: oneDNN linear layers agree with aten's, fall back where they must, and the
+steering invariants hold on the stock aten path too (the tiny fixtures run on oneDNN)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerdesk.core import kernels
+from steerdesk.core.extract import collect, encode
+from steerdesk.core.generate import SamplingSettings, generate
+from steerdesk.core.kernels import linear_backend, use_cpu_linear
+from steerdesk.core.steering import Steering, steers_for
+from tinylm import PROMPT, REPLY, build_tiny, ids_of, strong_vectors
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+
+GREEDY = SamplingSettings(max_new_tokens=12)
+
+
+def _logits(lm, ids):
+    with torch.inference_mode():
+        return lm.model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "qwen2", "gptneox"])
+def test_onednn_agrees_with_aten_and_switches_back_exactly(arch, tokenizer, plain_tokenizer):
+    lm = build_tiny(arch, tokenizer, plain_tokenizer, linear="aten")
+    ids = ids_of(lm, PROMPT + " " + REPLY)
+    stock = _logits(lm, ids)
+    assert use_cpu_linear(lm.model, "onednn") == "onednn"
+    patched = [m for m in lm.model.modules() if "forward" in m.__dict__]
+    assert patched and all(type(m) is torch.nn.Linear for m in patched)
+    fast = _logits(lm, ids)
+    torch.testing.assert_close(fast, stock, rtol=1e-4, atol=1e-4)
+    assert use_cpu_linear(lm.model, "aten") == "aten"
+    assert not [m for m in lm.model.modules() if "forward" in m.__dict__]
+    assert torch.equal(_logits(lm, ids), stock)
+
+
+def test_linear_outputs_match_for_every_input_shape():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 48)
+    lin.requires_grad_(False)
+    inputs = [torch.randn(s) for s in [(32,), (5, 32), (2, 7, 32), (2, 3, 4, 32), (0, 32)]]
+    inputs.append(torch.randn(4, 9, 32).transpose(0, 1))  # non-contiguous
+    expected = [lin(x) for x in inputs]
+    use_cpu_linear(lin, "onednn")
+    assert "forward" in lin.__dict__
+    for x, want in zip(inputs, expected):
+        got = lin(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="dtype"):  # the stock forward's own error, not oneDNN's
+        lin(torch.randn(3, 32, dtype=torch.float64))
+
+
+def test_autograd_uses_the_stock_forward():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 4)
+    ref = torch.nn.Linear(8, 4)
+    ref.load_state_dict(lin.state_dict())
+    use_cpu_linear(lin, "onednn")
+    x = torch.randn(3, 8)
+    lin(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    torch.testing.assert_close(lin.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(lin.bias.grad, ref.bias.grad)
+
+
+def test_only_plain_float32_cpu_linears_are_switched(tokenizer, plain_tokenizer):
+    bf16 = build_tiny("llama", tokenizer, plain_tokenizer, dtype=torch.bfloat16, linear="aten")
+    assert use_cpu_linear(bf16.model, "onednn") == ""  # nothing eligible: left alone
+    assert not [m for m in bf16.model.modules() if "forward" in m.__dict__]
+
+    class Wrapped(torch.nn.Linear):  # e.g. a quantised subclass: its own forward must run
+        pass
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), Wrapped(4, 4), torch.nn.Linear(4, 4))
+    net[2]._hf_hook = object()  # accelerate-managed (offloading): never touched
+    use_cpu_linear(net, "onednn")
+    assert ["forward" in m.__dict__ for m in net] == [True, False, False]
+    with pytest.raises(ValueError):
+        use_cpu_linear(torch.nn.Linear(2, 2), "mkl")
+
+
+def test_backend_choice_and_override(monkeypatch):
+    assert linear_backend() in ("onednn", "aten")
+    first = linear_backend()
+    assert linear_backend() == first  # measured once per process
+    monkeypatch.setenv(kernels.ENV, "aten")
+    assert linear_backend() == "aten"
+    monkeypatch.setenv(kernels.ENV, "onednn")
+    assert linear_backend() == "onednn"
+    lin = torch.nn.Linear(2, 2)
+    assert use_cpu_linear(lin) == "onednn" and "forward" in lin.__dict__
+
+
+# ------------------------------------------------- steering invariants on the stock (aten) path
+
+@pytest.fixture(params=["llama", "gptneox"])
+def stock(request, tokenizer, plain_tokenizer):
+    return build_tiny(request.param, tokenizer, plain_tokenizer, linear="aten")
+
+
+def test_stock_zero_vector_is_bit_identical(stock):
+    ids = ids_of(stock, PROMPT)
+    before = _logits(stock, ids)
+    zero = torch.zeros(stock.info.num_layers, stock.info.hidden_size)
+    with Steering(stock, steers_for(zero, [0, 1, 2, 3], scale=5.0)):
+        assert torch.equal(_logits(stock, ids), before)
+
+
+@pytest.mark.parametrize("mode", ["add", "project"])
+def test_stock_cache_on_equals_off(stock, mode):
+    steers = steers_for(strong_vectors(stock, factor=4.0), [1], mode=mode)
+
+    def run(cache):
+        return generate(stock, [PROMPT], steers, sampling=GREEDY, use_cache=cache)[0].token_ids
+
+    on = run(True)
+    assert on == run(False)
+    assert on != generate(stock, [PROMPT], sampling=GREEDY)[0].token_ids
+
+
+def test_stock_left_and_right_padding_agree(stock):
+    pairs = [(PROMPT, REPLY), ("Hi", "Hello there, how are you today?"), ("A much longer question about "
+             "rivers, mountains and the sea?", "Yes.")]
+    enc = encode(stock, pairs)
+    left, _ = collect(stock, enc, padding_side="left", batch_size=3)
+    right, _ = collect(stock, enc, padding_side="right", batch_size=3)
+    rel = (left - right).norm(dim=-1) / right.norm(dim=-1)
+    assert rel.max() < 1e-4
