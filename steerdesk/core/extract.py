@@ -110,6 +110,12 @@ def forward_with_positions(model: Any, ids: torch.Tensor, mask: torch.Tensor, po
         return model(input_ids=ids, attention_mask=mask, **kwargs)
 
 
+def _stack_on_cpu(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Stack per-layer results along dim 1 (on the first part's device) and copy once."""
+    dev = parts[0].device
+    return torch.stack([p.to(dev) for p in parts], 1).cpu()
+
+
 @torch.inference_mode()
 def collect(
     lm: Any,
@@ -136,6 +142,8 @@ def collect(
     n, hidden = len(encoded), lm.info.hidden_size
     reads = torch.zeros((n, len(layers), hidden), dtype=torch.float32)
     norms = torch.zeros((n, len(layers)), dtype=torch.float32)
+    if not layers or not n:
+        return reads, norms
     order = sorted(range(n), key=lambda i: -len(encoded[i].ids))
     pad_id = lm.tokenizer.pad_token_id
     device = lm.input_device
@@ -147,11 +155,15 @@ def collect(
 
     def make_hook(j: int, layer: int) -> Callable[..., None]:
         def hook(module: Any, args: Any, output: Any) -> None:
-            h = _block_hidden(output)
-            w = state["weights"].to(h.device)
-            hf = h.float()
-            state["reads"][:, j] = torch.einsum("bs,bsh->bh", w, hf).cpu()
-            state["norms"][:, j] = torch.einsum("bs,bs->b", w, hf.norm(dim=-1)).cpu()
+            lo, hi = state["window"]
+            h = _block_hidden(output)[:, lo:hi]
+            w = state["weights"].get(h.device)
+            if w is None:  # first block on this device (device_map="auto" spreads blocks)
+                w = state["weights"][h.device] = next(iter(state["weights"].values())).to(h.device)
+            # Zero what is not read: a pad position may hold inf/NaN, and 0 * NaN is NaN.
+            hf = torch.where((w > 0).unsqueeze(-1), h.float(), 0.0)
+            state["reads"][j] = torch.einsum("bs,bsh->bh", w, hf)
+            state["norms"][j] = torch.einsum("bs,bs->b", w, hf.norm(dim=-1))
             if layer == last_layer:
                 raise _Done  # nothing above this block is needed
         return hook
@@ -166,16 +178,18 @@ def collect(
             idx = order[start:start + batch_size]
             ids, mask, positions, weights = _pad_batch([encoded[i] for i in idx], pad_id, padding_side,
                                                        read, device)
-            state["weights"] = weights
-            state["reads"] = torch.zeros((len(idx), len(layers), hidden))
-            state["norms"] = torch.zeros((len(idx), len(layers)))
+            cols = weights.any(0).nonzero()  # the columns any row reads: one for left-padded "last"
+            state["window"] = (int(cols[0]), int(cols[-1]) + 1)
+            state["weights"] = {weights.device: weights[:, state["window"][0]:state["window"][1]]}
+            state["reads"], state["norms"] = {}, {}
             try:
                 with oom_guard("extracting activations", f"try a batch size below {batch_size}."):
                     forward_with_positions(base, ids, mask, positions, use_cache=False)
             except _Done:
                 pass
-            reads[idx] = state["reads"]
-            norms[idx] = state["norms"]
+            # One copy to the CPU per batch, not one per layer (each would wait for the device).
+            reads[idx] = _stack_on_cpu([state["reads"][j] for j in range(len(layers))])
+            norms[idx] = _stack_on_cpu([state["norms"][j] for j in range(len(layers))])
             done += len(idx)
             if progress is not None:
                 progress(done, n)

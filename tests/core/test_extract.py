@@ -99,6 +99,40 @@ def test_left_and_right_padding_agree(tiny, read):
     torch.testing.assert_close(left_n, right_n, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("read", ["last", "mean"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_non_finite_pad_states_do_not_leak_into_reads(fresh_tiny, read, side):
+    """A block output at pad positions may be inf/NaN (fully masked rows); reads must not see it.
+
+    Only the last block is poisoned: earlier NaN would flow on through attention values.
+    """
+    lm = fresh_tiny("llama")
+    enc = encode(lm, PAIRS)
+    clean, clean_n = collect(lm, enc, read=read, padding_side=side, batch_size=4)
+    base = getattr(lm.model, "base_model", lm.model)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_mask(module, args, kwargs):
+        seen["mask"] = kwargs["attention_mask"]
+
+    def poison(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h = h.masked_fill((seen["mask"] == 0).unsqueeze(-1), float("nan"))
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    handles = [base.register_forward_pre_hook(keep_mask, with_kwargs=True)]
+    handles.append(lm.blocks[-1].register_forward_hook(poison))
+    try:
+        poisoned, poisoned_n = collect(lm, enc, read=read, padding_side=side, batch_size=4)
+    finally:
+        for h in handles:
+            h.remove()
+    assert (seen["mask"] == 0).any(), "the batch must contain padding for this test to mean anything"
+    assert torch.isfinite(poisoned).all() and torch.isfinite(poisoned_n).all()
+    torch.testing.assert_close(poisoned, clean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(poisoned_n, clean_n, rtol=1e-4, atol=1e-5)
+
+
 def test_collect_under_steering_reads_steered_states(tiny):
     """Extraction hooks registered inside a Steering block see the steered block output."""
     from steerdesk.core.steering import Steering, steers_for
