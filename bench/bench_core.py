@@ -22,11 +22,13 @@ Phases (see docs/benchmarks.md):
 
 ``gen``      128 greedy tokens of one prompt: steerdesk ``generate`` steered (KV cache on)
              vs the same unsteered, vs the seed's style (a plain forward hook on block 15 +
-             ``model.generate(use_cache=False)``).
+             ``model.generate(use_cache=False)`` on stock transformers kernels), and, for
+             information, the seed's style on steerdesk's CPU linear kernel (core/kernels.py).
 ``extract``  vectors from 128 contrast pairs: ``compute_vectors`` (batch 16, masked, left
              padded, block-output hooks) vs the seed's style (batches of 2, default right
              padding, no attention mask, ``hidden_states[L][:, -1]``), plus the cosine of
-             each against a correct batch-1 reference, per layer.
+             each against a correct batch-1 reference, per layer. The seed runs on stock kernels
+             (and, for information, on steerdesk's).
 ``batch``    8 different prompts x 64 steered tokens: one ``generate`` call vs 8 calls.
 """
 
@@ -253,6 +255,24 @@ def rss_block(tracker: Runner, rss_after_load: float) -> dict[str, Any]:
 
 # ============================================================================ phase: gen
 
+def on_kernel(lm: Any, backend: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with the model's CPU linear layers on ``backend`` ("aten" = stock transformers).
+
+    The seed notebook ran a plain transformers model; steerdesk's loader may route CPU linear
+    layers through oneDNN (core/kernels.py). The seed's style is measured on the stock kernel,
+    and once more on steerdesk's, so the report can split the gain into kernel and method.
+    """
+    from steerdesk.core.kernels import use_cpu_linear
+
+    def run() -> Any:
+        use_cpu_linear(lm.model, backend)
+        try:
+            return fn()
+        finally:
+            use_cpu_linear(lm.model, lm.info.cpu_linear or "aten")
+    return run
+
+
 def seed_generate(lm: Any, prompt: str, vector: Any, layer: int, max_new_tokens: int) -> list[int]:
     """The seed's generation: a plain forward hook adding the vector, cache off."""
     import torch
@@ -293,7 +313,7 @@ def phase_gen(quick: bool, max_wait: float, vectors: str | None = None) -> dict[
 
     n_new = 16 if quick else 128
     reps_fast = 1 if quick else 6  # steered / unsteered (cheap)
-    reps_seed = 1 if quick else 3  # seed style (cache off: ~4x slower)
+    reps_seed = 1 if quick else 5  # seed style (cache off: ~4x slower)
     lm = load_lm()
     rss_after_load = _status_kib("VmRSS") / 1024
     directions = load_directions(lm, vectors)
@@ -310,10 +330,15 @@ def phase_gen(quick: bool, max_wait: float, vectors: str | None = None) -> dict[
     def seed() -> tuple[list[int], int]:
         return count_until_eos(seed_generate(lm, GEN_PROMPT, directions[STEER_LAYER], STEER_LAYER, n_new), eos)
 
-    methods = {"steered": ours(True), "unsteered": ours(False), "seed": seed}
-    # Warm-up (first-call allocations, lazy imports).
-    generate(lm, [GEN_PROMPT], steers, sampling=SamplingSettings(max_new_tokens=4))
-    seed_generate(lm, GEN_PROMPT, directions[STEER_LAYER], STEER_LAYER, 4)
+    methods = {"steered": ours(True), "unsteered": ours(False), "seed": on_kernel(lm, "aten", seed)}
+    fast_kernel = lm.info.cpu_linear == "onednn"
+    if fast_kernel:
+        methods["seed_our_kernel"] = seed
+    # Warm-up at full length, one run of each method: lazy imports and the allocator's first
+    # growth to the largest buffers otherwise land on whichever timed call comes first
+    # (seen: a first timed steered run 15 % slower than the next five).
+    for fn in methods.values():
+        fn()
 
     tracker = Runner(max_wait)
     tps: dict[str, list[float]] = {k: [] for k in methods}
@@ -321,7 +346,7 @@ def phase_gen(quick: bool, max_wait: float, vectors: str | None = None) -> dict[
     tokens: dict[str, list[int]] = {k: [] for k in methods}
     ids_seen: dict[str, list[int]] = {}
     for rep in range(reps_fast):
-        names = ["steered", "unsteered"] + (["seed"] if rep < reps_seed else [])
+        names = ["steered", "unsteered"] + ([k for k in methods if k.startswith("seed")] if rep < reps_seed else [])
         for name in order_for(rep, names):
             dt, (ids, count), ok = tracker.measure(name, methods[name])
             tps[name].append(count / dt)
@@ -340,6 +365,12 @@ def phase_gen(quick: bool, max_wait: float, vectors: str | None = None) -> dict[
         "steered_vs_unsteered": paired_ratio(tps["steered"], tps["unsteered"],
                                              clean["steered"], clean["unsteered"]),
         "ours_vs_seed": paired_ratio(tps["steered"], tps["seed"], clean["steered"], clean["seed"]),
+        "cpu_linear": lm.info.cpu_linear,
+        # What the KV cache alone buys: the seed's style on steerdesk's kernel (information).
+        "ours_vs_seed_our_kernel": (paired_ratio(tps["steered"], tps["seed_our_kernel"], clean["steered"],
+                                                 clean["seed_our_kernel"]) if fast_kernel else None),
+        "seed_our_kernel_cache_off_equals_seed": (ids_seen["seed_our_kernel"] == ids_seen["seed"]
+                                                  if fast_kernel else None),
         # Same vector, same block, greedy: KV cache on (ours) must reproduce cache off (seed hook).
         "steered_cache_on_equals_seed_cache_off": ids_seen["steered"] == ids_seen["seed"],
         "steered_text_head": lm.tokenizer.decode(ids_seen["steered"][:40]),
@@ -453,19 +484,24 @@ def phase_extract(quick: bool, max_wait: float) -> dict[str, Any]:
     small = dataset_128(4)
     compute_vectors(lm, small, batch_size=batch_size)
     seed_extract(lm, *formatted_texts(lm, small))
+    on_kernel(lm, "aten", lambda: seed_extract(lm, *formatted_texts(lm, small)))()
 
     tracker = Runner(max_wait)
-    secs: dict[str, list[float]] = {"ours": [], "seed": []}
-    clean: dict[str, list[bool]] = {"ours": [], "seed": []}
+    names = ["ours", "seed"] + (["seed_our_kernel"] if lm.info.cpu_linear == "onednn" else [])
+    secs: dict[str, list[float]] = {k: [] for k in names}
+    clean: dict[str, list[bool]] = {k: [] for k in names}
     out: dict[str, Any] = {}
+    seed_stock = on_kernel(lm, "aten", lambda: seed_extract(lm, base, target))
     for rep in range(reps):
-        for name in order_for(rep, ["ours", "seed"]):
+        for name in order_for(rep, names):
             if name == "ours":
                 dt, vs, ok = tracker.measure(name, lambda: compute_vectors(lm, ds, batch_size=batch_size))
                 out["ours"] = vs.directions
-            else:
-                dt, res, ok = tracker.measure(name, lambda: seed_extract(lm, base, target))
+            elif name == "seed":
+                dt, res, ok = tracker.measure(name, seed_stock)
                 out.update(res)
+            else:
+                dt, _, ok = tracker.measure(name, lambda: seed_extract(lm, base, target))
             secs[name].append(dt)
             clean[name].append(ok)
             log(f"extract rep {rep + 1}/{reps} {name:5s} {n_pairs} pairs in {dt:6.2f}s  {describe_run(tracker)}")
@@ -486,6 +522,9 @@ def phase_extract(quick: bool, max_wait: float) -> dict[str, Any]:
         "median_seconds": {k: statistics.median(v) for k, v in secs.items()},
         "reference_seconds_once": dt_ref,
         "ours_vs_seed": speed,
+        "cpu_linear": lm.info.cpu_linear,
+        "ours_vs_seed_our_kernel": (paired_ratio(secs["seed_our_kernel"], secs["ours"], clean["seed_our_kernel"],
+                                                 clean["ours"], best=min) if "seed_our_kernel" in secs else None),
         "cosine_ours_vs_reference": cos_ours,
         "cosine_seed_vs_reference": cos_seed,
         "cosine_seed_index_fixed_vs_reference": cos_seed_fixed,
@@ -639,6 +678,8 @@ def report(env: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
             ("gen: unsteered, KV cache", f"{m['unsteered']:.1f} tok/s"),
             ("gen: seed (hook, use_cache=False)", f"{m['seed']:.1f} tok/s"),
         ]
+        if "seed_our_kernel" in m:
+            rows.append(("gen: seed style on our CPU kernel", f"{m['seed_our_kernel']:.1f} tok/s"))
         summary["gen_steered_vs_unsteered"] = g["steered_vs_unsteered"]["median_of_ratios"]
         summary["gen_ours_vs_seed"] = g["ours_vs_seed"]["median_of_ratios"]
     if "extract" in results:
@@ -649,6 +690,9 @@ def report(env: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
              f"{s['ours']:.1f} s ({2 * e['pairs'] / s['ours']:.1f} texts/s)"),
             (f"extract: seed, batch 2, no mask",
              f"{s['seed']:.1f} s ({2 * e['pairs'] / s['seed']:.1f} texts/s)"),
+            *([("extract: seed style on our CPU kernel",
+                f"{s['seed_our_kernel']:.1f} s ({2 * e['pairs'] / s['seed_our_kernel']:.1f} texts/s)")]
+              if "seed_our_kernel" in s else []),
             ("extract: reference, batch 1 (once)", f"{e['reference_seconds_once']:.1f} s"),
             ("extract: min cos(ours, reference)", f"{e['min_cosine_ours']:.6f}"),
             ("extract: min / median cos(seed, reference)",
@@ -687,6 +731,11 @@ def report(env: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
         op, target = TARGETS[name]
         shown = fmt_ratio(detail[name]) if detail.get(name) else f"{value:.6f}"
         print(f"{name:34s} {shown:>56s}  {op}{target:<7g}  {verdict(name, value)}")
+    info = {"gen: ours vs seed style on our kernel": results.get("gen", {}).get("ours_vs_seed_our_kernel"),
+            "extract: ours vs seed style on our kernel": results.get("extract", {}).get("ours_vs_seed_our_kernel")}
+    for name, d in info.items():
+        if d:
+            print(f"{name:42s} {fmt_ratio(d):>48s}  (information: the method alone, same kernel)")
 
     print()
     print("peak RSS per phase (MiB; per-method peaks include the resident model)")
