@@ -4,7 +4,8 @@
 On the AMD EPYC machines steerdesk is developed on, MKL's single-row product (one per
 weight matrix per decoded token) reads weights at 17 GB/s and does not use the second
 core, while oneDNN -- also inside every x86 torch build, as ``torch.ops.mkldnn`` -- reads
-them at 47 GB/s: generation is 1.6x faster and extraction 1.7x (docs/benchmarks.md).
+them at 47 GB/s: token-by-token generation is 1.4x faster (docs/benchmarks.md). Only
+products of at most ``MAX_ROWS`` rows (decoding) take that path: see there why.
 
 Which kernel wins depends on the CPU, so :func:`linear_backend` measures both once per
 process on a weight larger than the caches and picks oneDNN only when it is clearly faster
@@ -83,10 +84,18 @@ def linear_backend() -> str:
     return _choice
 
 
+# oneDNN keeps memory for every input shape it has seen (primitives, JIT code, scratch: about
+# 2.4 MB per row count with SmolLM2's seven weight shapes, 830 MB after 350 prompt lengths).
+# Decoding has at most a batch's worth of row counts, prompts and extraction batches have any
+# number: those stay on aten, so memory stays bounded however long a session runs.
+MAX_ROWS = 16
+
+
 def _fast_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     w = self.weight
-    if (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) or x.dtype != w.dtype \
-            or x.device != w.device:
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    if rows > MAX_ROWS or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) \
+            or x.dtype != w.dtype or x.device != w.device:
         return torch.nn.Linear.forward(self, x)
     return _onednn_linear(x, w, self.bias)
 

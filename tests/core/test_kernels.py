@@ -55,6 +55,29 @@ def test_linear_outputs_match_for_every_input_shape():
         lin(torch.randn(3, 32, dtype=torch.float64))
 
 
+def test_only_small_row_counts_take_onednn(monkeypatch):
+    """Decoding (few rows) goes to oneDNN; prompts and extraction batches (any row count) stay
+    on aten, because oneDNN keeps memory for every shape it has seen."""
+    calls: list[tuple[int, ...]] = []
+    real = kernels._onednn_linear
+
+    def counting(x, w, b):
+        calls.append(tuple(x.shape))
+        return real(x, w, b)
+
+    monkeypatch.setattr(kernels, "_onednn_linear", counting)
+    lin = torch.nn.Linear(8, 8)
+    lin.requires_grad_(False)
+    use_cpu_linear(lin, "onednn")
+    lin(torch.randn(kernels.MAX_ROWS, 8))
+    lin(torch.randn(2, kernels.MAX_ROWS // 2, 8))
+    lin(torch.randn(1, 1, 8))
+    assert calls == [(kernels.MAX_ROWS, 8), (2, kernels.MAX_ROWS // 2, 8), (1, 1, 8)]
+    lin(torch.randn(kernels.MAX_ROWS + 1, 8))
+    lin(torch.randn(3, 40, 8))
+    assert len(calls) == 3
+
+
 def test_autograd_uses_the_stock_forward():
     torch.manual_seed(0)
     lin = torch.nn.Linear(8, 4)
