@@ -50,19 +50,33 @@ class GenerationResult:
 
 
 class _RowStreamer:
-    """``model.generate`` streamer: per-row incremental decoding with clean UTF-8 boundaries."""
+    """``model.generate`` streamer: per-row incremental decoding with clean UTF-8 boundaries.
+
+    Each new token costs two decodes of a short window (the tokens since the last emitted
+    chunk, plus the chunk before it for context: leading-space and clean-up rules need a
+    left neighbour), not a decode of the whole row: streaming stays O(1) per token.
+    """
 
     def __init__(self, tokenizer: Any, rows: int, eos_ids: set[int], on_text: TextCallback | None,
                  on_step: Callable[[list[int]], None] | None, stop: threading.Event | None):
         self.tok = tokenizer
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
-        self.emitted = [0] * rows  # characters of decoded text already sent
+        self.prefix = [0] * rows  # window start: first token of the last emitted chunk
+        self.read = [0] * rows  # tokens up to here have been emitted as text
+        self.sent: list[list[str]] = [[] for _ in range(rows)]
         self.done = [False] * rows
         self.eos_ids = eos_ids
         self.on_text = on_text
         self.on_step = on_step
         self.stop = stop
         self._prompt_seen = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def _emit(self, row: int, text: str) -> None:
+        self.sent[row].append(text)
+        self.on_text(row, text)  # type: ignore[misc]
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:  # the first call carries the prompt ids
@@ -77,25 +91,29 @@ class _RowStreamer:
             if token in self.eos_ids:
                 self.done[row] = True
                 continue
-            self.tokens[row].append(token)
-            if self.on_text is not None:
-                text = self.tok.decode(self.tokens[row], skip_special_tokens=True)
-                if text.endswith("\ufffd"):
-                    continue  # an incomplete multi-byte character: wait for the next token
-                if len(text) > self.emitted[row]:
-                    self.on_text(row, text[self.emitted[row]:])
-                    self.emitted[row] = len(text)
+            toks = self.tokens[row]
+            toks.append(token)
+            if self.on_text is None:
+                continue
+            lo, mid = self.prefix[row], self.read[row]
+            before = self._decode(toks[lo:mid])
+            text = self._decode(toks[lo:])
+            if text.endswith("\ufffd") or len(text) <= len(before) or not text.startswith(before):
+                continue  # an incomplete multi-byte character, or nothing new yet: wait
+            self._emit(row, text[len(before):])
+            self.prefix[row], self.read[row] = mid, len(toks)
         if self.on_step is not None:
             self.on_step(ids)
 
     def end(self) -> None:
+        """Flush what is still held back, so the streamed chunks add up to the final text."""
         if self.on_text is None:
             return
         for row in range(len(self.tokens)):
-            text = self.tok.decode(self.tokens[row], skip_special_tokens=True)
-            if len(text) > self.emitted[row]:
-                self.on_text(row, text[self.emitted[row]:])
-                self.emitted[row] = len(text)
+            text = self._decode(self.tokens[row])
+            sent = "".join(self.sent[row])
+            if text.startswith(sent) and len(text) > len(sent):
+                self._emit(row, text[len(sent):])
 
 
 def _eos_ids(lm: Any) -> set[int]:

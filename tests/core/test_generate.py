@@ -212,3 +212,64 @@ def test_non_finite_output_is_reported(fresh_tiny):
     v = torch.full((lm.info.num_layers, lm.info.hidden_size), 3e38)
     with pytest.raises(SteerdeskError, match="NaN or infinite"):
         generate(lm, [PROMPT], steers_for(v, [0], scale=10.0), sampling=GREEDY)
+
+
+# ------------------------------------------------------------------ incremental decoding
+
+def _stream(tokenizer, rows_of_ids):
+    """Feed token columns to a _RowStreamer the way model.generate does; return chunks per row."""
+    from steerdesk.core.generate import _RowStreamer
+
+    chunks: dict[int, list[str]] = {r: [] for r in range(len(rows_of_ids))}
+    streamer = _RowStreamer(tokenizer, len(rows_of_ids), set(), lambda r, t: chunks[r].append(t), None, None)
+    streamer.put(torch.zeros((len(rows_of_ids), 3), dtype=torch.long))  # the prompt call
+    width = max(len(r) for r in rows_of_ids)
+    for i in range(width):
+        col = [r[i] if i < len(r) else tokenizer.pad_token_id for r in rows_of_ids]
+        for r, row in enumerate(rows_of_ids):
+            if i == len(row):
+                streamer.done[r] = True
+        streamer.put(torch.tensor(col))
+    streamer.end()
+    return chunks
+
+
+TRICKY = ["Hello, world! It's a dragon's tale.", "Zürich → Kraków: naïve café ☕ 🐉🐉 日本語のテキスト",
+          "  leading spaces\n\nand\ttabs ,, ... ' quotes ' \" ", "emoji family 👨‍👩‍👧‍👦 and flags 🇯🇵🇫🇷"]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_streamed_chunks_add_up_to_the_decoded_text(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    chunks = _stream(tokenizer, [ids])[0]
+    assert "".join(chunks) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert all(c and "\ufffd" not in c for c in chunks)  # never half a character on screen
+
+
+def test_streaming_decodes_a_short_window_per_token(tokenizer):
+    """No re-decoding of the whole row per token (that is O(n^2) over a long reply)."""
+    ids = tokenizer(" ".join(["The dragon flew over the mountains, and the villagers watched."] * 60),
+                    add_special_tokens=False)["input_ids"]
+    assert len(ids) > 600
+    lengths: list[int] = []
+
+    class Counting:
+        def decode(self, seq, **kw):
+            lengths.append(len(seq))
+            return tokenizer.decode(seq, **kw)
+
+    chunks = _stream(Counting(), [ids])[0]
+    assert "".join(chunks) == tokenizer.decode(ids)
+    per_token = [n for n in lengths[:-1]]  # the last call is end()'s one full decode
+    assert max(per_token) <= 16, f"decoded up to {max(per_token)} tokens for one new token"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_streaming_random_token_soup(tokenizer, seed):
+    """Random ids (split multi-byte characters, odd merges): chunks still add up, row by row."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, tokenizer.vocab_size, (int(n),), generator=gen).tolist()
+            for n in torch.randint(1, 80, (3,), generator=gen)]
+    chunks = _stream(tokenizer, rows)
+    for r, ids in enumerate(rows):
+        assert "".join(chunks[r]) == tokenizer.decode(ids, skip_special_tokens=True), f"row {r}"
