@@ -191,6 +191,9 @@ def _field_str(field: Any) -> str:
     return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
+MAX_LAYERS = 4096  # far above any model's depth; a GGUF claiming more is damaged
+
+
 def import_gguf(path: str | Path, num_layers: int | None = None) -> VectorSet:
     """Read a llama.cpp / repeng control vector: ``direction.N`` -> steerdesk layer N.
 
@@ -253,6 +256,10 @@ def _import_gguf(path: Path, num_layers: int | None) -> VectorSet:
         meta_layers = metadata.get("num_layers")
         num_layers = int(meta_layers) if meta_layers and meta_layers.isdigit() else \
             max(max(dirs) + 1, (layer_count or 0) + 1)
+    # The layer count comes from the file; a damaged one must not allocate gigabytes of zeros.
+    if not 1 <= num_layers <= MAX_LAYERS or max(dirs) > MAX_LAYERS:
+        raise SteerdeskError(f"{path}: the control vector claims {max(num_layers, max(dirs) + 1)} layers; "
+                             f"no model has more than {MAX_LAYERS} (damaged file?).")
     directions = torch.zeros((num_layers, hidden), dtype=torch.float32)
     for idx, v in dirs.items():
         if idx < num_layers:

@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -153,3 +154,23 @@ def test_truncated_safetensors(cut):
 def test_truncated_gguf(cut):
     with pytest.raises(SteerdeskError):
         load_vectors(_write("t.gguf", VALID_GGUF[:cut]))
+
+
+@pytest.mark.parametrize("claim", ["metadata", "layer_count", "direction"])
+def test_gguf_claiming_absurd_layer_counts_is_refused_without_allocating(claim):
+    """A damaged count (found by the fuzzer: one run allocated 24 GB and was OOM-killed)."""
+    import gguf
+
+    path = os.path.join(_DIR, f"huge-{claim}.gguf")
+    writer = gguf.GGUFWriter(path, "controlvector")
+    writer.add_int32("controlvector.layer_count", 2_000_000_000 if claim == "layer_count" else 3)
+    if claim == "metadata":
+        writer.add_string("steerdesk.metadata", json.dumps({"num_layers": "1999999999"}))
+    layer = 1_999_999_999 if claim == "direction" else 1
+    writer.add_tensor(f"direction.{layer}", np.ones(8, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(SteerdeskError, match="claims .* layers"):
+        import_gguf(path)
