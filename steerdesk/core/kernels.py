@@ -4,16 +4,18 @@
 On the AMD EPYC machines steerdesk is developed on, MKL's single-row product (one per
 weight matrix per decoded token) reads weights at 17 GB/s and does not use the second
 core, while oneDNN -- also inside every x86 torch build, as ``torch.ops.mkldnn`` -- reads
-them at 47 GB/s: token-by-token generation is 1.4x faster (docs/benchmarks.md). Only
-products of at most ``MAX_ROWS`` rows (decoding) take that path: see there why.
+them at 47 GB/s: token-by-token generation is 1.4x faster, extraction 1.7x
+(docs/benchmarks.md). Products of many rows go through it in fixed-size blocks: see
+``MAX_ROWS`` below for why.
 
 Which kernel wins depends on the CPU, so :func:`linear_backend` measures both once per
 process on a weight larger than the caches and picks oneDNN only when it is clearly faster
 and gives the same numbers. ``STEERDESK_CPU_LINEAR=onednn|aten`` overrides the choice.
 
-Only exact ``nn.Linear`` modules with CPU float32 weights (the probe measures float32) are switched, never ones
-wrapped by accelerate (offloading) and never while autograd records: there the module's
-own ``forward`` runs. The weights themselves are untouched (no copies, no repacking).
+Only exact ``nn.Linear`` modules with CPU float32 weights (the probe measures float32) are
+switched (their class becomes :class:`OneDNNLinear`), never ones wrapped by accelerate
+(offloading); under autograd or autocast, or once the weights move, the stock forward runs.
+The weights themselves are untouched (no copies, no repacking).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import types
 from typing import Any
 
 import torch
@@ -77,7 +78,7 @@ def linear_backend() -> str:
     """``"onednn"`` or ``"aten"``: the CPU linear kernel this process uses (measured once)."""
     global _choice
     forced = os.environ.get(ENV, "").strip().lower()
-    if forced in ("onednn", "aten"):
+    if forced == "aten" or (forced == "onednn" and torch.backends.mkldnn.is_available()):
         return forced
     if _choice is None:
         _choice = _probe()
@@ -85,24 +86,61 @@ def linear_backend() -> str:
 
 
 # oneDNN keeps memory for every input shape it has seen (primitives, JIT code, scratch: about
-# 2.4 MB per row count with SmolLM2's seven weight shapes, 830 MB after 350 prompt lengths).
-# Decoding has at most a batch's worth of row counts, prompts and extraction batches have any
-# number: those stay on aten, so memory stays bounded however long a session runs.
+# 2.4 MB per row count with SmolLM2's seven weight shapes; 830 MB after 350 prompt lengths).
+# So it only ever sees a fixed set of row counts: up to MAX_ROWS as they come (decoding has at
+# most a batch's worth), and larger products (prompts, extraction, sweeps) in blocks of CHUNK
+# rows, the last block zero-padded to the next of SIZES (half-octave steps: at most 41 % padding
+# on that block; small blocks were slower than aten, 1024-row blocks 1.7x faster). Rows are
+# independent in a matrix product, so blocking changes no number beyond kernel rounding, and
+# memory stays bounded however long a session runs (+100 MB over aten after 150 random shapes).
 MAX_ROWS = 16
+SIZES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # half-octave steps
+CHUNK = SIZES[-1]
 
 
-def _fast_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    w = self.weight
-    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-    if rows > MAX_ROWS or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) \
-            or x.dtype != w.dtype or x.device != w.device:
-        return torch.nn.Linear.forward(self, x)
-    return _onednn_linear(x, w, self.bias)
+def _blocked(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``linear(x, w, b)`` for any number of rows, through oneDNN in fixed-size row blocks."""
+    flat = x.reshape(-1, x.shape[-1])
+    rows = flat.shape[0]
+    out = flat.new_empty((rows, w.shape[0]))
+    for start in range(0, rows, CHUNK):
+        part = flat[start:start + CHUNK]
+        n = part.shape[0]
+        size = next((s for s in SIZES if s >= n), CHUNK) if n > MAX_ROWS else n
+        if size == n:
+            out[start:start + n] = _onednn_linear(part, w, b)
+        else:
+            padded = flat.new_zeros((size, flat.shape[1]))
+            padded[:n] = part
+            out[start:start + n] = _onednn_linear(padded, w, b)[:n]
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+class OneDNNLinear(torch.nn.Linear):
+    """An ``nn.Linear`` whose small products (decoding) run on oneDNN.
+
+    Swapped in by class (``module.__class__``), so weights, state dicts, pickling and copies
+    are those of a plain ``nn.Linear``. Anything this kernel was not measured for -- weights no
+    longer float32 on the CPU (``model.to("cuda")``, ``.half()``), autograd, autocast -- takes
+    the stock forward.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if (x.dim() == 0 or not x.shape[-1] or w.device.type != "cpu" or w.dtype is not torch.float32
+                or x.dtype is not torch.float32 or x.device != w.device
+                or torch.is_autocast_enabled("cpu")
+                or (torch.is_grad_enabled()
+                    and (w.requires_grad or x.requires_grad or (b is not None and b.requires_grad)))):
+            return super().forward(x)
+        if x.numel() // x.shape[-1] <= MAX_ROWS:
+            return _onednn_linear(x, w, b)
+        return _blocked(x, w, b)
 
 
 def _eligible(module: torch.nn.Module) -> bool:
     w = getattr(module, "weight", None)
-    return (type(module) is torch.nn.Linear and w is not None and w.device.type == "cpu"
+    return (type(module) is torch.nn.Linear and type(w) is torch.nn.Parameter and w.device.type == "cpu"
             and w.dtype == torch.float32 and not hasattr(module, "_hf_hook"))
 
 
@@ -110,17 +148,22 @@ def use_cpu_linear(model: torch.nn.Module, backend: str | None = None) -> str:
     """Route the model's CPU ``nn.Linear`` layers through ``backend`` (default: measured).
 
     Returns the backend in use (``""`` when the model has no eligible layer). Calling it
-    again with ``"aten"`` restores the stock forward.
+    with ``"aten"`` restores every layer this module switched, wherever its weights are now.
     """
+    if backend not in (None, "onednn", "aten"):
+        raise ValueError(f"unknown CPU linear backend {backend!r}")
+    if backend == "aten":
+        restored = [m for m in model.modules() if type(m) is OneDNNLinear]
+        for m in restored:
+            m.__class__ = torch.nn.Linear
+        return "aten" if restored or any(_eligible(m) for m in model.modules()) else ""
     modules = [m for m in model.modules() if _eligible(m)]
-    if not modules:
+    switched = any(type(m) is OneDNNLinear for m in model.modules())
+    if not modules and not switched:
         return ""
     backend = backend or linear_backend()
-    if backend not in ("onednn", "aten"):
-        raise ValueError(f"unknown CPU linear backend {backend!r}")
+    if backend == "aten":
+        return use_cpu_linear(model, "aten")
     for m in modules:
-        if backend == "onednn":
-            m.forward = types.MethodType(_fast_forward, m)  # type: ignore[method-assign]
-        elif "forward" in m.__dict__:
-            del m.forward
-    return backend
+        m.__class__ = OneDNNLinear
+    return "onednn"
