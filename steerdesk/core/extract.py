@@ -138,7 +138,14 @@ def collect(
         raise SteerdeskError(f"Unknown read position {read!r}; use last or mean.")
     if batch_size < 1:
         raise SteerdeskError("Batch size must be at least 1.")
-    layers = list(range(lm.info.num_layers)) if layers is None else list(layers)
+    total = lm.info.num_layers
+    if layers is None:
+        layers = list(range(total))
+    else:
+        bad = [layer for layer in layers if not -total <= layer < total]
+        if bad:
+            raise SteerdeskError(f"Layer {bad[0]} does not exist: the model has layers 0-{total - 1}.")
+        layers = [layer % total for layer in layers]
     n, hidden = len(encoded), lm.info.hidden_size
     reads = torch.zeros((n, len(layers), hidden), dtype=torch.float32)
     norms = torch.zeros((n, len(layers)), dtype=torch.float32)
@@ -148,7 +155,7 @@ def collect(
     pad_id = lm.tokenizer.pad_token_id
     device = lm.input_device
     state: dict[str, Any] = {}
-    last_layer = max(layers) if layers else -1
+    last_layer = max(layers)
 
     class _Done(Exception):
         pass

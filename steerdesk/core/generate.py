@@ -98,8 +98,10 @@ class _RowStreamer:
             lo, mid = self.prefix[row], self.read[row]
             before = self._decode(toks[lo:mid])
             text = self._decode(toks[lo:])
-            if text.endswith("\ufffd") or len(text) <= len(before) or not text.startswith(before):
+            if text.endswith("\ufffd") or len(text) <= len(before):
                 continue  # an incomplete multi-byte character, or nothing new yet: wait
+            # Sliced by length: if a tokenizer's clean-up rewrote the context chunk in the
+            # light of the new token (" '" + " hi" -> "'hi"), streaming goes on regardless.
             self._emit(row, text[len(before):])
             self.prefix[row], self.read[row] = mid, len(toks)
         if self.on_step is not None:
@@ -112,7 +114,7 @@ class _RowStreamer:
         for row in range(len(self.tokens)):
             text = self._decode(self.tokens[row])
             sent = "".join(self.sent[row])
-            if text.startswith(sent) and len(text) > len(sent):
+            if len(text) > len(sent):
                 self._emit(row, text[len(sent):])
 
 

@@ -228,3 +228,13 @@ def test_compute_vectors_refuses_bad_input(tiny):
     unpaired = Dataset([Example("", "a", "b"), Example("", "c", "")], paired=False)
     with pytest.raises(SteerdeskError, match="PCA needs paired"):
         compute_vectors(tiny, unpaired, method="pca")
+
+
+def test_collect_chosen_layers_negative_and_out_of_range(tiny):
+    enc = encode(tiny, PAIRS[:2])
+    every, _ = collect(tiny, enc)
+    some, _ = collect(tiny, enc, layers=[-1, 0])
+    torch.testing.assert_close(some[:, 0], every[:, NUM_LAYERS - 1], rtol=0, atol=0)
+    torch.testing.assert_close(some[:, 1], every[:, 0], rtol=0, atol=0)
+    with pytest.raises(SteerdeskError, match="Layer 99 does not exist"):
+        collect(tiny, enc, layers=[99])

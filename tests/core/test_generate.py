@@ -273,3 +273,18 @@ def test_streaming_random_token_soup(tokenizer, seed):
     chunks = _stream(tokenizer, rows)
     for r, ids in enumerate(rows):
         assert "".join(chunks[r]) == tokenizer.decode(ids, skip_special_tokens=True), f"row {r}"
+
+
+def test_streaming_goes_on_when_clean_up_rewrites_earlier_text():
+    """A decode that rewrites text across chunks (" '" + "hi" -> "'hi") must not stall streaming."""
+    pieces = [" a", " '", "hi", " b", " c"]
+
+    class CleanUp:
+        pad_token_id = 0
+
+        def decode(self, ids, **kw):
+            return "".join(pieces[i] for i in ids).replace(" '", "'")
+
+    chunks = _stream(CleanUp(), [list(range(len(pieces)))])[0]
+    assert len(chunks) >= 4, chunks  # one chunk per token, not one flush at the end
+    assert "".join(chunks).endswith(" b c")
