@@ -101,18 +101,17 @@ CHUNK = SIZES[-1]
 def _blocked(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``linear(x, w, b)`` for any number of rows, through oneDNN in fixed-size row blocks."""
     flat = x.reshape(-1, x.shape[-1])
-    rows = flat.shape[0]
-    out = flat.new_empty((rows, w.shape[0]))
-    for start in range(0, rows, CHUNK):
+    parts = []
+    for start in range(0, flat.shape[0], CHUNK):
         part = flat[start:start + CHUNK]
         n = part.shape[0]
         size = next((s for s in SIZES if s >= n), CHUNK) if n > MAX_ROWS else n
-        if size == n:
-            out[start:start + n] = _onednn_linear(part, w, b)
-        else:
+        if size != n:
             padded = flat.new_zeros((size, flat.shape[1]))
             padded[:n] = part
-            out[start:start + n] = _onednn_linear(padded, w, b)[:n]
+            part = padded
+        parts.append(_onednn_linear(part, w, b)[:n])  # leading rows of a contiguous result: a view
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)  # one block (the common case): no copy
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
