@@ -4,7 +4,7 @@
 On the AMD EPYC machines steerdesk is developed on, MKL's single-row product (one per
 weight matrix per decoded token) reads weights at 17 GB/s and does not use the second
 core, while oneDNN -- also inside every x86 torch build, as ``torch.ops.mkldnn`` -- reads
-them at 47 GB/s: token-by-token generation is 1.4x faster, extraction 1.7x
+them at 47 GB/s: token-by-token generation is 1.6x faster, extraction 1.7x
 (docs/benchmarks.md). Products of many rows go through it in fixed-size blocks: see
 ``MAX_ROWS`` below for why.
 
