@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from steerdesk.core.datasets import Dataset, Example
+from steerdesk.core.datasets import Dataset
 from steerdesk.core.diagnostics import (cosine_matrix, d_prime, diagnose, diagnose_extraction, diagnose_reads,
                                         roc_auc)
 from steerdesk.core.errors import SteerdeskError
 from steerdesk.core.extract import compute_vectors
+from tinylm import rude4
 
 
 def test_auc_and_d_prime_on_known_samples():
@@ -85,12 +86,7 @@ def test_unpaired_and_degenerate_inputs():
         diagnose_reads(directions[:2], base, target)
 
 
-RUDE = Dataset([
-    Example("How do I boil an egg?", "Boil it for six minutes.", "Ugh. Six minutes. Obviously."),
-    Example("What is the capital of France?", "Paris is the capital of France.", "Paris, duh. Look it up."),
-    Example("Can you recommend a book?", "Try a classic novel such as Emma.", "Read anything. I don't care."),
-    Example("How far is the moon?", "About 384,000 kilometres away.", "Far. Google exists, you know."),
-], name="rude4")
+RUDE = rude4()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -12,14 +12,10 @@ from steerdesk.core.errors import Cancelled, SteerdeskError
 from steerdesk.core.evaluate import NEUTRAL_TEXTS, evaluate, make_layouts, prepare_texts
 from steerdesk.core.extract import encode
 from steerdesk.core.steering import Steering, steers_for
-from tinylm import random_vectors
+from tinylm import random_vectors, rude4
 
-PAIRS = Dataset([
-    Example("How do I boil an egg?", "Boil it for six minutes.", "Ugh. Six minutes. Obviously."),
-    Example("What is the capital of France?", "Paris is the capital of France.", "Paris, duh. Look it up."),
-    Example("Can you recommend a book?", "Try a classic novel such as Emma.", "Read anything. I don't care."),
-    Example("", "A reply with no prompt at all.", "Whatever, no prompt either."),
-], name="unit")
+PAIRS = Dataset(rude4().examples[:3] + [Example("", "A reply with no prompt at all.", "Whatever, no prompt either.")],
+                name="unit")
 
 # Checks that do not depend on the architecture run on one chat-template and one plain-text model.
 TWO_ARCHS = pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from steerdesk.core.datasets import Dataset, Example, save_dataset
+from steerdesk.core.datasets import Dataset, save_dataset
 from steerdesk.core.errors import SteerdeskError
 from steerdesk.core.extract import compute_vectors
 from steerdesk.core.generate import SamplingSettings, generate
@@ -14,14 +14,9 @@ from steerdesk.core.records import FORMAT, RunRecord, record_compute, record_gen
 from steerdesk.core.steering import steers_for
 from steerdesk.core.sweep import sweep
 from steerdesk.core.vectors import save_vectors
-from tinylm import PROMPT, strong_vectors
+from tinylm import PROMPT, rude4, strong_vectors
 
-PAIRS = Dataset([
-    Example("How do I boil an egg?", "Boil it for six minutes.", "Ugh. Six minutes. Obviously."),
-    Example("What is the capital of France?", "Paris is the capital of France.", "Paris, duh. Look it up."),
-    Example("Can you recommend a book?", "Try a classic novel such as Emma.", "Read anything. I don't care."),
-    Example("How far is the moon?", "About 384,000 kilometres away.", "Far. Google exists, you know."),
-], name="rude4")
+PAIRS = rude4()
 
 ARCH = pytest.mark.parametrize("arch", ["llama"])
 

@@ -105,3 +105,15 @@ def strong_vectors(lm: Any, factor: float = 4.0, seed: int = 1) -> torch.Tensor:
     v = random_vectors(lm, seed=seed)
     v = v / v.norm(dim=-1, keepdim=True)
     return v * (factor * typical_norms(lm)).unsqueeze(-1)
+
+
+def rude4() -> Any:
+    """Four neutral -> rude pairs (a fresh ``Dataset`` each call) for tests that need a small set."""
+    from steerdesk.core.datasets import Dataset, Example
+
+    return Dataset([
+        Example("How do I boil an egg?", "Boil it for six minutes.", "Ugh. Six minutes. Obviously."),
+        Example("What is the capital of France?", "Paris is the capital of France.", "Paris, duh. Look it up."),
+        Example("Can you recommend a book?", "Try a classic novel such as Emma.", "Read anything. I don't care."),
+        Example("How far is the moon?", "About 384,000 kilometres away.", "Far. Google exists, you know."),
+    ], name="rude4")
