@@ -62,10 +62,20 @@ class Steer:
             )
         if not bool(torch.isfinite(self.vector).all()):
             raise SteerdeskError(f"The vector for layer {self.layer} contains NaN or infinite values.")
-        if self.mode != "add" or self.normalize:
-            if float(self.vector.float().norm()) == 0.0:
-                raise SteerdeskError(f"The vector for layer {self.layer} is zero: it has no direction to "
-                                     f"{'normalise' if self.normalize else self.mode}.")
+        if float(self.vector.float().norm()) == 0.0 and not self.is_identity:
+            # A zero vector would make this a silent no-op (add) or has nothing to act on
+            # (project / clamp / normalize). Scale 0 in add or project mode is the identity on
+            # purpose (comparisons and sweeps rely on it) and stays allowed.
+            what = ("it cannot be normalised" if self.normalize and self.mode == "add"
+                    else f"{self.mode} at scale {self.scale:g} would do nothing" if self.mode == "add"
+                    else f"there is nothing to {self.mode}")
+            raise SteerdeskError(f"Layer {self.layer} has no steering direction (zero vector): {what}.")
+
+    @property
+    def is_identity(self) -> bool:
+        """True when this steer leaves hidden states unchanged whatever the vector: scale 0 in
+        ``add`` or ``project`` mode (``clamp`` at scale 0 still removes the direction)."""
+        return self.scale == 0 and self.mode in ("add", "project")
 
 
 RowSpec = Sequence[Steer]
@@ -186,7 +196,9 @@ class Steering:
         mode = steers[0].mode
         u = torch.stack([unit[i] if s.normalize else vecs[i] for i, s in enumerate(steers)])
         addend = (scales * u) if mode in ("add", "clamp") else None
-        conv = lambda t: None if t is None else t.to(device=device, dtype=dtype).unsqueeze(1)  # noqa: E731
+        # Float32 for reduced-precision models: the hook computes in float32 (see _make_hook).
+        work = torch.promote_types(dtype, torch.float32)
+        conv = lambda t: None if t is None else t.to(device=device, dtype=work).unsqueeze(1)  # noqa: E731
         return _Op(
             mode=mode,
             positions=steers[0].positions,
@@ -200,35 +212,76 @@ class Steering:
     def _pre_model(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
         self._offset = _offset_from_kwargs(kwargs)
 
-    def _position_mask(self, positions: str, seq_len: int, device: torch.device,
-                       dtype: torch.dtype) -> torch.Tensor | None:
+    def _position_mask(self, positions: str, seq_len: int, device: torch.device) -> torch.Tensor | None:
+        """``[1, S, 1]`` float32 mask of the positions steered in this call (None: all)."""
         if positions == "all":
             return None
         if self.prompt_length is None:
             raise SteerdeskError(f"Steering positions {positions!r} need the prompt length.")
         pos = torch.arange(self._offset, self._offset + seq_len, device=device)
         keep = pos < self.prompt_length if positions == "prompt" else pos >= self.prompt_length
-        return keep.to(dtype).view(1, seq_len, 1)
+        return keep.view(1, seq_len, 1).to(torch.float32)
 
-    def _apply(self, op: _Op, h: torch.Tensor) -> torch.Tensor:
-        mask = self._position_mask(op.positions, h.shape[1], h.device, h.dtype)
+    def _apply(self, op: _Op, x: torch.Tensor, scaled: bool) -> torch.Tensor:
+        """Apply ``op`` to the hidden states ``x`` ``[B, S, H]`` (float32 or wider); same dtype out.
+
+        ``scaled`` (models in a reduced dtype): ``project`` / ``clamp`` work on ``h / 2^k`` with
+        ``2^(k+1) > max|h|`` per position (exact scaling), so the dot product cannot overflow
+        float32 even for bfloat16 values near 3e38 when the exact result fits.
+        """
+        mask = self._position_mask(op.positions, x.shape[1], x.device)
         if mask is not None and not bool(mask.any()):
-            return h
-        hr = h if op.rows is None else h.index_select(0, op.rows)
-        if op.mode == "add":
-            delta = op.addend
+            return x
+        hr = x if op.rows is None else x.index_select(0, op.rows)
+        if not scaled:  # float32 / float64 models: the original formulas, bit for bit
+            if op.mode == "add":
+                delta = op.addend
+            else:
+                coeff = (hr * op.unit).sum(dim=-1, keepdim=True)  # [R, S, 1]
+                if op.mode == "project":
+                    delta = -op.scale * coeff * op.unit
+                else:  # clamp
+                    delta = op.addend - coeff * op.unit
+            if mask is not None:
+                delta = delta * mask.to(x.dtype)
+            new = hr + delta
         else:
-            coeff = (hr * op.unit).sum(dim=-1, keepdim=True)  # [R, S, 1]
-            if op.mode == "project":
-                delta = -op.scale * coeff * op.unit
-            else:  # clamp
-                delta = op.addend - coeff * op.unit
-        if mask is not None:
-            delta = delta * mask
-        hr = hr + delta
+            if op.mode == "add":
+                new = hr + op.addend
+            else:
+                # s = 2^k with max|h| < 2s (k >= 0, at most 127): dividing by s is exact.
+                _, exp = torch.frexp(hr.abs().amax(dim=-1, keepdim=True))  # max|h| < 2^exp
+                s = torch.exp2((exp - 1).clamp(0, 127).to(hr.dtype))
+                z = hr / s
+                coeff = (z * op.unit).sum(dim=-1, keepdim=True)  # [R, S, 1], |coeff| < 2 sqrt(H)
+                if op.mode == "project":
+                    new = (z - op.scale * coeff * op.unit) * s
+                else:  # clamp
+                    new = (z - coeff * op.unit) * s + op.addend
+            if mask is not None:
+                new = torch.where(mask.bool(), new, hr)
         if op.rows is None:
-            return hr
-        return h.index_copy(0, op.rows, hr)
+            return new
+        return x.index_copy(0, op.rows, new)
+
+    @staticmethod
+    def _cast_back(layer: int, ops: list[_Op], h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cast the float32 result ``y`` to the model's dtype once; refuse what does not fit.
+
+        Raises ``SteerdeskError`` naming the layer, the mode(s), the largest |value| and the
+        dtype's largest finite number when a steered value overflows the dtype (while the
+        block's own output was finite: an overflow of the model itself is not steering's).
+        """
+        out = y.to(h.dtype)
+        if bool(torch.isfinite(out).all()) or not bool(torch.isfinite(h).all()):
+            return out
+        modes = "/".join(sorted({op.mode for op in ops}))
+        biggest = float(y.abs().amax())
+        limit = torch.finfo(h.dtype).max
+        raise SteerdeskError(
+            f"Steering overflowed {str(h.dtype).replace('torch.', '')} at layer {layer} ({modes}): "
+            f"max |value| {biggest:.4g} > {limit:.4g}, the largest {str(h.dtype).replace('torch.', '')} "
+            f"number; lower the scale or load the model in float32.")
 
     def _make_hook(self, layer: int) -> Callable[..., Any]:
         def hook(module: Any, args: Any, output: Any) -> Any:
@@ -238,8 +291,14 @@ class Steering:
                 raise SteerdeskError(
                     f"Per-row steering was set up for {len(self.batch_rows)} rows but the batch has {h.shape[0]}."
                 )
-            for op in ops:
-                h = self._apply(op, h)
+            if ops:
+                # All arithmetic in float32 (a no-op conversion for float32 models), one cast back:
+                # in float16 a dot product or a partial sum can overflow although the result fits.
+                scaled = h.dtype.itemsize < 4
+                y = h.float() if scaled else h
+                for op in ops:
+                    y = self._apply(op, y, scaled)
+                h = y if y.dtype == h.dtype else self._cast_back(layer, ops, h, y)
             if self.observe is not None and layer in self.watch:
                 self.observe(layer, h)
             return _replace_hidden(output, h) if ops else None

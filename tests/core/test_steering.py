@@ -20,25 +20,48 @@ def _hidden(lm, ids):
         return lm.model(input_ids=ids, output_hidden_states=True).hidden_states
 
 
-# ------------------------------------------------------------------------ zero vector
+# ---------------------------------------------------------------- identity: scale 0
 
 @pytest.mark.parametrize("layers", [[0], [1], [NUM_LAYERS - 1], [0, 2, 3]])
-def test_zero_vector_is_bit_identical(tiny, layers):
+@pytest.mark.parametrize("zero", [True, False])
+def test_scale_zero_is_bit_identical(tiny, layers, zero):
+    """Scale 0 (add) is the identity, for a zero vector (a missing layer) and a real one."""
     ids = ids_of(tiny, PROMPT)
     base = _logits(tiny, ids)
-    zeros = torch.zeros(tiny.info.num_layers, tiny.info.hidden_size)
-    with Steering(tiny, steers_for(zeros, layers, scale=3.0, mode="add")):
+    vecs = torch.zeros(tiny.info.num_layers, tiny.info.hidden_size) if zero else random_vectors(tiny, scale=3.0)
+    with Steering(tiny, steers_for(vecs, layers, scale=0.0, mode="add")):
         steered = _logits(tiny, ids)
     assert torch.equal(base, steered)
 
 
-def test_zero_vector_per_row_is_bit_identical(tiny):
+def test_scale_zero_per_row_is_bit_identical(tiny):
     ids = ids_of(tiny, PROMPT).repeat(2, 1)
     base = _logits(tiny, ids)
     zeros = torch.zeros(tiny.info.num_layers, tiny.info.hidden_size)
-    with Steering(tiny, [steers_for(zeros, [1]), []]):
+    with Steering(tiny, [steers_for(zeros, [1], scale=0.0), []]):
         steered = _logits(tiny, ids)
     assert torch.equal(base, steered)
+
+
+@pytest.mark.parametrize("mode,normalize,scale", [("add", False, 3.0), ("add", False, -0.5), ("add", True, 1.0),
+                                                  ("project", False, 1.0), ("clamp", False, 0.0),
+                                                  ("clamp", True, 2.0)])
+def test_zero_vector_with_an_effect_asked_is_refused(tiny, mode, normalize, scale):
+    """A zero vector at a non-zero scale would silently do nothing (issue 10): one-line refusal."""
+    zeros = torch.zeros(tiny.info.num_layers, tiny.info.hidden_size)
+    with pytest.raises(SteerdeskError, match=r"^Layer 2 has no steering direction \(zero vector\)[^\n]*$"):
+        Steering(tiny, steers_for(zeros, [2], scale=scale, mode=mode, normalize=normalize))
+    # Per-row requests are checked too, and nothing is left installed.
+    with pytest.raises(SteerdeskError, match="zero vector"):
+        Steering(tiny, [[], steers_for(zeros, [2], scale=scale, mode=mode, normalize=normalize)])
+    assert not any(steerdesk_hooks(b) for b in tiny.blocks)
+
+
+@pytest.mark.parametrize("mode", ["add", "project"])
+def test_zero_vector_at_scale_zero_is_allowed(tiny, mode):
+    zeros = torch.zeros(tiny.info.num_layers, tiny.info.hidden_size)
+    for normalize in (False, True):
+        Steering(tiny, steers_for(zeros, [2], scale=0.0, mode=mode, normalize=normalize))  # no error
 
 
 # ------------------------------------------------------------------ injection convention
