@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -19,7 +20,12 @@ StepCallback = Callable[[int, list[int], "torch.Tensor | None"], None]
 
 @dataclass
 class SamplingSettings:
-    """Greedy when ``temperature`` is 0; otherwise temperature / top-p sampling with a seed."""
+    """Greedy when ``temperature`` is 0; otherwise temperature / top-p sampling.
+
+    Under sampling every batch row draws from its own random stream, seeded from ``seed`` and
+    the row's identity (see :func:`row_seeds`); ``seed=None`` takes a fresh base seed from
+    torch's global generator for each call.
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -129,6 +135,63 @@ def _eos_ids(lm: Any) -> set[int]:
     return ids
 
 
+def row_seeds(seed: int, keys: Sequence[str]) -> list[int]:
+    """One 63-bit seed per row from the base ``seed`` and the row's identity ``keys[r]``.
+
+    SHA-256 of ``"steerdesk-row/1|{seed}|{key}"``: stable across processes, platforms and
+    torch versions, and unrelated for different keys or seeds. Rows with equal keys get the
+    same seed (the same random stream).
+    """
+    out = []
+    for key in keys:
+        digest = hashlib.sha256(f"steerdesk-row/1|{int(seed)}|{key}".encode("utf-8", "surrogatepass")).digest()
+        out.append(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return out
+
+
+def default_row_keys(prompts: Sequence[str], system: str | None = None) -> list[str]:
+    """A row's identity under sampling: its system message and prompt text, not its steering.
+
+    So an unsteered and an identity-steered row of one prompt share a random stream, and a
+    row's tokens do not depend on the other rows of the batch.
+    """
+    return [f"{system or ''}\x00{p}" for p in prompts]
+
+
+class _RowSampler:
+    """Final logits processor for per-row sampling inside a *greedy* ``model.generate``.
+
+    Applies transformers' ``TemperatureLogitsWarper`` and ``TopPLogitsWarper`` (the same
+    warpers and order as ``do_sample=True``), then draws one token per row by inversion
+    sampling: one uniform number from the row's own ``torch.Generator`` (on the logits'
+    device), located in the row's cumulative distribution (float64). It returns scores that
+    are ``-inf`` except 0 at the drawn token, so greedy selection takes it. Every row consumes
+    exactly one draw per step (finished rows too), so a row's stream never depends on others.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seeds: Sequence[int]):
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.warpers: list[Any] = [TemperatureLogitsWarper(temperature)]
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+        self.seeds = list(seeds)
+        self.generators: list[torch.Generator] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        device = scores.device
+        if self.generators is None:
+            self.generators = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
+        u = torch.cat([torch.rand(1, generator=g, device=device, dtype=torch.float64) for g in self.generators])
+        cdf = torch.softmax(scores.float(), dim=-1).double().cumsum(dim=-1)  # [B, V]
+        target = (u * cdf[:, -1]).unsqueeze(1)  # [B, 1], in [0, total)
+        token = torch.searchsorted(cdf, target, right=True).clamp_max(scores.shape[-1] - 1)  # [B, 1]
+        forced = torch.full_like(scores, -float("inf"))
+        return forced.scatter_(1, token, 0.0)
+
+
 def encode_prompts(lm: Any, prompts: Sequence[str], system: str | None = None,
                    raw: bool = False) -> dict[str, torch.Tensor]:
     """Chat-format and left-pad a batch of user prompts."""
@@ -166,6 +229,7 @@ def generate(
     watch: torch.Tensor | None = None,
     use_cache: bool = True,
     raw_prompts: bool = False,
+    row_keys: Sequence[str] | None = None,
 ) -> list[GenerationResult]:
     """Generate for a batch of user prompts, each row with its own steering.
 
@@ -173,6 +237,13 @@ def generate(
     streams decoded text; ``stop`` ends generation within one token. ``watch``
     (``[num_layers, hidden]`` directions) records, for every generated token, the
     projection of the hidden state that produced it on each layer's unit direction.
+
+    Under sampling, row ``r`` draws from its own generator seeded from ``(sampling.seed,
+    row_keys[r])``; ``row_keys`` defaults to :func:`default_row_keys` (system message +
+    prompt), so identity steering reproduces the unsteered row token for token and a row's
+    tokens are the same in any batch. Pass distinct keys for independent samples of one
+    prompt. Greedy decoding ignores the keys. Raises ``SteerdeskError`` for bad requests and
+    when the logits become NaN or infinite.
     """
     sampling = sampling or SamplingSettings()
     sampling.check()
@@ -187,6 +258,8 @@ def generate(
             raise SteerdeskError(f"Got {len(rows)} steering rows for {n} prompts.")
     else:
         rows = [list(steering or []) for _ in range(n)]  # type: ignore[arg-type]
+    if row_keys is not None and len(row_keys) != n:
+        raise SteerdeskError(f"Got {len(row_keys)} row keys for {n} prompts.")
     inputs = encode_prompts(lm, prompts, system, raw=raw_prompts)
     width = inputs["input_ids"].shape[1]
     eos = _eos_ids(lm)
@@ -229,37 +302,54 @@ def generate(
             flag = stop is not None and stop.is_set()
             return torch.full((input_ids.shape[0],), flag, dtype=torch.bool, device=input_ids.device)
 
+    identity_rows = [all(st.is_identity for st in row) for row in rows]
+    dtype = str(getattr(lm.model, "dtype", "")).replace("torch.", "")
+
     class _Finite(LogitsProcessor):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
             if not bool(torch.isfinite(scores).all()):
+                bad = (~torch.isfinite(scores)).any(dim=-1).nonzero().reshape(-1).tolist()
+                plain = [r for r in bad if identity_rows[r]]
+                if plain:  # an unsteered (or identity-steered) row: the scale is not the cause
+                    raise SteerdeskError(
+                        f"The model's output became NaN or infinite without steering (row {plain[0]}): "
+                        f"the model itself overflows in {dtype or 'its dtype'}; "
+                        f"load it in float32 (or bfloat16) or shorten the prompt.")
                 raise SteerdeskError(
                     f"The model's output became NaN or infinite under steering ({described}); "
                     f"lower the scale or pick another layer.")
             return scores
 
+    processors: list[Any] = [_Finite()]
+    if not sampling.greedy:
+        base = sampling.seed
+        if base is None:  # a fresh base seed, from torch's global generator (torch.manual_seed applies)
+            base = int(torch.randint(0, 2**62, (1,)).item())
+        keys = list(row_keys) if row_keys is not None else default_row_keys(prompts, system)
+        processors.append(_RowSampler(sampling.temperature, sampling.top_p, row_seeds(base, keys)))
+
+    # Always greedy inside model.generate: under sampling, _RowSampler has already drawn each
+    # row's token and left it the only finite score.
     config = GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
-        do_sample=not sampling.greedy,
-        temperature=sampling.temperature if not sampling.greedy else None,
-        top_p=sampling.top_p if not sampling.greedy else None,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
         top_k=None,
         pad_token_id=lm.tokenizer.pad_token_id,
         eos_token_id=sorted(eos) or None,
         use_cache=use_cache,
     )
-    with torch.random.fork_rng(devices=[] if lm.input_device.type != "cuda" else [lm.input_device]):
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        with oom_guard("generating", "try fewer new tokens or a shorter prompt."), \
-                Steering(lm, rows, prompt_length=width, observe=observe if units is not None else None,
-                         watch=watch_layers), torch.inference_mode():
-            out = lm.model.generate(
-                **inputs,
-                generation_config=config,
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([_Stop()]),
-                logits_processor=LogitsProcessorList([_Finite()]),
-            )
+    with oom_guard("generating", "try fewer new tokens or a shorter prompt."), \
+            Steering(lm, rows, prompt_length=width, observe=observe if units is not None else None,
+                     watch=watch_layers), torch.inference_mode():
+        out = lm.model.generate(
+            **inputs,
+            generation_config=config,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_Stop()]),
+            logits_processor=LogitsProcessorList(processors),
+        )
     stopped = stop is not None and stop.is_set()
     results = []
     for r in range(n):
