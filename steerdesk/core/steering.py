@@ -62,7 +62,7 @@ class Steer:
             )
         if not bool(torch.isfinite(self.vector).all()):
             raise SteerdeskError(f"The vector for layer {self.layer} contains NaN or infinite values.")
-        if float(self.vector.float().norm()) == 0.0 and not self.is_identity:
+        if not bool(self.vector.any()) and not self.is_identity:
             # A zero vector would make this a silent no-op (add) or has nothing to act on
             # (project / clamp / normalize). Scale 0 in add or project mode is the identity on
             # purpose (comparisons and sweeps rely on it) and stays allowed.
@@ -192,6 +192,9 @@ class Steering:
         vecs = torch.stack([s.vector.detach().to(torch.float32).reshape(-1) for s in steers])  # [R, H]
         norms = vecs.norm(dim=-1, keepdim=True)
         unit = vecs / norms.clamp_min(torch.finfo(torch.float32).tiny)
+        if not bool(torch.isfinite(norms).all()):  # |v| beyond float32 (components near 1e38)
+            wide = vecs.double()
+            unit = (wide / wide.norm(dim=-1, keepdim=True).clamp_min(1e-300)).float()
         scales = torch.tensor([[s.scale] for s in steers], dtype=torch.float32)
         mode = steers[0].mode
         u = torch.stack([unit[i] if s.normalize else vecs[i] for i, s in enumerate(steers)])
