@@ -39,8 +39,8 @@ import torch
 
 from .datasets import Dataset
 from .errors import Cancelled, SteerdeskError
-from .evaluate import EvalTexts, Layout, Scores, TextScorer, _json_float, aggregate, model_logits, \
-    prepare_texts, reference_logprobs, score_tokens
+from .evaluate import EvalTexts, Layout, Scores, TextScorer, _json_float, aggregate, make_packed_layouts, \
+    model_logits, prepare_texts, reference_logprobs, score_tokens
 from .memory import oom_guard
 from .steering import MODES, POSITIONS, Steer, Steering, _block_hidden
 
@@ -94,6 +94,7 @@ class SweepResult:
     created: str = ""
     seconds: float = 0.0
     path: str = "prefix"  # "prefix" (prefix reuse) or "full" (full forward passes)
+    packed: bool = False  # steered forwards ran on packed layouts (texts sharing prompt tokens)
 
     # -- cells -----------------------------------------------------------------------
     @property
@@ -139,6 +140,7 @@ class SweepResult:
             "created": self.created,
             "seconds": self.seconds,
             "path": self.path,
+            "packed": self.packed,
         }
 
     @classmethod
@@ -156,6 +158,7 @@ class SweepResult:
                 vector=dict(obj.get("vector", {})), dataset=dict(obj.get("dataset", {})),
                 steerdesk_version=str(obj.get("steerdesk_version", "")), created=str(obj.get("created", "")),
                 seconds=float(obj.get("seconds", 0.0)), path=str(obj.get("path", "prefix")),
+                packed=bool(obj.get("packed", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SteerdeskError(f"A sweep file is missing or has a bad field: {exc}.") from None
@@ -369,17 +372,27 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
 
 
+def _pack_tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+
+
+class _PackMismatch(Exception):
+    """Packed layouts did not reproduce the model's own unpacked scores (a fallback, never shown)."""
+
+
 class _Sweeper:
     def __init__(self, lm: Any, texts: EvalTexts, cells: list[_Cell], *, batch_size: int, max_rows: int,
                  prefix_reuse: bool, cache_budget: int, cancel: threading.Event | None,
-                 on_cell: Callable[[_Cell, Scores, Scores], None], progress: Callable[[], None]):
+                 on_cell: Callable[[_Cell, Scores, Scores], None], progress: Callable[[], None],
+                 pack: bool = True, pack_tokens: int = 320):
         self.lm = lm
         self.texts = texts
         self.cells = cells
         self.scorer = TextScorer(lm, texts, batch_size=batch_size, max_rows=max_rows)
         self.cancel = cancel
         self.on_cell = on_cell
-        self.tick = progress
+        self._progress = progress
+        self._ticks = 0
         self.path = "prefix" if prefix_reuse else "full"
         self.cache_budget = cache_budget
         self.checked = False
@@ -395,7 +408,19 @@ class _Sweeper:
         self.kl = torch.full((len(cells), n), float("nan"), dtype=torch.float64)
         self.work = [c for c in cells if not c.identity]
         self.starts = sorted({c.start for c in self.work})
-        self.total = self.total_steps()
+        self.layouts: list[Layout] = self.scorer.layouts  # what the steered forwards run on
+        self.packed: list[Layout] | None = None
+        self.verify = False  # check each packed baseline against the model's own unpacked scores
+        if pack and self.path == "prefix" and self.starts:
+            positions = {s.positions for c in self.work for s in c.steers}
+            self.packed = make_packed_layouts(lm, texts, row_tokens=pack_tokens, max_rows=max(1, batch_size),
+                                              positions="all" if positions == {"all"} else "mixed")
+        if self.packed is not None:  # the unpacked reference pass, then everything on packed layouts
+            self.layouts = self.packed
+            self.total = len(self.scorer.layouts) + self.total_steps()
+            self.layouts = self.scorer.layouts
+        else:
+            self.total = self.total_steps()
 
     def _check(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -404,7 +429,7 @@ class _Sweeper:
     # -- planning ----------------------------------------------------------------------
     def chunks(self) -> list[list[int]]:
         """Groups of layouts whose recorded block inputs fit the cache budget together."""
-        layouts = self.scorer.layouts
+        layouts = self.layouts
         if self.path == "full" or not self.starts:
             return [list(range(len(layouts)))]
         hidden = self.lm.info.hidden_size
@@ -424,9 +449,10 @@ class _Sweeper:
         """``(start layer, cells)`` per forward group: every layout of ``chunk`` runs each group once."""
         sc = self.scorer
         if self.path == "prefix":  # the LM head runs on the scored tokens only, in chunks
-            step = max(1, min(sc.max_rows // sc.layouts[li].rows for li in chunk))
+            # max_rows counts texts (a packed row holds several).
+            step = max(1, min(sc.max_rows // max(self.layouts[li].rows, self.layouts[li].n_segments) for li in chunk))
         else:
-            step = min(sc.copies_per_forward(sc.layouts[li]) for li in chunk)
+            step = min(sc.copies_per_forward(self.layouts[li]) for li in chunk)
         out = []
         for start in self.starts:
             at_start = [c for c in self.work if c.start == start]
@@ -440,22 +466,40 @@ class _Sweeper:
     def baseline(self, li: int) -> _Capture | None:
         """Unsteered forward of one layout: baseline scores, KL reference, recorded block inputs."""
         self._check()
-        sc, lay = self.scorer, self.scorer.layouts[li]
+        sc, lay = self.scorer, self.layouts[li]
         cap = _Capture(self.lm, self.starts) if (self.path == "prefix" and self.starts) else None
         with torch.inference_mode(), oom_guard("sweeping", _OOM_HINT):
             if cap is not None:
                 with cap:
-                    logits, lo = model_logits(self.lm, lay.ids, lay.mask, lay.positions, lay.keep())
+                    logits, lo = model_logits(self.lm, lay.ids, lay.model_mask, lay.positions, lay.keep())
             else:
-                logits, lo = model_logits(self.lm, lay.ids, lay.mask, lay.positions, lay.keep())
+                logits, lo = model_logits(self.lm, lay.ids, lay.model_mask, lay.positions, lay.keep())
         at = lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)]  # noqa: E731
         if lay.kind == "neutral":
             sc.refs[li] = reference_logprobs(lay, at, sc.vocab)
         row_lp, _ = score_tokens(lay, 1, at, sc.vocab)
         assert sc.baseline_lp is not None
-        sc.baseline_lp[lay.texts] = row_lp
+        if self.verify:  # a packed layout: the baseline stays the model's own unpacked scores
+            want = sc.baseline_lp[lay.texts]
+            err = float((row_lp - want).abs().max())
+            if not err <= _pack_tolerance(next(self.lm.model.parameters()).dtype):
+                raise _PackMismatch(f"packed scores differ from the model's by {err:.3g}")
+        else:
+            sc.baseline_lp[lay.texts] = row_lp
         self.tick()
         return cap
+
+    def plain_baseline(self, li: int) -> None:
+        """The model's own unsteered scores of unpacked layout ``li`` (the reference for packing)."""
+        self._check()
+        sc, lay = self.scorer, self.scorer.layouts[li]
+        with torch.inference_mode(), oom_guard("sweeping", _OOM_HINT):
+            logits, lo = model_logits(self.lm, lay.ids, lay.mask, lay.positions, lay.keep())
+        at = lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)]  # noqa: E731
+        row_lp, _ = score_tokens(lay, 1, at, sc.vocab)
+        assert sc.baseline_lp is not None
+        sc.baseline_lp[lay.texts] = row_lp
+        self.tick()
 
     def self_check(self, li: int, cap: _Capture) -> bool:
         """The direct block path must reproduce the model's own unsteered scores.
@@ -463,7 +507,7 @@ class _Sweeper:
         Checked on (at most) two texts of the first batch, each twice, from the lowest start
         layer: cheap, and it exercises the row selection, every block's arguments and the tail.
         """
-        lay = self.scorer.layouts[li]
+        lay = self.layouts[li]
         assert self.scorer.baseline_lp is not None
         k = min(2, lay.rows)
         sub = lay.subset(list(range(k)) * 2)
@@ -509,7 +553,7 @@ class _Sweeper:
     def run_group(self, li: int, cap: _Capture | None, start: int, group: list[_Cell]) -> None:
         self._check()
         configs = [c.steers for c in group]
-        lay = self.scorer.layouts[li]
+        lay = self.layouts[li]
         with oom_guard("sweeping", _OOM_HINT):
             if cap is not None:
                 with torch.inference_mode():
@@ -517,7 +561,7 @@ class _Sweeper:
             else:
                 row_lp, row_kl = self.scorer.forward(li, configs)
         for k, cell in enumerate(group):
-            sl = slice(k * lay.rows, (k + 1) * lay.rows)
+            sl = slice(k * lay.n_segments, (k + 1) * lay.n_segments)
             self.lp[cell.index, lay.texts] = row_lp[sl]
             if row_kl is not None:
                 self.kl[cell.index, lay.texts] = row_kl[sl]
@@ -532,6 +576,28 @@ class _Sweeper:
         neutral = torch.tensor([k == "neutral" for k in self.texts.kinds])
         sc.baseline_kl = torch.where(neutral, torch.zeros(n, dtype=torch.float64),
                                      torch.full((n,), float("nan"), dtype=torch.float64))
+        if self.packed is not None:
+            for li in range(len(sc.layouts)):
+                self.plain_baseline(li)
+            self.layouts, self.verify = self.packed, True
+            try:
+                return self._run_layouts()
+            except _PackMismatch as exc:
+                log.info("packing off: %s", exc)
+            self.layouts, self.verify, self.checked = sc.layouts, False, False
+            sc.refs.clear()
+            self.total = self.tick_count() + self.total_steps()
+        return self._run_layouts()
+
+    def tick(self) -> None:
+        self._ticks += 1
+        self._progress()
+
+    def tick_count(self) -> int:
+        return self._ticks
+
+    def _run_layouts(self) -> Scores:
+        sc = self.scorer
         chunks = self.chunks()
         base: Scores | None = None
         for ci, chunk in enumerate(chunks):
@@ -541,9 +607,11 @@ class _Sweeper:
                 caps[li] = self.baseline(li)
                 cap = caps[li]
                 if self.path == "prefix" and not self.checked and cap is not None \
-                        and sc.layouts[li].kind == "heldout":
+                        and self.layouts[li].kind == "heldout":
                     self.checked = True
                     if not self.self_check(li, cap):
+                        if self.verify:  # unpacked layouts first, then (if they fail too) full passes
+                            raise _PackMismatch("the direct block path differs on packed layouts")
                         self.path = "full"
                         self.total = self.total_steps()  # full passes carry fewer configurations
             if self.path == "full":
@@ -622,6 +690,7 @@ def sweep(
     batch_size: int = 16,
     max_rows: int = 64,
     prefix_reuse: bool = True,
+    pack: bool = True,
     cache_budget: int = CACHE_BUDGET_BYTES,
     vector_path: str | None = None,
     on_cell: CellCallback | None = None,
@@ -697,7 +766,7 @@ def sweep(
             on_cell(cell.row, cell.col, m, f)
 
     sweeper = _Sweeper(lm, texts, cells, batch_size=batch_size, max_rows=max_rows, prefix_reuse=prefix_reuse,
-                       cache_budget=cache_budget, cancel=cancel, on_cell=cell_done, progress=tick)
+                       cache_budget=cache_budget, cancel=cancel, on_cell=cell_done, progress=tick, pack=pack)
     baseline = sweeper.run()
 
     to_json = lambda rows: [[_json_float(x) for x in row] for row in rows]  # noqa: E731
@@ -729,7 +798,7 @@ def sweep(
         best=best,
         settings={"mode": mode, "normalize": normalize, "positions": positions, "system": system,
                   "max_pairs": max_pairs, "batch_size": batch_size, "max_rows": max_rows,
-                  "prefix_reuse": prefix_reuse, "neutral_texts": list(neutral) if neutral else None,
+                  "prefix_reuse": prefix_reuse, "pack": pack, "neutral_texts": list(neutral) if neutral else None,
                   "read_position": from_meta.get("read_position")},
         model=model_identity(lm),
         vector=vector_identity(vectors, vector_path),
@@ -740,6 +809,7 @@ def sweep(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         seconds=round(time.perf_counter() - t0, 3),
         path=sweeper.path,
+        packed=sweeper.path == "prefix" and sweeper.layouts is sweeper.packed,
     )
 
 

@@ -90,11 +90,13 @@ def test_layout_aligns_replies(tiny):
 
 
 @TWO_ARCHS
-def test_scale_zero_and_zero_vector_give_exactly_zero(tiny):
+def test_scale_zero_gives_exactly_zero_and_a_zero_vector_is_refused(tiny):
     v = random_vectors(tiny, scale=0.5)
-    for steers in (steers_for(v, [1], scale=0.0), steers_for(torch.zeros_like(v), [1], scale=3.0)):
-        ev = evaluate(tiny, PAIRS, steers, neutral=NEUTRAL_TEXTS[:2])
-        assert abs(ev.margin_delta) < 1e-5 and abs(ev.fluency_delta) < 1e-5 and abs(ev.kl) < 1e-6
+    ev = evaluate(tiny, PAIRS, steers_for(v, [1], scale=0.0), neutral=NEUTRAL_TEXTS[:2])
+    assert abs(ev.margin_delta) < 1e-5 and abs(ev.fluency_delta) < 1e-5 and abs(ev.kl) < 1e-6
+    # A zero direction at a non-zero scale would be a silent no-op (issue 10): refused, never scored as 0.
+    with pytest.raises(SteerdeskError, match="no steering direction"):
+        evaluate(tiny, PAIRS, steers_for(torch.zeros_like(v), [1], scale=3.0), neutral=NEUTRAL_TEXTS[:2])
 
 
 @TWO_ARCHS
@@ -150,3 +152,51 @@ def test_max_pairs_keeps_the_first_rows(tiny):
     sub = Dataset(PAIRS.examples[:2], name="first two")
     margin, _ = _reference_scores(tiny, sub)
     assert ev.n_pairs == 2 and ev.unsteered.margin == pytest.approx(margin, abs=1e-5)
+
+
+def _packed_scores(lm, texts, steers=(), generated=False, **kw):
+    """Per-text mean log-probs from the model's own forward over packed layouts (custom 4D mask)."""
+    from steerdesk.core.evaluate import make_packed_layouts, model_logits, score_tokens, vocab_size
+
+    lays = make_packed_layouts(lm, texts, positions="generated" if generated else "all", **kw)
+    assert lays is not None
+    got = torch.full((len(texts),), float("nan"), dtype=torch.float64)
+    for lay in lays:
+        with Steering(lm, list(steers), prompt_length=lay.reply_col if generated else None), torch.inference_mode():
+            logits, lo = model_logits(lm, lay.ids, lay.model_mask, lay.positions, lay.keep())
+        lp, _ = score_tokens(lay, 1, lambda r, c: logits[r, c - lo], vocab_size(lm))
+        got[lay.texts] = lp
+    return got, lays
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "gpt2", "gptneox"])
+@pytest.mark.parametrize("generated", [False, True])
+def test_packed_layout_scores_each_text_as_if_alone(tiny, generated):
+    """Texts sharing a prompt share its tokens in one row, yet every reply scores as in its own forward."""
+    ds = Dataset(rude4().examples + [Example("Another question?", "A calm answer.", "A rude answer, obviously.")],
+                 name="pk")
+    # Plain formatting gives an empty prompt no token: packed only when steering every position.
+    neutral = NEUTRAL_TEXTS[:3] if not (generated and tiny.info.architecture.lower().startswith("gpt")) else ()
+    texts = prepare_texts(tiny, ds, neutral=neutral)
+    steers = steers_for(random_vectors(tiny, scale=0.5), [1], scale=1.5, positions="generated" if generated else "all")
+    row_tokens = sum(len(texts.encoded[i].ids) for i in texts.indices("base", "target")) // 3
+    got, lays = _packed_scores(tiny, texts, steers, generated, row_tokens=row_tokens)
+    held = [lay for lay in lays if lay.kind == "heldout"]
+    # Several rows, and rows holding several pairs (shared prompt tokens, shared system prefix).
+    assert sum(lay.rows for lay in held) >= 2 and max(lay.n_segments / lay.rows for lay in held) >= 3
+    assert sum(int(lay.mask.sum()) for lay in held) < sum(len(texts.encoded[i].ids) for i in texts.indices("base", "target"))
+    pairs = [(e.prompt, e.base) for e in ds.examples] + [(e.prompt, e.target) for e in ds.examples] \
+        + [("", t) for t in neutral]
+    for i, (prompt, reply) in enumerate(pairs):
+        want = _reference_logprob(tiny, prompt, reply, steers, generated)
+        assert float(got[i]) == pytest.approx(want, abs=1e-5), (i, prompt, reply)
+
+
+@pytest.mark.parametrize("arch", ["gemma2"])
+def test_no_packing_beyond_a_sliding_window(tiny):
+    """Packing stretches column distances: a sliding-window model whose window a row exceeds is not packed."""
+    from steerdesk.core.evaluate import make_packed_layouts
+
+    texts = prepare_texts(tiny, PAIRS)
+    assert min(len(e.ids) for e in texts.encoded) > tiny.model.config.sliding_window
+    assert make_packed_layouts(tiny, texts) is None

@@ -40,11 +40,13 @@ def _vectors(lm):
 
 @pytest.mark.parametrize("arch,mode,positions", [("llama", "add", "all"), ("llama", "clamp", "generated"),
                                                 ("gemma2", "project", "prompt"), ("gpt2", "add", "all")])
-def test_sweep_equals_per_configuration_evaluation(tiny, mode, positions):
+def test_sweep_equals_per_configuration_evaluation(tiny, arch, mode, positions):
     v = _vectors(tiny)
     kw = dict(mode=mode, positions=positions)
     res = sweep(tiny, v, HELD, layers=[0, 3], scales=SCALES, sets=SETS, neutral=NEUTRAL_TEXTS[:2], **kw, **SMALL)
     assert res.path == "prefix"
+    # Packed layouts (pairs sharing prompt tokens) wherever exact: not past Gemma2's tiny sliding window.
+    assert res.packed == (arch != "gemma2")
     for r in range(res.n_rows):
         for c, scale in enumerate(SCALES):
             if scale == 0 and mode != "clamp":
@@ -75,26 +77,45 @@ def test_prefix_reuse_equals_full_forward_passes(tiny):
 
 
 @pytest.mark.parametrize("arch", ["llama"])
-def test_prefix_reuse_skips_the_blocks_below_the_steered_layer(tiny):
+@pytest.mark.parametrize("pack", [False, True])
+def test_prefix_reuse_skips_the_blocks_below_the_steered_layer(tiny, pack):
+    from steerdesk.core.evaluate import make_packed_layouts, prepare_texts
+
     calls = {0: 0, NUM_LAYERS - 1: 0}
+    tokens = {0: 0, NUM_LAYERS - 1: 0}
 
     def counter(layer):
-        def hook(module, args):
-            calls[layer] += args[0].shape[0] if args else 1
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            calls[layer] += h.shape[0]
+            tokens[layer] += h.shape[0] * h.shape[1]
         return hook
 
-    handles = [tiny.blocks[k].register_forward_pre_hook(counter(k)) for k in calls]
+    handles = [tiny.blocks[k].register_forward_pre_hook(counter(k), with_kwargs=True) for k in calls]
     try:
-        res = sweep(tiny, _vectors(tiny), HELD, layers=[2, 3], scales=[0.5, 1.0], batch_size=8, max_rows=64)
+        res = sweep(tiny, _vectors(tiny), HELD, layers=[2, 3], scales=[0.5, 1.0], batch_size=8, max_rows=64,
+                    pack=pack)
     finally:
         for h in handles:
             h.remove()
     texts = 2 * len(HELD)
-    assert res.path == "prefix"
-    # Block 0 ran once per text (the unsteered pass) and never for a configuration.
-    assert calls[0] == texts
-    # The last block ran for the unsteered pass, the self-check (2 texts x 2) and 4 configurations.
-    assert calls[NUM_LAYERS - 1] == texts + 4 + 4 * texts
+    assert res.path == "prefix" and res.packed == pack
+    if not pack:
+        # Block 0 ran once per text (the unsteered pass) and never for a configuration.
+        assert calls[0] == texts
+        # The last block ran for the unsteered pass, the self-check (2 texts x 2) and 4 configurations.
+        assert calls[NUM_LAYERS - 1] == texts + 4 + 4 * texts
+        return
+    # Packed: the three pairs (and their shared system prompt) fit one row.
+    (lay,) = make_packed_layouts(tiny, prepare_texts(tiny, HELD), max_rows=8)
+    assert lay.rows == 1 and lay.n_segments == texts
+    # Block 0: the model's own unpacked pass (the reference) and the packed unsteered pass, nothing else.
+    assert calls[0] == texts + 1
+    # The last block: both unsteered passes, the self-check (1 row x 2) and 4 configurations of one row ...
+    assert calls[NUM_LAYERS - 1] == texts + 1 + 2 + 4
+    # ... each configuration on fewer tokens than the six texts unpacked (shared prompt tokens).
+    unpacked_tokens = tokens[0] - lay.width  # block 0 saw the unpacked batch once, and the packed row
+    assert lay.width < unpacked_tokens
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
