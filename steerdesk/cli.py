@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 import traceback
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system")
     p.add_argument("--vector", help="steerdesk .safetensors or llama.cpp .gguf control vector")
     p.add_argument("--layers", help="e.g. 12,15 or 10-14 (required with --vector)")
-    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="steering strength, e.g. 1.5 or -2 (negative steers away; 0 = identity)")
     p.add_argument("--mode", choices=["add", "project", "clamp"], default="add")
     p.add_argument("--normalize", action="store_true", help="scale the unit vector instead of the raw one")
     p.add_argument("--positions", choices=["all", "prompt", "generated"], default="all")
@@ -87,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "left out)")
     p.add_argument("--max-pairs", type=int, help="use at most this many pairs")
     p.add_argument("--layers", help="e.g. 0-29 or 10,14,18 (default: every layer)")
-    p.add_argument("--scales", default="0,0.5,1,2", help="comma-separated scales (default 0,0.5,1,2)")
+    p.add_argument("--scales", default="0,0.5,1,2",
+                   help="comma-separated scales, negative ones too: --scales -2,0,2 (default 0,0.5,1,2)")
     p.add_argument("--sets", help="extra rows steering several layers at once: NAME=LAYERS;... e.g. mid=12-15")
     p.add_argument("--mode", choices=["add", "project", "clamp"], default="add")
     p.add_argument("--normalize", action="store_true", help="scale the unit vector instead of the raw one")
@@ -219,7 +222,7 @@ def cmd_compute(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .core.generate import SamplingSettings, generate
-    from .core.steering import parse_layers, steers_for
+    from .core.steering import parse_layers
 
     sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
@@ -234,8 +237,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.vector:
         vs = load_vectors_for(args.vector, lm.info)
         layers = parse_layers(args.layers, lm.info.num_layers)
-        steers = steers_for(vs.directions, layers, scale=args.scale, mode=args.mode,
-                            normalize=args.normalize, positions=args.positions)
+        steers = vs.steers(layers, scale=args.scale, mode=args.mode, normalize=args.normalize,
+                           positions=args.positions)
     rows = [[], steers] if args.compare else [steers]
     prompts = [args.prompt] * len(rows)
     stream_row = len(rows) - 1
@@ -430,9 +433,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     vs = load_vectors(args.vector)
     if args.format == "gguf":
+        from .core.vectors import _ranges
+
         layers = export_gguf(vs, args.output)
-        print(f"wrote {args.output}: llama.cpp control vector, direction.{layers[0]}..direction.{layers[-1]} "
-              f"(block 0 has no slot in llama.cpp)")
+        skipped = [layer for layer in range(vs.num_layers) if layer not in set(layers)]
+        print(f"wrote {args.output}: llama.cpp control vector with directions for layers {_ranges(layers)}"
+              + (f"; no direction for layer(s) {_ranges(skipped)}" + (" (block 0 has no slot in llama.cpp)"
+                                                                      if 0 in skipped else "") if skipped else ""))
     else:
         save_vectors(vs, args.output)
         print(f"wrote {args.output}")
@@ -467,6 +474,45 @@ COMMANDS = {"demo": cmd_demo, "install-desktop": cmd_install_desktop,
             "datasets": cmd_datasets, "sweep": cmd_sweep, "inspect": cmd_inspect, "run": cmd_run}
 
 
+_NEGATIVE_NUMBERS = re.compile(r"^-(?:\d|\.\d)[\d.eE+\-,;: ]*$")
+
+
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--scales -2,0,2`` -> ``--scales=-2,0,2`` (argparse reads ``-2,0,2`` as an option).
+
+    argparse only takes a lone ``-2`` / ``-0.5`` as a value; a negative number list, ``-.5`` or
+    ``-1e-3`` after an option fails with "expected one argument". A token that starts with
+    ``-`` and then a digit is never one of steerdesk's options, so it is joined to the long
+    option before it. Works the same for every option that takes numbers or number lists.
+    """
+    out: list[str] = []
+    for token in argv:
+        prev = out[-1] if out else ""
+        if (_NEGATIVE_NUMBERS.match(token) and prev.startswith("--") and "=" not in prev
+                and prev not in _FLAG_OPTIONS):
+            out[-1] = f"{prev}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _flag_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Long options of every subcommand that take no value (never joined with a value)."""
+    flags: set[str] = set()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:  # noqa: SLF001 - argparse exposes no public list
+            if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+                stack.extend(action.choices.values())
+            elif action.nargs == 0:
+                flags.update(o for o in action.option_strings if o.startswith("--"))
+    return flags
+
+
+_FLAG_OPTIONS: set[str] = set()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one CLI command; user errors print one line on stderr and return 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -474,7 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="steerdesk: %(message)s")
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        _FLAG_OPTIONS.update(_flag_options(parser))
+        args = parser.parse_args(join_negative_values(argv))
         if not args.command:
             parser.print_help()
             return 0

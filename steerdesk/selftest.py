@@ -107,9 +107,8 @@ class SelfTest:
 
     def step_generate(self) -> str:
         from .core.generate import SamplingSettings, generate
-        from .core.steering import steers_for
 
-        steers = steers_for(self.vectors.directions, [LAYER], scale=SCALE, mode="add")
+        steers = self.vectors.steers([LAYER], scale=SCALE, mode="add")
         sampling = SamplingSettings(max_new_tokens=TOKENS, temperature=0.0)
         self.results = generate(self.lm, [PROMPT, PROMPT], [[], steers], sampling=sampling)
         if len(self.results) != 2:

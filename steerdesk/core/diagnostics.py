@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -52,6 +52,7 @@ class Diagnostics:
     paired: bool
     read_position: str = "last"
     dataset_name: str = ""
+    no_vector: list[int] = field(default_factory=list)  # layers the set has no direction for
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,7 +71,11 @@ class Diagnostics:
         head = ("layer", "|v|/|h|", "AUC", "d'", "consist", "align", "cos(L-1)")
         widths = (5, 8, 6, 6, 7, 6, 8)
         lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+        absent = set(self.no_vector)
         for i, layer in enumerate(self.layers):
+            if layer in absent:
+                lines.append(f"{layer:>5}  {'no vector':>8}")
+                continue
             prev = self.cosine[i][i - 1] if i > 0 else None
             lines.append(f"{layer:>5}  {f(self.relative_norm[i], '8.3f')}  {f(self.auc[i], '6.3f')}  "
                          f"{f(self.d_prime[i], '6.2f')}  {f(self.consistency[i], '7.3f')}  "
@@ -125,11 +130,15 @@ def diagnose_reads(
     token_norms: torch.Tensor | None = None,
     read_position: str = "last",
     dataset_name: str = "",
+    present: Sequence[bool] | torch.Tensor | None = None,
 ) -> Diagnostics:
     """Diagnostics from reads: ``directions [L, H]``, ``base [Nb, L, H]``, ``target [Nt, L, H]``.
 
     ``token_norms`` (``[Nb + Nt, L]``, mean ``|h|`` over the read tokens) gives the typical
     norm; without it the norm of the reads is used (the same for ``read='last'``).
+    ``present`` (``[L]`` bool, default: non-zero rows of ``directions``) marks the layers the set
+    has a direction for; the others are listed in ``no_vector`` and every per-layer value of
+    theirs is ``None`` (never 0: no direction is not a measured null).
     """
     if directions.ndim != 2:
         raise SteerdeskError("Directions must be a [layers, hidden] matrix.")
@@ -150,8 +159,12 @@ def diagnose_reads(
         typical = torch.cat([base, target]).double().norm(dim=-1).mean(0)
     mean_diff = target.double().mean(0) - base.double().mean(0)  # [L, H]
     auc, dp, cons, align, rel = [], [], [], [], []
+    has = [bool(x) for x in (torch.as_tensor(present).reshape(-1) if present is not None else vnorm > 0)]
+    if len(has) != n_layers:
+        raise SteerdeskError(f"'present' has {len(has)} entries for {n_layers} layers.")
+    has = [h and float(vnorm[i]) > 0 for i, h in enumerate(has)]
     for layer in range(n_layers):
-        zero = float(vnorm[layer]) == 0
+        zero = not has[layer]
         auc.append(None if zero else _finite(roc_auc(pb[layer], pt[layer])))
         dp.append(None if zero else _finite(d_prime(pb[layer], pt[layer])))
         md = mean_diff[layer]
@@ -165,12 +178,20 @@ def diagnose_reads(
             align.append(None)
         else:
             align.append(_finite(float(torch.dot(md, unit[layer]) / md.norm())))
-        rel.append(_finite(float(vnorm[layer] / typical[layer])) if float(typical[layer]) > 0 else None)
+        rel.append(None if zero else _finite(float(vnorm[layer] / typical[layer])) if float(typical[layer]) > 0
+                   else None)
+    cosine = cosine_matrix(directions)
+    for i in range(n_layers):
+        for j in range(n_layers):
+            if not (has[i] and has[j]):
+                cosine[i][j] = None
     return Diagnostics(
         layers=list(range(n_layers)), auc=auc, d_prime=dp, consistency=cons, alignment=align,
-        vector_norm=[float(x) for x in vnorm], typical_norm=[_finite(float(x)) for x in typical],
-        relative_norm=rel, cosine=cosine_matrix(directions), n_base=int(base.shape[0]),
+        vector_norm=[float(x) if has[i] else None for i, x in enumerate(vnorm.tolist())],
+        typical_norm=[_finite(float(x)) for x in typical],
+        relative_norm=rel, cosine=cosine, n_base=int(base.shape[0]),
         n_target=int(target.shape[0]), paired=paired, read_position=read_position, dataset_name=dataset_name,
+        no_vector=[i for i in range(n_layers) if not has[i]],
     )
 
 
@@ -182,7 +203,7 @@ def diagnose_extraction(vs: Any) -> Diagnostics:
     meta = getattr(vs, "metadata", {}) or {}
     return diagnose_reads(vs.directions, ext.base, ext.target, paired=ext.base.shape[0] == ext.target.shape[0],
                           read_position=meta.get("read_position", "last"),
-                          dataset_name=meta.get("dataset_name", ""))
+                          dataset_name=meta.get("dataset_name", ""), present=getattr(vs, "present", None))
 
 
 def diagnose(
@@ -215,7 +236,8 @@ def diagnose(
     reads, norms = collect(lm, encoded, read=read, batch_size=batch_size, progress=progress, cancel=cancel)
     nb = len(base_pairs)
     return diagnose_reads(vs.directions, reads[:nb], reads[nb:], paired=dataset.paired and nb == len(target_pairs),
-                          token_norms=norms, read_position=read, dataset_name=dataset.name)
+                          token_norms=norms, read_position=read, dataset_name=dataset.name,
+                          present=getattr(vs, "present", None))
 
 
 __all__ = ["Diagnostics", "diagnose", "diagnose_reads", "diagnose_extraction", "roc_auc", "d_prime",

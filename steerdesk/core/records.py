@@ -491,6 +491,11 @@ def _rerun_generate(recipe: RunRecord, lm: Any, changes: list[str], allow: bool,
     if steer_specs:
         directions, vs, path = _vectors_for(recipe, lm, changes)
     _refuse_changes(changes, allow)
+    if steer_specs:
+        from .vectors import VectorSet
+
+        have = vs if vs is not None else VectorSet(directions, torch.full((directions.shape[0],), float("nan")))  # type: ignore[union-attr]
+        have.require_layers(sorted({int(s["layer"]) for s in steer_specs}))  # no silent no-op on re-run
     steers = [Steer(layer=int(s["layer"]), vector=directions[int(s["layer"])], scale=float(s["scale"]),  # type: ignore[index]
                     mode=str(s.get("mode", "add")), normalize=bool(s.get("normalize", False)),
                     positions=str(s.get("positions", "all"))) for s in steer_specs]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import threading
 from dataclasses import asdict, dataclass
@@ -15,6 +16,7 @@ import torch
 from .errors import Cancelled, SteerdeskError
 from .generate import SamplingSettings, generate
 from .steering import Steer
+from .vectors import VectorSet
 
 
 @dataclass
@@ -24,8 +26,9 @@ class GridRow:
     layer: int | None  # None: the unsteered reference
     scale: float
     prompt: str
-    text: str
+    text: str | None  # None: not generated, the vector set has no direction for ``layer``
     matches: int | None = None
+    no_vector: bool = False
 
 
 def compile_pattern(pattern: str | None, regex: bool = False) -> re.Pattern[str] | None:
@@ -43,7 +46,7 @@ def compile_pattern(pattern: str | None, regex: bool = False) -> re.Pattern[str]
 
 def generation_grid(
     lm: Any,
-    directions: torch.Tensor,
+    vectors: VectorSet | torch.Tensor,
     layers: Sequence[int],
     scales: Sequence[float],
     prompts: Sequence[str],
@@ -60,38 +63,59 @@ def generation_grid(
     """Generate every (layer, scale, prompt) combination, ``batch_rows`` rows per batched pass.
 
     Each batch row carries its own steering, so a batch mixes layers and scales. Rows come
-    back in grid order (unsteered references first).
+    back in grid order (unsteered references first). ``vectors`` is a :class:`VectorSet` or a
+    ``[num_layers, hidden]`` tensor (all-zero rows = no direction). Cells at a layer the set
+    has no direction for are not generated: ``text`` is ``None`` and ``no_vector`` is True
+    (never an unsteered text passed off as a steered one).
     """
+    vs = vectors if isinstance(vectors, VectorSet) else VectorSet(vectors, torch.full((vectors.shape[0],), math.nan))
+    for layer in layers:
+        if not 0 <= layer < vs.num_layers:
+            raise SteerdeskError(f"Layer {layer} is out of range: the vectors cover layers 0-{vs.num_layers - 1}.")
+    absent = set(vs.layers_without_direction(layers))
     if not prompts:
         raise SteerdeskError("Give at least one prompt.")
     cells: list[tuple[int | None, float, str]] = []
     if include_unsteered:
         cells += [(None, 0.0, p) for p in prompts]
     cells += [(layer, float(scale), p) for layer in layers for scale in scales for p in prompts]
-    out: list[GridRow] = []
-    for start in range(0, len(cells), batch_rows):
+    todo = [i for i, c in enumerate(cells) if c[0] not in absent]
+    done: dict[int, GridRow] = {}  # index in ``cells`` -> row
+    for i, (layer, scale, prompt) in enumerate(cells):
+        if layer in absent:
+            done[i] = GridRow(layer, scale, prompt, None, None, no_vector=True)
+    emitted = 0
+
+    def flush() -> None:
+        nonlocal emitted
+        while emitted in done:
+            if on_row is not None:
+                on_row(done[emitted])
+            emitted += 1
+
+    flush()
+    for start in range(0, len(todo), batch_rows):
         if cancel is not None and cancel.is_set():
             raise Cancelled("Generation sweep cancelled.")
-        chunk = cells[start:start + batch_rows]
-        rows = [[] if layer is None else [Steer(layer, directions[layer], scale, mode, normalize)]
-                for layer, scale, _ in chunk]
-        results = generate(lm, [p for _, _, p in chunk], rows, sampling=sampling, stop=cancel)
-        for (layer, scale, prompt), res in zip(chunk, results):
-            row = GridRow(layer, scale, prompt, res.text,
-                          len(pattern.findall(res.text)) if pattern is not None else None)
-            out.append(row)
-            if on_row is not None:
-                on_row(row)
-    return out
+        chunk = todo[start:start + batch_rows]
+        rows = [[] if layer is None else [Steer(layer, vs.directions[layer], scale, mode, normalize)]
+                for layer, scale, _ in (cells[i] for i in chunk)]
+        results = generate(lm, [cells[i][2] for i in chunk], rows, sampling=sampling, stop=cancel)
+        for i, res in zip(chunk, results):
+            layer, scale, prompt = cells[i]
+            done[i] = GridRow(layer, scale, prompt, res.text,
+                              len(pattern.findall(res.text)) if pattern is not None else None)
+        flush()
+    return [done[i] for i in range(len(cells))]
 
 
 def grid_to_csv(rows: Sequence[GridRow]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["layer", "scale", "prompt", "text", "matches"])
+    w.writerow(["layer", "scale", "prompt", "text", "matches", "note"])
     for r in rows:
-        w.writerow(["" if r.layer is None else r.layer, r.scale, r.prompt, r.text,
-                    "" if r.matches is None else r.matches])
+        w.writerow(["" if r.layer is None else r.layer, r.scale, r.prompt, "" if r.text is None else r.text,
+                    "" if r.matches is None else r.matches, "no vector" if r.no_vector else ""])
     return buf.getvalue()
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from .errors import SteerdeskError
 from .fileio import atomic_write_with
+from .steering import Steer
 
 FORMAT = "steerdesk.vectors/1"
 REQUIRED_METADATA = ("format", "model", "architecture", "num_layers", "hidden_size", "method",
@@ -37,6 +38,54 @@ class VectorSet:
     proj_base: torch.Tensor | None = None  # [num_layers, n_base]
     proj_target: torch.Tensor | None = None  # [num_layers, n_target]
     extraction: Any = None  # raw reads, kept only in memory on request
+    # [num_layers] bool: True where the set HAS a direction for the layer. A GGUF control vector
+    # has no slot for block 0 and other tools' files may skip layers: those layers are absent,
+    # not "zero". Default (None): every layer whose vector is non-zero.
+    present: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.directions.ndim != 2:
+            return  # refused with a clear message by the loader's validation
+        if self.present is None:
+            self.present = self.directions.detach().float().norm(dim=-1) > 0
+        else:
+            self.present = torch.as_tensor(self.present).reshape(-1).bool()
+        if self.present.shape[0] != self.directions.shape[0]:
+            raise SteerdeskError(f"'present' has {self.present.shape[0]} entries for {self.directions.shape[0]} layers.")
+
+    def has_direction(self, layer: int) -> bool:
+        """True when the set has a non-zero direction for block ``layer`` (0-based)."""
+        if not 0 <= layer < self.num_layers:
+            return False
+        return bool(self.present[layer]) and float(self.directions[layer].float().norm()) > 0  # type: ignore[index]
+
+    @property
+    def layers_with_direction(self) -> list[int]:
+        """The layers this set can steer, ascending."""
+        return [layer for layer in range(self.num_layers) if self.has_direction(layer)]
+
+    def layers_without_direction(self, layers: Sequence[int]) -> list[int]:
+        """Those of ``layers`` (in range) for which the set has no direction (absent or all-zero)."""
+        return [layer for layer in layers if 0 <= layer < self.num_layers and not self.has_direction(layer)]
+
+    def require_layers(self, layers: Sequence[int]) -> None:
+        """Raise ``SteerdeskError`` (one line) unless every layer is in range and has a direction.
+
+        Steering a layer the set has no direction for would silently do nothing: it is refused.
+        """
+        for layer in layers:
+            if not 0 <= layer < self.num_layers:
+                raise SteerdeskError(f"Layer {layer} is out of range: the vectors cover layers 0-{self.num_layers - 1}.")
+        missing = self.layers_without_direction(layers)
+        if missing:
+            raise SteerdeskError(no_direction_message(missing, self))
+
+    def steers(self, layers: Sequence[int], *, scale: float = 1.0, mode: str = "add", normalize: bool = False,
+               positions: str = "all") -> list[Steer]:
+        """One :class:`Steer` per layer, after :meth:`require_layers` (no silent no-op steering)."""
+        self.require_layers(layers)
+        return [Steer(layer=layer, vector=self.directions[layer], scale=scale, mode=mode, normalize=normalize,
+                      positions=positions) for layer in layers]
 
     @property
     def num_layers(self) -> int:
@@ -72,6 +121,27 @@ class VectorSet:
             raise SteerdeskError(f"Unknown layer convention {convention!r} in the vector file.")
 
 
+def _ranges(layers: Sequence[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
+    runs: list[list[int]] = []
+    for layer in sorted(set(layers)):
+        if runs and runs[-1][1] == layer - 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def no_direction_message(missing: Sequence[int], vs: "VectorSet") -> str:
+    """One line saying which requested layers the set has no direction for, and which it has."""
+    which = "layer" if len(missing) == 1 else "layers"
+    have = vs.layers_with_direction
+    why = " (a llama.cpp control vector has no slot for block 0)" if 0 in missing and \
+        vs.metadata.get("source_format") == "gguf" else ""
+    return (f"The vector set has no direction for {which} {_ranges(missing)}{why}: steering there would do "
+            f"nothing. It has {'layers ' + _ranges(have) if have else 'no usable layer'}.")
+
+
 # ------------------------------------------------------------------------- safetensors
 
 def save_vectors(vs: VectorSet, path: str | Path) -> None:
@@ -79,12 +149,14 @@ def save_vectors(vs: VectorSet, path: str | Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {"directions": vs.directions.float().contiguous(), "norms": vs.norms.float().contiguous()}
+    tensors["present"] = vs.present.to(torch.uint8).contiguous()  # type: ignore[union-attr]
     if vs.proj_base is not None and vs.proj_target is not None:
         tensors["proj_base"] = vs.proj_base.float().contiguous()
         tensors["proj_target"] = vs.proj_target.float().contiguous()
     metadata = {k: str(v) for k, v in vs.metadata.items()}
     metadata["format"] = FORMAT
     metadata.setdefault("layer_convention", "block_output")
+    metadata.setdefault("architecture", "")  # unknown (a foreign GGUF): not checked, but the key must exist
     metadata["num_layers"] = str(vs.num_layers)
     metadata["hidden_size"] = str(vs.hidden_size)
     atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -107,7 +179,7 @@ def load_vectors(path: str | Path, model_layers: int | None = None) -> VectorSet
     """Load a steerdesk safetensors vector file or a GGUF control vector (by extension).
 
     A foreign GGUF (no steerdesk metadata) only tells its highest ``direction.N``; with
-    ``model_layers`` it is padded with zero vectors to the model's depth when it fits.
+    ``model_layers`` it is padded to the model's depth when it fits (padded layers are absent).
     """
     path = Path(path)
     if not path.is_file():
@@ -140,8 +212,12 @@ def load_vectors(path: str | Path, model_layers: int | None = None) -> VectorSet
     norms = tensors.get("norms")
     if norms is None:
         norms = torch.full((directions.shape[0],), float("nan"))
+    present = tensors.get("present")
+    if present is not None and (present.ndim != 1 or directions.ndim != 2 or present.shape[0] != directions.shape[0]):
+        raise SteerdeskError(f"{path}: 'present' must have one entry per layer, got shape {tuple(present.shape)}.")
     vs = VectorSet(directions=directions, norms=norms.float(), metadata=metadata,
-                   proj_base=tensors.get("proj_base"), proj_target=tensors.get("proj_target"))
+                   proj_base=tensors.get("proj_base"), proj_target=tensors.get("proj_target"),
+                   present=None if present is None else present.bool())
     for key, size in (("num_layers", vs.directions.shape[0] if vs.directions.ndim == 2 else -1),
                       ("hidden_size", vs.directions.shape[-1] if vs.directions.ndim else -1)):
         if metadata.get(key) != str(size):
@@ -156,9 +232,10 @@ def export_gguf(vs: VectorSet, path: str | Path, *, model_hint: str | None = Non
     import gguf
 
     hint = model_hint or _model_hint(vs.metadata)
-    layers = list(range(1, vs.num_layers))
+    layers = [layer for layer in range(1, vs.num_layers) if vs.has_direction(layer)]
     if not layers:
-        raise SteerdeskError("A GGUF control vector needs at least two layers (llama.cpp has no slot for block 0).")
+        raise SteerdeskError("Nothing to export: a GGUF control vector has no slot for block 0, and the set has "
+                             "no direction for any other layer.")
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp), "controlvector")
@@ -197,7 +274,8 @@ MAX_LAYERS = 4096  # far above any model's depth; a GGUF claiming more is damage
 def import_gguf(path: str | Path, num_layers: int | None = None) -> VectorSet:
     """Read a llama.cpp / repeng control vector: ``direction.N`` -> steerdesk layer N.
 
-    Layer 0 (and any layer without a tensor) gets a zero vector. A damaged file raises
+    Layer 0 (and any layer without a tensor) is marked absent (``present[L]`` False; its row of
+    ``directions`` is zero but is never used for steering). A damaged file raises
     ``SteerdeskError`` whatever part of it is damaged.
     """
     path = Path(path)
@@ -261,9 +339,11 @@ def _import_gguf(path: Path, num_layers: int | None) -> VectorSet:
         raise SteerdeskError(f"{path}: the control vector claims {max(num_layers, max(dirs) + 1)} layers; "
                              f"no model has more than {MAX_LAYERS} (damaged file?).")
     directions = torch.zeros((num_layers, hidden), dtype=torch.float32)
+    present = torch.zeros(num_layers, dtype=torch.bool)  # layers without a tensor are absent, not zero
     for idx, v in dirs.items():
         if idx < num_layers:
             directions[idx] = torch.from_numpy(v)
+            present[idx] = True
     norms = torch.full((num_layers,), float("nan"))
     if "steerdesk.norms" in fields:
         f = fields["steerdesk.norms"]
@@ -276,7 +356,7 @@ def _import_gguf(path: Path, num_layers: int | None) -> VectorSet:
                      "layer_convention": "block_output", "source_format": "gguf"})
     metadata.setdefault("method", "unknown")
     metadata.setdefault("read_position", "unknown")
-    return _validate_loaded(VectorSet(directions=directions, norms=norms, metadata=metadata), path)
+    return _validate_loaded(VectorSet(directions=directions, norms=norms, metadata=metadata, present=present), path)
 
 
 def describe(vs: VectorSet) -> str:

@@ -474,14 +474,14 @@ class MainWindow(QMainWindow):
         sampling = gp.sampling()
         sampling = SamplingSettings(max_new_tokens=grid.tokens.value(), temperature=sampling.temperature,
                                     top_p=sampling.top_p, seed=sampling.seed)
-        directions, mode, normalize = item.vectors.directions, gp.mode.currentData(), gp.normalize.isChecked()
+        vectors, mode, normalize = item.vectors, gp.mode.currentData(), gp.normalize.isChecked()
         grid.start()
         self.analysis_panel.set_busy(True)
 
         def task(lm: Any, cancel: Any, emit: Any) -> Any:
             from ..core.textgrid import generation_grid
 
-            return generation_grid(lm, directions, layers, scales, prompts, mode=mode, normalize=normalize,
+            return generation_grid(lm, vectors, layers, scales, prompts, mode=mode, normalize=normalize,
                                    sampling=sampling, pattern=pattern, on_row=emit, cancel=cancel)
 
         self.controller.run_task("grid", task, title="Generation grid failed")

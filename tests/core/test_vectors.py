@@ -230,7 +230,7 @@ def test_gguf_damaged_or_foreign(tmp_path):
 
 
 def test_gguf_export_needs_two_layers(tmp_path):
-    with pytest.raises(SteerdeskError, match="two layers"):
+    with pytest.raises(SteerdeskError, match="no slot for block 0"):
         export_gguf(_vs(layers=1), tmp_path / "one.gguf")
 
 

@@ -59,14 +59,17 @@ class DiagnosticsTab(QWidget):
         layers = np.array(d.layers, dtype=float)
         for key, curve in self.curves.items():
             values = np.array([np.nan if v is None else v for v in getattr(d, key)], dtype=float)
-            curve.setData(layers, np.nan_to_num(values, nan=0.0))
+            curve.setData(layers, values, connect="finite")  # gaps, never 0, where there is no value
         cos = np.array([[np.nan if v is None else v for v in row] for row in d.cosine], dtype=np.float32)
         self.cosine.set_data(cos, levels=(-1.0, 1.0))
         self.table.setRowCount(len(d.layers))
+        absent = set(getattr(d, "no_vector", []) or [])
         for i, layer in enumerate(d.layers):
             values = [layer, d.auc[i], d.d_prime[i], d.consistency[i], d.relative_norm[i], d.alignment[i]]
             for j, v in enumerate(values):
                 text = "—" if v is None else (str(v) if j == 0 else f"{v:.3f}")
+                if layer in absent and j == 1:
+                    text = "no vector"
                 self.table.setItem(i, j, QTableWidgetItem(text))
         aucs = [(a, layer) for a, layer in zip(d.auc, d.layers) if a is not None]
         if aucs:
@@ -176,11 +179,16 @@ class GridTab(QWidget):
         self.rows.append(r)
         i = self.table.rowCount()
         self.table.insertRow(i)
-        values = ["unsteered" if r.layer is None else str(r.layer), f"{r.scale:g}", r.prompt, r.text,
+        no_vector = bool(getattr(r, "no_vector", False))
+        values = ["unsteered" if r.layer is None else str(r.layer), f"{r.scale:g}", r.prompt,
+                  "no vector for this layer (not generated)" if no_vector else r.text,
                   "" if r.matches is None else str(r.matches)]
         for j, v in enumerate(values):
             item = QTableWidgetItem(v)
             item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEditable)
+            if no_vector:
+                item.setForeground(Qt.GlobalColor.gray)
+                item.setToolTip("The vector set has no direction for this layer: nothing to steer with.")
             self.table.setItem(i, j, item)
 
     def finish(self, rows: list[Any]) -> None:

@@ -242,12 +242,16 @@ class GenerationPanel(QWidget):
         for i in range(n):
             self.layers.addItem(str(i))
         default = [i for i in chosen if i < n] or ([n // 2] if n else [])
+        s = self.current_set()
+        if s is not None and s.vectors.num_layers == n:
+            default = [i for i in default if s.vectors.has_direction(i)] or s.vectors.layers_with_direction[n // 2:][:1]
         for i in default:
             self.layers.item(i).setSelected(True)
         self.layers.blockSignals(False)
         self.color_layer.setRange(0, max(0, n - 1))
         if default:
             self.color_layer.setValue(default[0])
+        self._mark_layers_without_direction()
         self._update_readout()
 
     def selected_layers(self) -> list[int]:
@@ -277,7 +281,23 @@ class GenerationPanel(QWidget):
         s = self.current_set()
         if s is not None and s.vectors.num_layers != self._num_layers:
             self.set_num_layers(s.vectors.num_layers)
+        self._mark_layers_without_direction()
         self._update_readout()
+
+    def _mark_layers_without_direction(self) -> None:
+        """Grey out (and deselect) the layers the current vector set has no direction for."""
+        s = self.current_set()
+        self.layers.blockSignals(True)
+        for i in range(self.layers.count()):
+            item = self.layers.item(i)
+            usable = s is None or s.vectors.has_direction(i)
+            flags = item.flags()
+            on = Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable
+            item.setFlags(flags | on if usable else flags & ~on)
+            item.setToolTip("" if usable else f"{s.name} has no direction for layer {i}: nothing to steer with")
+            if not usable:
+                item.setSelected(False)
+        self.layers.blockSignals(False)
 
     def _update_readout(self, *_: Any) -> None:
         s = self.current_set()
@@ -310,7 +330,6 @@ class GenerationPanel(QWidget):
     def build_request(self) -> dict[str, Any]:
         """Prompts, per-row steering, sampling and watch directions for the controller."""
         from ...core.errors import SteerdeskError
-        from ...core.steering import steers_for
 
         prompt = self.prompt.toPlainText().strip()
         if not prompt:
@@ -326,8 +345,8 @@ class GenerationPanel(QWidget):
         layers = self.selected_layers()
         if not layers:
             raise SteerdeskError("Select at least one layer to steer.")
-        steers = steers_for(s.vectors.directions, layers, scale=self.scale.value(), mode=self.mode.currentData(),
-                            normalize=self.normalize.isChecked(), positions=self.positions.currentData())
+        steers = s.vectors.steers(layers, scale=self.scale.value(), mode=self.mode.currentData(),
+                                  normalize=self.normalize.isChecked(), positions=self.positions.currentData())
         self._compare = self.compare.isChecked()
         rows = [[], steers] if self._compare else [steers]
         self._steered_row = len(rows) - 1
