@@ -1,17 +1,28 @@
 """CUDA check of the steering path (run on a GPU machine): dtype/device of hooks, split models, cache.
 
-    python3 scripts/cuda_check.py TOKENIZER_DIR [--device cuda]
+    python3 scripts/cuda_check.py [TOKENIZER_DIR] [--device cuda] [--cpu] [--only-precision]
+
+TOKENIZER_DIR defaults to ``bench/.gpu_assets`` (``bench/bench_gpu.py --make-assets`` saves the
+embedded SmolLM2's tokenizer there). ``--cpu`` runs everything that is meaningful on the CPU (all but
+the split-model check); ``--only-precision`` runs check 8 alone.
 
 Builds tiny random Llama models (no downloads), then checks on the device:
-1. zero vector => bit-identical logits (fp32 and bf16);
+1. identity steering (scale 0, random vectors) => bit-identical logits (fp32 and bf16); a zero vector
+   at a non-zero scale is refused (a silent no-op, issue 10 item 1);
 2. steering at block L shifts hidden_states[L+1] by exactly v (fp32) and leaves block L-1 alone;
 3. greedy steered tokens with the KV cache equal those without it (add / project / clamp, all positions);
 4. per-row steering in one batch equals separate runs;
 5. a bf16 model with a float32 vector runs and keeps bf16;
 6. a model split across devices (device_map: half the blocks on cuda:0, half on cpu) steers with
    vectors following each block's device, and gives the same tokens as the unsplit model;
-7. compute_vectors + compare() end to end on the device.
-Prints one line per check and exits non-zero on the first failure.
+7. compute_vectors + compare() end to end on the device;
+8. reduced-precision hook arithmetic (issue 10 item 3): in float16 and bfloat16 models, block
+   outputs near the type's limit, steered through ``Steering`` in every mode (add, project,
+   clamp; also per-row), equal a float64 evaluation of the float32 formula, cast once to the model's
+   dtype; a steered value that truly overflows the dtype raises ``SteerdeskError`` naming the layer
+   and the dtype. Each line also says what the same formula computed in the model's own dtype
+   gives (NaN/inf or its error), which is what the check guards against.
+Prints one line per check and exits non-zero when any failed.
 """
 
 from __future__ import annotations
@@ -19,16 +30,30 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
-def main() -> int:
-    tok_dir = sys.argv[1]
-    device = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cuda"
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the checks; returns 0 when all passed, 1 otherwise."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("tokenizer_dir", nargs="?", default=str(Path(__file__).resolve().parent.parent / "bench" / ".gpu_assets"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--cpu", action="store_true", help="same as --device cpu")
+    ap.add_argument("--only-precision", action="store_true", help="only the reduced-precision hook checks (8)")
+    args = ap.parse_args(argv)
+    tok_dir = args.tokenizer_dir
+    device = "cpu" if args.cpu else args.device
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from steerdesk.core.datasets import Dataset, Example
+    from steerdesk.core.errors import SteerdeskError
     from steerdesk.core.extract import compute_vectors
     from steerdesk.core.generate import SamplingSettings, compare, generate
     from steerdesk.core.models import wrap_model
@@ -62,6 +87,11 @@ def main() -> int:
         print(f"{'ok  ' if ok else 'FAIL'} {name}{(': ' + detail) if detail else ''}", flush=True)
         failures += 0 if ok else 1
 
+    if args.only_precision:
+        precision_checks(load, device, check)
+        print("PASS" if not failures else f"{failures} FAILED", flush=True)
+        return 1 if failures else 0
+
     lm = load()
     ids = tok("<|im_start|>user\nTell me a story<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt")["input_ids"]
     ids = ids.to(device)
@@ -69,9 +99,14 @@ def main() -> int:
     vecs = torch.randn(6, 128, generator=gen) * 4.0
     with torch.inference_mode():
         ref = lm.model(ids).logits
-        with Steering(lm, steers_for(torch.zeros(6, 128), [0, 3, 5])):
+        with Steering(lm, steers_for(vecs, [0, 3, 5], scale=0.0)):
             zero = lm.model(ids).logits
-    check("zero vector leaves fp32 logits bit-identical", torch.equal(ref, zero))
+    check("scale 0 leaves fp32 logits bit-identical", torch.equal(ref, zero))
+    try:
+        Steering(lm, steers_for(torch.zeros(6, 128), [3]))
+        check("zero vector at scale 1 is refused", False, "no error")
+    except SteerdeskError as exc:
+        check("zero vector at scale 1 is refused", True, str(exc))
 
     with torch.inference_mode():
         hs = lm.model(ids, output_hidden_states=True).hidden_states
@@ -107,9 +142,9 @@ def main() -> int:
     check("bf16 model + fp32 vector keeps bf16", out.dtype == torch.bfloat16 and bool(torch.isfinite(out).all()))
     with torch.inference_mode():
         ref_bf = bf.model(ids).logits
-        with Steering(bf, steers_for(torch.zeros(6, 128), [1, 4])):
+        with Steering(bf, steers_for(vecs, [1, 4], scale=0.0)):
             zero_bf = bf.model(ids).logits
-    check("zero vector leaves bf16 logits bit-identical", torch.equal(ref_bf, zero_bf))
+    check("scale 0 leaves bf16 logits bit-identical", torch.equal(ref_bf, zero_bf))
 
     if device.startswith("cuda"):
         dm = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": "cpu", "lm_head": "cpu"}
@@ -130,8 +165,158 @@ def main() -> int:
     u, st_ = compare(lm, "How are you?", steers_for(vs.directions, [3], scale=8.0), sampling=s)
     check("compute + compare on the device", vs.directions.device.type == "cpu" and bool(u.token_ids),
           f"{time.perf_counter() - t0:.2f} s")
+    precision_checks(load, device, check)
     print("PASS" if not failures else f"{failures} FAILED", flush=True)
     return 1 if failures else 0
+
+
+def _steered_output(lm: Any, layer: int, crafted: torch.Tensor, rows: Any) -> torch.Tensor:
+    """Block ``layer``'s output after steering with ``rows``, when the block itself outputs ``crafted``.
+
+    A forward hook registered before ``Steering``'s replaces the block's output with ``crafted``
+    ``[B, S, H]`` (hooks run in registration order), so the steering hook sees exactly that input;
+    one registered after it records what steering returned. The real model runs around it.
+    """
+    from steerdesk.core.steering import Steering
+
+    def inject(module: Any, args: Any, output: Any) -> Any:
+        return (crafted,) + tuple(output[1:]) if isinstance(output, tuple) else crafted
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(module: Any, args: Any, output: Any) -> None:
+        seen["h"] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+
+    ids = torch.full(crafted.shape[:2], 5, dtype=torch.long, device=lm.input_device)
+    first = lm.blocks[layer].register_forward_hook(inject)
+    try:
+        with torch.inference_mode(), Steering(lm, rows):
+            last = lm.blocks[layer].register_forward_hook(record)
+            try:
+                lm.model(input_ids=ids, use_cache=False)
+            finally:
+                last.remove()
+    finally:
+        first.remove()
+    return seen["h"]
+
+
+def precision_checks(load: Callable[..., Any], device: str, check: Callable[..., None]) -> None:
+    """Check 8: hook arithmetic in float16 / bfloat16 at magnitudes near the type's limit.
+
+    The block output is ``h = c*v^ + n`` (``n`` orthogonal to ``v^``, ``|n_i| = 1e-3 c`` at most), at two
+    levels. *Near the limit*: ``c`` makes the largest |h_i| 3/4 of the dtype's largest number; the
+    component along the direction, ``h.v^ = c``, is then beyond the dtype (float16: ~1.7e5 > 65504,
+    issue 10's case; bfloat16: ~8.7e38, beyond float32 too) although ``h`` and the exact results fit.
+    *Moderate*: largest |h_i| = 1000 (a "massive activation"), where the hazard is the mantissa:
+    ``project`` cancels ``c*v^`` and keeps ``n``, and an error of 2^-8 c (bfloat16) swamps ``n``.
+    Expected value: the mode's formula evaluated in float64 on the exact dtype values of ``h`` (the
+    exact result of the float32 formula), cast once to the dtype. Tolerance: 2 ulps of the row's
+    largest result plus float32's summation error bound for the dot product
+    (``H * 2^-24 * sum|h_i v^_i| * max|v^_i|``).
+    """
+    from steerdesk.core.errors import SteerdeskError
+    from steerdesk.core.steering import Steer
+
+    B, S = 2, 3
+    for dtype in (torch.float16, torch.bfloat16):
+        name = str(dtype).replace("torch.", "")
+        lm = load(dtype)
+        layer, hidden = lm.info.num_layers - 1, lm.info.hidden_size
+        gen = torch.Generator().manual_seed(3)
+        v = torch.randn(hidden, generator=gen, dtype=torch.float64)
+        vhat = v / v.norm()
+        fmax = float(torch.finfo(dtype).max)
+        eps = float(torch.finfo(dtype).eps)
+        signs = torch.tensor([1.0, -1.0], dtype=torch.float64).view(B, 1, 1)
+        noise = torch.randn(B, S, hidden, generator=gen, dtype=torch.float64)
+        noise = noise - (noise @ vhat)[..., None] * vhat  # orthogonal to the direction
+        noise = noise / noise.abs().amax()
+        for level, peak in (("near the limit", 0.75 * fmax), ("moderate", 1000.0)):
+            c = peak / float(vhat.abs().max())
+            h = (signs * c * vhat + 1e-3 * c * noise).to(dtype)  # what the block "outputs", in the model's dtype
+            h64 = h.double()
+            # add: the result reaches ~95 % of the limit near it (float16), twice |h| at the moderate level
+            big_v = v / v.abs().max() * min(0.2 * fmax, peak)
+            small_v = v / v.abs().max() * 1e-3 * c  # clamp: a component of the size of n
+            cases = [
+                ("add", big_v, 1.0, False),
+                ("project", v, 1.0, False),  # ablation: the exact result is n, far below c
+                ("project", v, 0.5, False),
+                ("clamp", small_v, 2.0, False),
+                ("clamp", v, 100.0, True),  # normalize: u = v^
+            ]
+            precision_level(lm, layer, name, dtype, eps, level, h, h64, cases, check)
+        # Per-row (near the limit): row 0 projected, row 1 unsteered and bit-identical to the block's output.
+        c = 0.75 * fmax / float(vhat.abs().max())
+        h = (signs * c * vhat + 1e-3 * c * noise).to(dtype)
+        h64 = h.double()
+        unit = v.float().double() / v.float().double().norm()
+        ref0 = h64[0] - (h64[0] * unit).sum(-1, keepdim=True) * unit
+        try:
+            out = _steered_output(lm, layer, h.to(lm.input_device), [[Steer(layer, v.float(), 1.0, "project")], []]).cpu()
+            sum_bound = hidden * 2.0 ** -24 * (h64[0] * unit).abs().sum(-1, keepdim=True) * unit.abs().max()
+            tol = 2 * eps * ref0.abs().amax(-1, keepdim=True) + sum_bound
+            err0 = (out[0].double() - ref0.to(dtype).double()).abs()
+            same1 = torch.equal(out[1], h[1])
+            ok = bool((err0 <= tol).all()) and same1
+            check(f"{name} per-row project (row 0) / unsteered (row 1) near the limit", ok,
+                  f"row 0 max err {float(err0.max()):.3g} (= {float((err0 / tol).max()):.2f} of the tolerance), "
+                  f"row 1 {'bit-identical' if same1 else 'CHANGED'}")
+        except SteerdeskError as exc:
+            check(f"{name} per-row project (row 0) / unsteered (row 1) near the limit", False, f"refused: {exc}")
+        # A result that truly does not fit the dtype: a one-line error naming layer and dtype.
+        over = v / v.abs().max() * 0.9 * fmax * signs.view(-1)[0]  # same sign as h's largest component
+        try:
+            _steered_output(lm, layer, h.to(lm.input_device), [Steer(layer, over.float(), 1.0, "add")])
+            check(f"{name} add beyond the limit raises SteerdeskError", False, "no error was raised")
+        except SteerdeskError as exc:
+            msg = str(exc)
+            check(f"{name} add beyond the limit raises SteerdeskError", f"layer {layer}" in msg and name in msg
+                  and "\n" not in msg, msg)
+
+
+def precision_level(lm: Any, layer: int, name: str, dtype: torch.dtype, eps: float, level: str, h: torch.Tensor,
+                    h64: torch.Tensor, cases: list[tuple[str, torch.Tensor, float, bool]],
+                    check: Callable[..., None]) -> None:
+    """One line per (mode, vector, scale, normalize) case of check 8 on the block output ``h``."""
+    from steerdesk.core.errors import SteerdeskError
+    from steerdesk.core.steering import Steer
+
+    hidden = h.shape[-1]
+    for mode, vec, scale, normalize in cases:
+        vec = vec.float().double()  # the reference uses exactly the float32 vector steerdesk is given
+        u = vec / vec.norm() if normalize else vec
+        unit = vec / vec.norm()
+        coeff = (h64 * unit).sum(-1, keepdim=True)
+        if mode == "add":
+            ref = h64 + scale * u
+        elif mode == "project":
+            ref = h64 - scale * coeff * unit
+        else:
+            ref = h64 - coeff * unit + scale * u
+        steer = Steer(layer, vec.float(), float(scale), mode, normalize)
+        label = f"{name} {level}: {mode} x{scale:g}{' normalize' if normalize else ''} at |h|max {float(h64.abs().max()):.3g}" \
+                f", h.v^ {float(coeff.abs().max()):.3g}"
+        try:
+            out = _steered_output(lm, layer, h.to(lm.input_device), [steer]).cpu()
+        except SteerdeskError as exc:
+            check(f"{label}: steered == float64 reference", False, f"refused: {exc}")
+            continue
+        err = (out.double() - ref.to(dtype).double()).abs()
+        sum_bound = hidden * 2.0 ** -24 * (h64 * unit).abs().sum(-1, keepdim=True) * unit.abs().max()
+        tol = 2 * eps * ref.abs().amax(-1, keepdim=True) + (0 if mode == "add" else sum_bound)
+        # The same formula in the model's own dtype, for information (what float32 guards against).
+        hd, ud, unitd = h, u.to(dtype), unit.to(dtype)
+        coeffd = (hd * unitd).sum(-1, keepdim=True)
+        native = (hd + scale * ud if mode == "add" else hd - scale * coeffd * unitd if mode == "project"
+                  else hd - coeffd * unitd + scale * ud).double()
+        native_note = ("non-finite" if not bool(torch.isfinite(native).all())
+                       else f"max rel err {float(((native - ref).abs() / tol).max()):.3g} tolerances")
+        ok = out.dtype == dtype and bool(torch.isfinite(out).all()) and bool((err <= tol).all())
+        check(f"{label}: steered == float64 reference", ok,
+              f"max err {float(err.max()):.3g} (= {float((err / tol).max()):.2f} of the tolerance); "
+              f"in {name} arithmetic: {native_note}")
 
 
 if __name__ == "__main__":
