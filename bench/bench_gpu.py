@@ -81,7 +81,7 @@ PAIR_SUFFIXES = ["", " I'm asking for a friend.", " Please keep it short.", " Th
                  " I need this today.", " Explain it simply.", " My boss asked me.", " Just curious.",
                  " Be brief.", " Any tips?", " It is urgent.", " Please help."]
 # Shares of the total budget (renormalised over the phases still to run).
-PHASE_SHARES = {"gen": 0.2, "batch": 0.3, "sweep": 0.3, "extract": 0.2}
+PHASE_SHARES = {"gen": 0.15, "batch": 0.35, "sweep": 0.3, "extract": 0.2}
 
 
 def log(msg: str) -> None:
@@ -356,7 +356,7 @@ def phase_sweep(lm: Any, vectors: Any, held: Any, budget: Budget, smoke: bool) -
         stride += 1
     if stride > 1:
         layers = layers[::stride]
-        log(f"sweep: every layer does not fit the phase ({budget.phase_left():.0f} s left): every {stride}th layer")
+        log(f"sweep: every layer does not fit the phase ({budget.phase_left():.0f} s left): one layer in {stride}")
     kw = dict(layers=layers, scales=scales, max_pairs=max_pairs, batch_size=batch_size, max_rows=max_rows)
 
     def shipped() -> Any:
