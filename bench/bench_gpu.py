@@ -156,6 +156,9 @@ def build_model(shape: str, device: str, dtype_name: str, tok: Any) -> Any:
         log(f"building on {device} failed ({type(exc).__name__}: {exc}); building on the CPU")
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    if next(model.parameters()).device.type != torch.device(device).type:  # the device context was not honoured
+        log(f"the model was built on {next(model.parameters()).device}; moving it to {device}")
+        model.to(device)
     model.eval().requires_grad_(False)
     return wrap_model(model, tok, name=f"{shape} shape, random weights", source="random")
 
@@ -463,7 +466,7 @@ def phase_extract(lm: Any, budget: Budget, smoke: bool) -> dict[str, Any]:
 
 # ============================================================================ main
 
-def machine_info(lm: Any | None, device: str) -> dict[str, Any]:
+def machine_info(device: str) -> dict[str, Any]:
     """Device, versions, CPU model and load of the machine."""
     import torch
     import transformers
@@ -540,9 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available here: use --smoke (CPU) or --device cpu")
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 parts only; the model is bf16
-    result["machine"] = machine_info(None, device)
+    result["machine"] = machine_info(device)
     budget = Budget(args.budget, {p: PHASE_SHARES[p] for p in phases})
 
     t0 = time.perf_counter()
