@@ -168,8 +168,13 @@ def load_vectors_for(path: str, info: Any) -> Any:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .core.kernels import current_choice
+
     lm = _load_model(args)
     info = lm.info.to_dict()
+    choice = current_choice() if lm.info.cpu_linear else None
+    if choice is not None:  # how the CPU kernel was chosen: forced / cached / probed, measured ratio
+        info["cpu_linear_why"] = choice.describe()
     if args.json:
         print(json.dumps(info, indent=2))
     else:

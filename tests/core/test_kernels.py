@@ -3,6 +3,8 @@ steering invariants hold on the stock aten path too (the tiny fixtures run on on
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -150,16 +152,158 @@ def test_only_plain_float32_cpu_linears_are_switched(tokenizer, plain_tokenizer)
         use_cpu_linear(torch.nn.Linear(2, 2), "mkl")
 
 
-def test_backend_choice_and_override(monkeypatch):
-    assert linear_backend() in ("onednn", "aten")
+@pytest.fixture(autouse=True)
+def _decision_file(tmp_path, monkeypatch):
+    """Every test here stores kernel decisions in a temporary file, never the user's cache,
+    and starts with no decision made in this process."""
+    path = tmp_path / "cpu-linear.json"
+    monkeypatch.setenv(kernels.CACHE_ENV, str(path))
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setattr(kernels, "_choice", None)
+    return path
+
+
+def test_backend_choice_is_stored_per_machine_and_overridable(monkeypatch, _decision_file):
     first = linear_backend()
-    assert linear_backend() == first  # measured once per process
+    assert first in ("onednn", "aten")
+    choice = kernels.linear_choice()
+    assert choice.how in ("probed", "unavailable")
+    if choice.how == "probed":  # stored under this machine's key, then reused by a new process
+        stored = json.loads(_decision_file.read_text())
+        assert stored[kernels.machine_key()]["backend"] == first
+        monkeypatch.setattr(kernels, "_choice", None)
+        again = kernels.linear_choice()
+        assert (again.backend, again.how, again.ratio) == (first, "cached", choice.ratio)
+    assert linear_backend() == first  # decided once per process
     monkeypatch.setenv(kernels.ENV, "aten")
-    assert linear_backend() == "aten"
+    assert kernels.linear_choice() == kernels.KernelChoice("aten", "forced", None, f"{kernels.ENV}=aten")
     monkeypatch.setenv(kernels.ENV, "onednn")
     assert linear_backend() == "onednn"
     lin = torch.nn.Linear(2, 2)
     assert use_cpu_linear(lin) == "onednn" and type(lin) is OneDNNLinear
+
+
+def test_stored_decision_is_used_without_measuring(monkeypatch, _decision_file):
+    """A decision stored for this machine's key wins over measuring; one for another key does not."""
+    other = kernels.KernelChoice("aten", "probed", 0.5, "stored for another machine")
+    kernels.store_decision(_decision_file, "Some Other CPU | torch 0.0 | 64 threads", other)
+    mine = kernels.KernelChoice("onednn", "probed", 1.7, "stored here")
+    kernels.store_decision(_decision_file, kernels.machine_key(), mine)
+    monkeypatch.setattr(kernels, "probe", lambda *a, **k: pytest.fail("measured despite a stored decision"))
+    got = kernels.linear_choice()
+    assert (got.backend, got.how, got.ratio, got.detail) == ("onednn", "cached", 1.7, "stored here")
+    assert "cached" in got.describe() and "1.70x" in got.describe()
+    data = json.loads(_decision_file.read_text())
+    assert data["Some Other CPU | torch 0.0 | 64 threads"]["backend"] == "aten"  # kept
+
+
+def test_reprobe_replaces_the_stored_decision(monkeypatch, _decision_file):
+    kernels.store_decision(_decision_file, kernels.machine_key(), kernels.KernelChoice("onednn", "probed", 9.0, "old"))
+    monkeypatch.setenv(kernels.ENV, "probe")
+    monkeypatch.setattr(kernels, "probe", lambda *a, **k: kernels.KernelChoice("aten", "probed", 0.8, "new"))
+    assert kernels.linear_choice().detail == "new"
+    assert json.loads(_decision_file.read_text())[kernels.machine_key()]["detail"] == "new"
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"%s": {"backend": "mkl"}}'])
+def test_corrupt_decision_file_is_measured_again(monkeypatch, _decision_file, content):
+    _decision_file.write_text(content.replace("%s", kernels.machine_key()))
+    monkeypatch.setattr(kernels, "probe", lambda *a, **k: kernels.KernelChoice("aten", "probed", 1.0, "measured"))
+    assert kernels.linear_choice().how == "probed"
+    assert json.loads(_decision_file.read_text())[kernels.machine_key()]["backend"] == "aten"
+
+
+def test_machine_key_names_cpu_torch_and_threads():
+    key = kernels.machine_key()
+    assert kernels.cpu_model() in key and torch.__version__ in key
+    assert f"{torch.get_num_threads()} threads" in key
+
+
+# ------------------------------------------------- decide(): the pure decision rule
+
+def _pairs(aten_ms, onednn_ms):
+    return [a / 1e3 for a in aten_ms], [o / 1e3 for o in onednn_ms]
+
+
+def test_decide_clearly_onednn():
+    aten, onednn = _pairs([30, 31, 29, 30, 32, 30, 31, 30], [20, 19, 21, 20, 20, 19, 20, 21])
+    backend, ratio, reason = kernels.decide(aten, onednn)
+    assert backend == "onednn"
+    # median of the per-pair ratios, by hand: sorted 29/21, 30/21, 30/20, 30/20, 31/20, 30/19, 32/20, 31/19
+    # -> the middle two are 1.5 and 1.55
+    assert ratio == pytest.approx(1.525)
+    assert "oneDNN 1.52x faster" in reason or "oneDNN 1.53x faster" in reason
+
+
+def test_decide_clearly_aten():
+    aten, onednn = _pairs([10] * 8, [20, 21, 19, 20, 22, 20, 20, 19])
+    backend, ratio, reason = kernels.decide(aten, onednn)
+    assert backend == "aten" and ratio == pytest.approx(0.5) and "aten 2.00x faster" in reason
+
+
+def test_decide_tie_keeps_the_stock_kernel():
+    aten, onednn = _pairs([10, 10.2, 9.9, 10.1, 10, 10.3, 9.8, 10], [10.1, 10, 10, 9.9, 10.2, 10, 10, 10.1])
+    backend, ratio, reason = kernels.decide(aten, onednn)
+    assert backend == "aten" and ratio == pytest.approx(1.0, abs=0.02) and "no clear winner" in reason
+
+
+def test_decide_small_gain_below_margin_keeps_the_stock_kernel():
+    aten, onednn = _pairs([12] * 8, [10] * 8)  # a consistent 1.2x: below the 1.25x margin
+    assert kernels.decide(aten, onednn)[0] == "aten"
+
+
+def test_decide_noisy_keeps_the_stock_kernel():
+    """Median above the margin but oneDNN slower in a quarter of the pairs: not decisive."""
+    ratios = [2.0, 0.5, 1.8, 0.6, 1.6, 1.5, 1.4, 1.3, 2.2, 1.35, 1.45, 0.7]
+    aten, onednn = [r * 0.01 for r in ratios], [0.01] * len(ratios)
+    backend, ratio, _ = kernels.decide(aten, onednn)
+    assert ratio >= kernels.MARGIN  # the median alone would have picked oneDNN
+    assert backend == "aten"
+
+
+def test_decide_one_outlier_changes_nothing():
+    aten, onednn = _pairs([30] * 12, [20] * 12)
+    assert kernels.decide(aten, onednn)[0] == "onednn"
+    aten_spike = list(aten)
+    aten_spike[3] = 0.002  # one aten run hit a quiet instant / timer glitch: a 0.1x pair
+    assert kernels.decide(aten_spike, onednn)[:2] == ("onednn", pytest.approx(1.5))
+    onednn_spike = list(onednn)
+    onednn_spike[5] = 5.0  # the other core was taken during one oneDNN run
+    assert kernels.decide(aten, onednn_spike)[:2] == ("onednn", pytest.approx(1.5))
+    slow_aten = [0.01] * 12
+    slow_aten[0] = 1.0  # one 100x aten pair must not hand the choice to oneDNN
+    assert kernels.decide(slow_aten, [0.01] * 12)[0] == "aten"
+
+
+def test_decide_too_few_pairs_and_bad_input():
+    backend, ratio, reason = kernels.decide([0.03] * 3, [0.01] * 3)  # 3x, but only 3 pairs
+    assert (backend, ratio) == ("aten", None) and "only 3 timing pairs" in reason
+    with pytest.raises(ValueError):
+        kernels.decide([0.01] * 6, [0.01] * 5)
+    with pytest.raises(ValueError):
+        kernels.decide([0.01] * 5 + [0.0], [0.01] * 6)
+
+
+def test_probe_measures_and_agrees_with_decide(monkeypatch):
+    """probe() feeds its interleaved timings to decide(): a real (small) measurement here."""
+    seen = {}
+    real = kernels.decide
+
+    def spy(aten, onednn, **kw):
+        seen["n"] = (len(aten), len(onednn))
+        return real(aten, onednn, **kw)
+
+    monkeypatch.setattr(kernels, "decide", spy)
+    weights = [torch.randn(64, 32), torch.randn(32, 64)]
+    choice = kernels.probe(weights, pairs=kernels.MIN_PAIRS)
+    assert choice.how == "probed" and choice.backend in ("aten", "onednn")
+    assert seen["n"] == (kernels.MIN_PAIRS, kernels.MIN_PAIRS)
+
+
+def test_probe_slice_bounds_the_probed_bytes():
+    ws = [torch.zeros(1024, 1024) for _ in range(10)]  # 4 MiB each
+    assert len(kernels._probe_slice(ws, max_bytes=9 << 20)) == 2
+    assert len(kernels._probe_slice(ws[:1], max_bytes=1)) == 1  # always at least one
 
 
 # ------------------------------------------------- steering invariants on the stock (aten) path
@@ -169,11 +313,11 @@ def stock(request, tokenizer, plain_tokenizer):
     return build_tiny(request.param, tokenizer, plain_tokenizer, linear="aten")
 
 
-def test_stock_zero_vector_is_bit_identical(stock):
+def test_stock_identity_steering_is_bit_identical(stock):
+    """Scale 0 in add mode is the identity (a zero vector at a non-zero scale is now refused)."""
     ids = ids_of(stock, PROMPT)
     before = _logits(stock, ids)
-    zero = torch.zeros(stock.info.num_layers, stock.info.hidden_size)
-    with Steering(stock, steers_for(zero, [0, 1, 2, 3], scale=5.0)):
+    with Steering(stock, steers_for(strong_vectors(stock, factor=4.0), [0, 1, 2, 3], scale=0.0)):
         assert torch.equal(_logits(stock, ids), before)
 
 
