@@ -30,6 +30,10 @@ Phases (see docs/benchmarks.md):
              padding, no attention mask, ``hidden_states[L][:, -1]``), plus the cosine of
              each against a correct batch-1 reference, per layer.
 ``batch``    8 different prompts x 64 steered tokens: one ``generate`` call vs 8 calls.
+``rowsampling`` the batch phase's call (8 prompts, one steered ``generate``), greedy and
+             sampled (temperature 1, top-p 0.95, seed 7), with today's ``generate`` (per-row
+             random streams) vs ``generate.py`` at ``BASELINE_REV`` (one shared stream; loaded
+             from git into its own module), interleaved. Not in the default phase list.
 """
 
 from __future__ import annotations
@@ -50,7 +54,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-PHASES = ("gen", "extract", "batch")
+PHASES = ("gen", "extract", "batch", "rowsampling")
+# generate.py before per-row random streams (issue 10 item 2): the "before" of phase rowsampling.
+BASELINE_REV = "6585747"
 STEER_LAYER = 15
 TARGETS = {
     "gen_steered_vs_unsteered": (">=", 0.97),
@@ -588,6 +594,68 @@ def phase_batch(quick: bool, max_wait: float, vectors: str | None = None) -> dic
     }
 
 
+def _baseline_generate() -> Callable[..., Any]:
+    """``generate`` from ``steerdesk/core/generate.py`` at BASELINE_REV, as module ``_generate_before``."""
+    import importlib.util
+
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{BASELINE_REV}:steerdesk/core/generate.py"],
+                         capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "_generate_before.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("steerdesk.core._generate_before", path,
+                                                  submodule_search_locations=None)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    mod.__package__ = "steerdesk.core"  # its relative imports resolve in today's package
+    sys.modules[spec.name] = mod  # type: ignore[union-attr]  (dataclasses look their module up)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod.generate
+
+
+def phase_rowsampling(quick: bool, max_wait: float, vectors: str | None = None) -> dict[str, Any]:
+    from steerdesk.core.generate import SamplingSettings, generate
+    from steerdesk.core.steering import steers_for
+
+    before = _baseline_generate()
+    n_new = 8 if quick else 64
+    reps = 1 if quick else 4
+    prompts = BATCH_PROMPTS
+    lm = load_lm()
+    rss_after_load = _status_kib("VmRSS") / 1024
+    steers = steers_for(load_directions(lm, vectors), [STEER_LAYER], scale=1.0)
+    settings = {"greedy": SamplingSettings(max_new_tokens=n_new),
+                "sampled": SamplingSettings(max_new_tokens=n_new, temperature=1.0, top_p=0.95, seed=7)}
+
+    def count(results: list[Any]) -> int:
+        return sum(len(r.token_ids) + (1 if r.finish_reason == "eos" else 0) for r in results)
+
+    for fn in (generate, before):
+        fn(lm, prompts[:2], steers, sampling=SamplingSettings(max_new_tokens=4, temperature=1.0, seed=1))
+    tracker = Runner(max_wait)
+    out: dict[str, Any] = {"prompts": len(prompts), "max_new_tokens": n_new, "baseline_rev": BASELINE_REV}
+    for kind, sampling in settings.items():
+        tps: dict[str, list[float]] = {"after": [], "before": []}
+        clean: dict[str, list[bool]] = {"after": [], "before": []}
+        last: dict[str, Any] = {}
+        for rep in range(reps):
+            for name in order_for(rep, ["after", "before"]):
+                fn = generate if name == "after" else before
+                dt, res, ok = tracker.measure(f"{kind} {name}", lambda: fn(lm, prompts, steers, sampling=sampling))
+                c = count(res)
+                tps[name].append(c / dt)
+                clean[name].append(ok)
+                last[name] = res
+                log(f"rowsampling {kind} rep {rep + 1}/{reps} {name:6s} {c} tok in {dt:6.2f}s = "
+                    f"{c / dt:5.1f} tok/s  {describe_run(tracker)}")
+        out[kind] = {
+            "tokens_per_s": tps,
+            "median_tokens_per_s": {k: statistics.median(v) for k, v in tps.items()},
+            "after_vs_before": paired_ratio(tps["after"], tps["before"], clean["after"], clean["before"]),
+            "rows_identical": sum(a.token_ids == b.token_ids for a, b in zip(last["after"], last["before"])),
+        }
+    out.update(rss_block(tracker, rss_after_load))
+    return out
+
+
 # ============================================================================ driver
 
 def environment() -> dict[str, Any]:
@@ -704,6 +772,13 @@ def report(env: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
             ("batch: 8 sequential calls", f"{m['sequential']:.1f} tok/s"),
         ]
         summary["batch8_vs_sequential"] = b["batch8_vs_sequential"]["median_of_ratios"]
+    for kind in ("greedy", "sampled"):
+        rs = results.get("rowsampling", {}).get(kind)
+        if rs:
+            m = rs["median_tokens_per_s"]
+            rows += [(f"rowsampling {kind}: after / before (8 prompts)",
+                      f"{m['after']:.1f} / {m['before']:.1f} tok/s, ratio {fmt_ratio(rs['after_vs_before'])}; "
+                      f"rows identical {rs['rows_identical']}/8")]
     width = max(len(r[0]) for r in rows) if rows else 10
     print()
     print(f"{'measurement':{width}s}  median")
@@ -755,7 +830,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
     ap.add_argument("--json", metavar="FILE", help="write all numbers to FILE")
-    ap.add_argument("--phases", default=",".join(PHASES), help="comma list of phases to run")
+    ap.add_argument("--phases", default=",".join(PHASES[:3]), help="comma list of phases to run "
+                    f"(from {', '.join(PHASES)})")
     ap.add_argument("--max-wait", type=float, default=None,
                     help="seconds to wait, before each timed run, for the other processes on the "
                          "machine to go quiet (default 300, --quick 5; 0: never wait)")
@@ -780,7 +856,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.phase == "extract":
             res = phase_extract(args.quick, args.max_wait)
         else:
-            res = {"gen": phase_gen, "batch": phase_batch}[args.phase](args.quick, args.max_wait, args.vectors)
+            res = {"gen": phase_gen, "batch": phase_batch,
+                   "rowsampling": phase_rowsampling}[args.phase](args.quick, args.max_wait, args.vectors)
         Path(args.result).write_text(json.dumps(res, default=lambda t: t.tolist()))
         return 0
 
@@ -794,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     vec_dir = tempfile.TemporaryDirectory()
     vectors = None
-    if {"gen", "batch"} & set(phases):
+    if {"gen", "batch", "rowsampling"} & set(phases):
         print("steering vectors (neutral_rude) ...", file=sys.stderr, flush=True)
         vectors = str(Path(vec_dir.name) / "directions.pt")
         run_phase_subprocess("vectors", args.quick, args.max_wait, vectors, args.omp_passive)  # saves the directions there
