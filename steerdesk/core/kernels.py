@@ -52,6 +52,11 @@ CONSISTENT = 1.10
 SHARE = 5 / 6
 MIN_PAIRS = 6
 PAIRS = 12  # interleaved (aten, oneDNN) pairs timed by the probe
+# A decision measured while other processes used more than this share of the CPUs is used by
+# this process but not stored: under load oneDNN's two OpenMP threads wait on each other
+# (measured here: 10-50x slower products at load average 4 on 2 cores, while MKL's one thread
+# was not), so such a probe says nothing about the quiet machine the choice is kept for.
+BUSY = 0.25
 # Decode-shaped probe: one row times three weights of a 2048-wide transformer block
 # (attention output, MLP up and down: 16 + 64 + 64 MiB float32, far larger than the caches).
 PROBE_SHAPES = ((2048, 2048), (8192, 2048), (2048, 8192))
@@ -63,7 +68,8 @@ class KernelChoice:
 
     ``backend``: ``"onednn"`` or ``"aten"``. ``how``: ``"forced"`` (``STEERDESK_CPU_LINEAR``),
     ``"cached"`` (decision stored for this machine), ``"probed"`` (measured by this process and
-    stored) or ``"unavailable"`` (no working oneDNN in this torch). ``ratio``: the measured median
+    stored), ``"probed-busy"`` (measured while other processes loaded the CPUs: used by this
+    process only, not stored) or ``"unavailable"`` (no working oneDNN in this torch). ``ratio``: the measured median
     speedup of oneDNN over aten on the probe (aten time / oneDNN time; > 1 means oneDNN is
     faster), ``None`` when nothing was measured. ``detail``: one line of human-readable reason.
     """
@@ -180,6 +186,26 @@ def store_decision(path: Path, key: str, choice: KernelChoice) -> None:
         log.warning("Could not store the CPU kernel decision in %s (%s); it will be measured again.", path, exc)
 
 
+def _cpu_jiffies() -> tuple[float, float] | None:
+    """(busy seconds of all CPUs from /proc/stat, this process's CPU seconds), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields]
+    busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)  # minus idle and iowait
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def foreign_load(before: tuple[float, float] | None, after: tuple[float, float] | None, seconds: float) -> float:
+    """Share of all CPUs used by other processes between two :func:`_cpu_jiffies` samples (0..1)."""
+    if before is None or after is None or seconds <= 0:
+        return 0.0
+    other = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, min(1.0, other / (seconds * (os.cpu_count() or 1))))
+
+
 def _interleaved(fns: Sequence[Callable[[], Any]], pairs: int) -> list[list[float]]:
     """Time each of ``fns`` once per round, alternating which goes first; ``pairs`` rounds."""
     times: list[list[float]] = [[] for _ in fns]
@@ -230,15 +256,20 @@ def probe(weights: Sequence[torch.Tensor] | None = None, pairs: int = PAIRS,
             _interleaved([step_aten, step_onednn], 2)  # warm-up: kernel selection, allocations, JIT
             aten, onednn = [], []
             start = time.perf_counter()
+            sample = _cpu_jiffies()
             while len(aten) < pairs and (len(aten) < MIN_PAIRS or time.perf_counter() - start < budget_s):
                 a, o = _interleaved([step_aten, step_onednn] if len(aten) % 2 == 0 else [step_onednn, step_aten], 1)
                 if len(aten) % 2:
                     a, o = o, a
                 aten += a
                 onednn += o
+            busy = foreign_load(sample, _cpu_jiffies(), time.perf_counter() - start)
     except (RuntimeError, AttributeError, NotImplementedError) as exc:  # op missing in this build
         return KernelChoice("aten", "unavailable", None, f"oneDNN linear unavailable ({exc})")
     backend, ratio, reason = decide(aten, onednn)
+    if busy > BUSY:
+        return KernelChoice(backend, "probed-busy", ratio,
+                            f"{reason}; other processes used {busy:.0%} of the CPUs: not stored, measured again next time")
     log.info("CPU linear: aten %.2f ms, oneDNN %.2f ms per probe step (medians) -> %s",
              statistics.median(aten) * 1e3, statistics.median(onednn) * 1e3, backend)
     return KernelChoice(backend, "probed", ratio, reason)

@@ -4,6 +4,7 @@ steering invariants hold on the stock aten path too (the tiny fixtures run on on
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -211,6 +212,24 @@ def test_corrupt_decision_file_is_measured_again(monkeypatch, _decision_file, co
     monkeypatch.setattr(kernels, "probe", lambda *a, **k: kernels.KernelChoice("aten", "probed", 1.0, "measured"))
     assert kernels.linear_choice().how == "probed"
     assert json.loads(_decision_file.read_text())[kernels.machine_key()]["backend"] == "aten"
+
+
+def test_probe_on_a_busy_machine_is_not_stored(monkeypatch, _decision_file):
+    """A probe during which other processes used most of the CPUs decides for this process only."""
+    monkeypatch.setattr(kernels, "foreign_load", lambda *a: 0.9)
+    choice = kernels.linear_choice([torch.randn(64, 32)])
+    if choice.how == "unavailable":
+        pytest.skip("no oneDNN linear")
+    assert choice.how == "probed-busy" and "90%" in choice.detail
+    assert not _decision_file.exists()
+
+
+def test_foreign_load_arithmetic():
+    n = os.cpu_count() or 1
+    # 2 s wall, all CPUs busy for 2*n CPU-seconds, of which this process used 0.5: the rest is foreign
+    assert kernels.foreign_load((100.0, 1.0), (100.0 + 2 * n, 1.5), 2.0) == pytest.approx((2 * n - 0.5) / (2 * n))
+    assert kernels.foreign_load((0.0, 0.0), (1.0, 1.0), 1.0) == 0.0  # only our own work
+    assert kernels.foreign_load(None, (1.0, 1.0), 1.0) == 0.0  # no /proc/stat: unknown, treated as quiet
 
 
 def test_machine_key_names_cpu_torch_and_threads():
