@@ -254,7 +254,8 @@ def probe(weights: Sequence[torch.Tensor] | None = None, pairs: int = PAIRS,
 
         with torch.inference_mode():
             _interleaved([step_aten, step_onednn], 2)  # warm-up: kernel selection, allocations, JIT
-            aten, onednn = [], []
+            aten: list[float] = []
+            onednn: list[float] = []
             start = time.perf_counter()
             sample = _cpu_jiffies()
             while len(aten) < pairs and (len(aten) < MIN_PAIRS or time.perf_counter() - start < budget_s):

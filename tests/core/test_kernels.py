@@ -8,13 +8,13 @@ import os
 
 import pytest
 import torch
+from tinylm import PROMPT, REPLY, build_tiny, ids_of, strong_vectors
 
 from steerdesk.core import kernels
 from steerdesk.core.extract import collect, encode
 from steerdesk.core.generate import SamplingSettings, generate
 from steerdesk.core.kernels import OneDNNLinear, linear_backend, use_cpu_linear
 from steerdesk.core.steering import Steering, steers_for
-from tinylm import PROMPT, REPLY, build_tiny, ids_of, strong_vectors
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
 
