@@ -71,11 +71,13 @@ class SetRow:
     margin_delta: list[float | None] = field(default_factory=list)
     fluency_delta: list[float | None] = field(default_factory=list)
     kl: list[float | None] | None = None
+    no_vector: bool = False  # the vector set lacks a direction for one of the layers: not evaluated
 
 
 @dataclass
 class SweepResult:
-    """A finished sweep; arrays are ``[layer][scale]`` (``None`` where a score was not finite)."""
+    """A finished sweep; arrays are ``[layer][scale]`` (``None`` where a score was not finite, or
+    for every cell of a row whose layer the vector set has no direction for: ``no_vector[row]``)."""
 
     layers: list[int]
     scales: list[float]
@@ -95,6 +97,7 @@ class SweepResult:
     seconds: float = 0.0
     path: str = "prefix"  # "prefix" (prefix reuse) or "full" (full forward passes)
     packed: bool = False  # steered forwards ran on packed layouts (texts sharing prompt tokens)
+    no_vector: list[bool] = field(default_factory=list)  # per layer row: no direction, not evaluated
 
     # -- cells -----------------------------------------------------------------------
     @property
@@ -106,6 +109,12 @@ class SweepResult:
 
     def row_layers(self, row: int) -> list[int]:
         return [self.layers[row]] if row < len(self.layers) else list(self.sets[row - len(self.layers)].layers)
+
+    def row_has_vector(self, row: int) -> bool:
+        """False for a row whose layer(s) the vector set has no direction for (cells null, never 0)."""
+        if row < len(self.layers):
+            return not (row < len(self.no_vector) and self.no_vector[row])
+        return not self.sets[row - len(self.layers)].no_vector
 
     def cell(self, row: int, col: int) -> tuple[float | None, float | None]:
         """``(margin_delta, fluency_delta)`` of a cell; rows are layers then sets."""
@@ -127,8 +136,9 @@ class SweepResult:
             "margin_delta": self.margin_delta,
             "fluency_delta": self.fluency_delta,
             "kl": self.kl,
+            "no_vector": [not self.row_has_vector(r) for r in range(len(self.layers))],
             "sets": [{"name": s.name, "layers": s.layers, "margin_delta": s.margin_delta,
-                      "fluency_delta": s.fluency_delta, "kl": s.kl} for s in self.sets],
+                      "fluency_delta": s.fluency_delta, "kl": s.kl, "no_vector": s.no_vector} for s in self.sets],
             "baseline": self.baseline,
             "fluency_budget": self.fluency_budget,
             "best": self.best,
@@ -151,8 +161,9 @@ class SweepResult:
             return cls(
                 layers=[int(x) for x in obj["layers"]], scales=[float(x) for x in obj["scales"]],
                 margin_delta=obj["margin_delta"], fluency_delta=obj["fluency_delta"], kl=obj.get("kl"),
-                sets=[SetRow(s["name"], list(s["layers"]), s["margin_delta"], s["fluency_delta"], s.get("kl"))
-                      for s in obj.get("sets", [])],
+                sets=[SetRow(s["name"], list(s["layers"]), s["margin_delta"], s["fluency_delta"], s.get("kl"),
+                             bool(s.get("no_vector", False))) for s in obj.get("sets", [])],
+                no_vector=[bool(x) for x in obj.get("no_vector") or []],
                 baseline=dict(obj.get("baseline", {})), fluency_budget=float(obj["fluency_budget"]),
                 best=obj.get("best"), settings=dict(obj.get("settings", {})), model=dict(obj.get("model", {})),
                 vector=dict(obj.get("vector", {})), dataset=dict(obj.get("dataset", {})),
@@ -642,6 +653,25 @@ def _directions(vectors: Any) -> torch.Tensor:
     return d
 
 
+def layers_without_direction(vectors: Any, layers: Sequence[int]) -> list[int]:
+    """Those of ``layers`` the vectors have no direction for (issue 10: absent is not zero).
+
+    A :class:`~steerdesk.core.vectors.VectorSet` answers itself (a GGUF control vector has no
+    block 0; other tools' files may skip layers); for a raw ``[layers, hidden]`` tensor an all-zero
+    row is taken as no direction.
+    """
+    ask = getattr(vectors, "layers_without_direction", None)
+    if callable(ask):
+        return [int(x) for x in ask(list(layers))]
+    d = _directions(vectors)
+    return [int(x) for x in layers if 0 <= x < d.shape[0] and not bool(d[x].detach().ne(0).any())]
+
+
+def rows_without_direction(vectors: Any, rows: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Per sweep row (its layers), the layers without a direction; an empty list = the row can run."""
+    return [layers_without_direction(vectors, ls) for ls in rows]
+
+
 def vector_identity(vectors: Any, path: str | None = None) -> dict[str, Any]:
     """What identifies a vector set in a result or a record."""
     d = _directions(vectors).detach().to(torch.float32).contiguous().cpu()
@@ -737,7 +767,14 @@ def sweep(
 
     cells: list[_Cell] = []
     row_layers = [[layer] for layer in layer_list] + [ls for _, ls in set_items]
+    missing = rows_without_direction(vectors, row_layers)
+    if all(missing):
+        gone = sorted({x for m in missing for x in m})
+        raise SteerdeskError(f"The vectors have no direction for layer{'s' if len(gone) > 1 else ''} "
+                             f"{', '.join(map(str, gone))}: nothing to sweep (choose layers the set covers).")
     for r, ls in enumerate(row_layers):
+        if missing[r]:
+            continue  # "no vector": not evaluated, null cells (never a measured 0)
         for c, scale in enumerate(scale_list):
             steers = [Steer(layer=x, vector=directions[x], scale=scale, mode=mode, normalize=normalize,
                             positions=positions) for x in ls]
@@ -774,7 +811,8 @@ def sweep(
     has_kl = texts.n_neutral > 0
     set_rows = [SetRow(name, ls, [_json_float(x) for x in margin[n_layers + i]],
                        [_json_float(x) for x in fluency[n_layers + i]],
-                       [_json_float(x) for x in kl[n_layers + i]] if has_kl else None)
+                       [_json_float(x) for x in kl[n_layers + i]] if has_kl else None,
+                       no_vector=bool(missing[n_layers + i]))
                 for i, (name, ls) in enumerate(set_items)]
     all_margin = to_json(margin)
     all_fluency = to_json(fluency)
@@ -810,6 +848,7 @@ def sweep(
         seconds=round(time.perf_counter() - t0, 3),
         path=sweeper.path,
         packed=sweeper.path == "prefix" and sweeper.layouts is sweeper.packed,
+        no_vector=[bool(m) for m in missing[:n_layers]],
     )
 
 
@@ -825,7 +864,14 @@ _GLYPHS = {
     "4": (5, 5, 7, 1, 1), "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 2, 2),
     "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7), ".": (0, 0, 0, 0, 2), "-": (0, 0, 7, 0, 0),
     "#": (5, 7, 5, 7, 5), " ": (0, 0, 0, 0, 0),
+    # letters for the "NO VECTOR" row label
+    "N": (6, 5, 5, 5, 5), "O": (2, 5, 5, 5, 2), "V": (5, 5, 5, 5, 2), "E": (7, 4, 6, 4, 7),
+    "C": (3, 4, 4, 4, 3), "T": (7, 2, 2, 2, 2), "R": (6, 5, 6, 5, 5),
 }
+NO_VECTOR_LABEL = "NO VECTOR"
+#: Colours of a "no vector" row in the PNG: light background, dark hatching (not a value colour).
+NO_VECTOR_BG = (236, 232, 220)
+NO_VECTOR_HATCH = (90, 90, 90)
 
 
 def diverging_rgb(x: float) -> tuple[int, int, int]:
@@ -865,7 +911,9 @@ def heatmap_png(result: SweepResult, path: str | Path, *, cell_w: int = 36, cell
 
     Diverging colours with symmetric limits (+-max |margin delta|, shown in the colour bar at the
     right); cells beyond the fluency budget are dimmed and hatched; the best cell is framed. Rows are
-    labelled with their layer; named sets with ``#1``, ``#2``... in order.
+    labelled with their layer; named sets with ``#1``, ``#2``... in order. A row the vector set has no
+    direction for is drawn as one beige band with dense dark hatching and the words ``NO VECTOR``
+    (no value colour: it was not measured).
     """
     import numpy as np
 
@@ -887,6 +935,19 @@ def heatmap_png(result: SweepResult, path: str | Path, *, cell_w: int = 36, cell
         y0 = top + r * cell_h
         label = str(result.layers[r]) if r < len(result.layers) else f"#{r - len(result.layers) + 1}"
         _text(img, 2, y0 + 2, label[:4])
+        if not result.row_has_vector(r):
+            yy, xx = np.mgrid[0:cell_h - 1, 0:n_c * cell_w - 1]
+            band = np.empty((cell_h - 1, n_c * cell_w - 1, 3), dtype=np.uint8)
+            band[:] = NO_VECTOR_BG
+            band[(xx - yy) % 4 == 0] = NO_VECTOR_HATCH
+            img[y0:y0 + cell_h - 1, label_w:label_w + n_c * cell_w - 1] = band
+            scale = 2 if n_c * cell_w - 1 >= 4 * 2 * len(NO_VECTOR_LABEL) + 4 else 1
+            text_w = 4 * scale * len(NO_VECTOR_LABEL)
+            tx = label_w + max(0, (n_c * cell_w - text_w) // 2)
+            ty = y0 + max(0, (cell_h - 1 - 5 * scale) // 2)
+            img[ty - 1:ty + 5 * scale + 1, tx - 2:tx + text_w + 1] = NO_VECTOR_BG  # a clear box for the words
+            _text(img, tx, ty, NO_VECTOR_LABEL, scale)
+            continue
         for c in range(n_c):
             m, f = result.cell(r, c)
             x0 = label_w + c * cell_w
@@ -916,5 +977,38 @@ def heatmap_png(result: SweepResult, path: str | Path, *, cell_w: int = 36, cell
     atomic_write_with(path, lambda tmp: tmp.write_bytes(data))
 
 
+def format_table(result: SweepResult) -> str:
+    """The margin deltas as text, one row per layer (set): ``*`` on the best cell, ``~`` beyond the
+    fluency budget, ``nan`` for a cell whose score was not finite, and ``no vector`` across a row
+    whose layer(s) the vector set has no direction for (never a number: nothing was measured)."""
+    lines = ["margin delta (nats/token); '~' = fluency loss beyond the budget, '*' = best",
+             f"{'':>10}" + "".join(f"{s:>10g}" for s in result.scales)]
+    best = result.best or {}
+    for r in range(result.n_rows):
+        label = str(result.layers[r]) if r < len(result.layers) else result.sets[r - len(result.layers)].name
+        if not result.row_has_vector(r):
+            lines.append(f"{label[:10]:>10}" + f"{'no vector':>10}" + " " * (10 * (len(result.scales) - 1)))
+            continue
+        cells = []
+        for c in range(len(result.scales)):
+            m, _ = result.cell(r, c)
+            mark = "*" if (best.get("row"), best.get("col")) == (r, c) else (
+                " " if result.within_budget(r, c) else "~")
+            cells.append(f"{'nan' if m is None else format(m, '+.3f'):>9}{mark}")
+        lines.append(f"{label[:10]:>10}" + "".join(cells))
+    if result.best:
+        b = result.best
+        where = f"layer {b['layer']}" if b["layer"] is not None else f"set {b['set']} {b['layers']}"
+        lines.append(f"best: {where} x{b['scale']:g}: margin {b['margin_delta']:+.3f}, "
+                     f"fluency {b['fluency_delta']:+.3f} (budget {result.fluency_budget:g})")
+    else:
+        lines.append(f"no cell within the fluency budget {result.fluency_budget:g}")
+    missing = [result.row_label(r) for r in range(result.n_rows) if not result.row_has_vector(r)]
+    if missing:
+        lines.append(f"no vector (not evaluated): {', '.join(missing)}")
+    return "\n".join(lines)
+
+
 __all__ = ["sweep", "SweepResult", "SetRow", "pick_best", "parse_scales", "parse_sets", "heatmap_png",
+           "format_table", "layers_without_direction", "rows_without_direction",
            "model_identity", "vector_identity", "DEFAULT_SCALES", "DEFAULT_BUDGET", "FORMAT"]

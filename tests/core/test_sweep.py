@@ -282,3 +282,99 @@ def test_smol_rude_sweep_has_a_positive_cell_within_budget(smol):
             if res.margin_delta[r][c] > 0.05 and res.within_budget(r, c)]
     assert good, res.margin_delta
     assert res.best is not None and res.best["margin_delta"] > 0.05 and res.best["fluency_delta"] >= -0.5
+
+
+# ------------------------------------------------------------------ rows without a direction (issue 10)
+
+def _pixels(path):
+    """``[h][w]`` RGB tuples of a PNG written by ``heatmap_png`` (filter type 0 rows)."""
+    w, h = _read_png(path)
+    data = path.read_bytes()
+    pos, idat = 8, b""
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        if data[pos + 4:pos + 8] == b"IDAT":
+            idat += data[pos + 8:pos + 8 + n]
+        pos += 12 + n
+    raw = zlib.decompress(idat)
+    rows = []
+    for y in range(h):
+        line = raw[y * (1 + 3 * w):(y + 1) * (1 + 3 * w)]
+        assert line[0] == 0
+        rows.append([tuple(line[1 + 3 * x:4 + 3 * x]) for x in range(w)])
+    return rows
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_gguf_vector_marks_layer_0_no_vector_and_equals_the_safetensors_sweep_elsewhere(tiny, tmp_path):
+    """A GGUF control vector has no block 0: that row is null + "no vector", never 0, never best, not run."""
+    from steerdesk.core.extract import compute_vectors
+    from steerdesk.core.sweep import NO_VECTOR_BG, NO_VECTOR_HATCH, format_table
+    from steerdesk.core.vectors import export_gguf, import_gguf, load_vectors, save_vectors
+    from tinylm import rude4
+
+    vs = compute_vectors(tiny, rude4())
+    save_vectors(vs, tmp_path / "v.safetensors")
+    export_gguf(vs, tmp_path / "v.gguf")
+    st = load_vectors(tmp_path / "v.safetensors")
+    gg = import_gguf(tmp_path / "v.gguf", tiny.info.num_layers)
+    sets = {"zero+two": [0, 2], "two+three": [2, 3]}
+    kw = dict(layers=[0, 1, 3], scales=[0.0, 2.0, -4.0], sets=sets, neutral=NEUTRAL_TEXTS[:1], fluency_budget=50.0,
+              **SMALL)
+    a = sweep(tiny, st, HELD, **kw)
+    ticks = []
+    b = sweep(tiny, gg, HELD, progress=lambda d, t: ticks.append((d, t)), **kw)
+    assert a.no_vector == [False, False, False] and not any(s.no_vector for s in a.sets)
+    assert b.no_vector == [True, False, False]
+    assert [s.no_vector for s in b.sets] == [True, False]
+    # Null, not zero -- also the scale-0 column, which would otherwise read as a measured 0.
+    assert b.margin_delta[0] == [None] * 3 and b.fluency_delta[0] == [None] * 3 and b.kl[0] == [None] * 3
+    assert b.sets[0].margin_delta == [None] * 3 and b.sets[0].fluency_delta == [None] * 3
+    # Every other row equals the safetensors sweep (the GGUF keeps layers >= 1 exactly).
+    assert _close(b.margin_delta[1:], a.margin_delta[1:], 1e-6)
+    assert _close(b.fluency_delta[1:], a.fluency_delta[1:], 1e-6)
+    assert _close([b.sets[1].margin_delta], [a.sets[1].margin_delta], 1e-6)
+    # Best: the best of the rows that have a vector, computed here from a's numbers.
+    ok_rows = [1, 2, 4]  # layers 1 and 3, set two+three
+    margins = [[a.cell(r, c)[0] for c in range(3)] for r in ok_rows]
+    fl = [[a.cell(r, c)[1] for c in range(3)] for r in ok_rows]
+    r_ok, c_ok = pick_best(margins, fl, 50.0)
+    assert (b.best["row"], b.best["col"]) == (ok_rows[r_ok], c_ok)
+    # Not evaluated: as many forward passes as the same sweep without the no-vector rows.
+    ticks_without = []
+    sweep(tiny, gg, HELD, **{**kw, "layers": [1, 3], "sets": {"two+three": [2, 3]}},
+          progress=lambda d, t: ticks_without.append((d, t)))
+    assert ticks[-1] == ticks_without[-1]
+    # JSON: null cells and an explicit per-row marker; a round trip keeps it.
+    d = json.loads(json.dumps(b.to_dict(), allow_nan=False))
+    assert d["no_vector"] == [True, False, False] and d["margin_delta"][0] == [None, None, None]
+    assert [s["no_vector"] for s in d["sets"]] == [True, False]
+    again = SweepResult.from_dict(d)
+    assert again.no_vector == b.no_vector and not again.row_has_vector(0) and not again.row_has_vector(3)
+    # Text table: "no vector", not a number.
+    table = format_table(b).splitlines()
+    row0 = table[2]  # after the legend and the scales
+    assert row0.split()[0] == "0"
+    assert "no vector" in row0 and "+0.000" not in row0 and "nan" not in row0
+    assert "no vector (not evaluated): layer 0, zero+two" in table[-1]
+    # PNG: the no-vector row is the beige band with dark hatching; no other row has that colour.
+    path = tmp_path / "heat.png"
+    heatmap_png(b, path)
+    px = _pixels(path)
+    top, cell_h, label_w = 16, 14, 36
+    band0 = [p for y in range(top, top + cell_h - 1) for p in px[y][label_w:label_w + 3 * 36 - 1]]
+    assert band0.count(NO_VECTOR_BG) > len(band0) // 3 and band0.count(NO_VECTOR_HATCH) > len(band0) // 20
+    assert (30, 30, 30) in band0  # the words
+    band1 = [p for y in range(top + cell_h, top + 2 * cell_h - 1) for p in px[y][label_w:label_w + 3 * 36 - 1]]
+    assert NO_VECTOR_BG not in band1
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_raw_tensor_zero_rows_are_no_vector_and_all_missing_is_refused(tiny):
+    v = _vectors(tiny).clone()
+    v[2] = 0
+    res = sweep(tiny, v, HELD, layers=[1, 2], scales=[0.0, 1.0])
+    assert res.no_vector == [False, True] and res.margin_delta[1] == [None, None]
+    assert res.margin_delta[0][1] is not None and res.best["row"] == 0
+    with pytest.raises(SteerdeskError, match="no direction for layer 2"):
+        sweep(tiny, v, HELD, layers=[2], scales=[0.0, 1.0])
