@@ -55,3 +55,47 @@ def test_sweep_needs_a_heldout_split(qtbot, window, tiny_model_dirs):
     qtbot.mouseClick(window.sweep_panel.run_button, Qt.MouseButton.LeftButton)
     assert "held-out" in window._dialogs[-1].text().lower()
     assert not window.controller.busy
+
+
+def test_no_vector_rows_are_hatched_labelled_and_not_clickable(qtbot):
+    """A row the vector set has no direction for (GGUF block 0) shows "no vector", never a value."""
+    import pyqtgraph as pg
+    import torch
+
+    from steerdesk.core.sweep import FORMAT, SweepResult
+    from steerdesk.ui.panels.sweep_panel import SweepPanel
+
+    sp = SweepPanel()
+    qtbot.addWidget(sp)
+    directions = torch.ones(3, 4)
+    directions[0] = 0  # what a GGUF import gives for block 0
+    sp.start([0, 1, 2], {"zero+two": [0, 2]}, [0.0, 1.0], 0.5, vectors=directions)
+    assert sp.no_vector_rows() == [0, 3]
+
+    def labels():
+        return [item.textItem.toPlainText() for item in sp._overlays if isinstance(item, pg.TextItem)]
+
+    assert labels() == ["no vector", "no vector"]
+    assert "no vector" in sp._describe(0, 1, float("nan")) and "not evaluated" in sp._describe(3, 0, float("nan"))
+    result = SweepResult.from_dict({
+        "format": FORMAT, "layers": [0, 1, 2], "scales": [0.0, 1.0], "fluency_budget": 0.5,
+        "margin_delta": [[None, None], [0.0, 0.25], [0.0, -0.1]],
+        "fluency_delta": [[None, None], [0.0, -0.1], [0.0, -0.2]], "no_vector": [True, False, False],
+        "sets": [{"name": "zero+two", "layers": [0, 2], "margin_delta": [None, None],
+                  "fluency_delta": [None, None], "no_vector": True}],
+        "best": {"row": 1, "col": 1, "layer": 1, "set": None, "layers": [1], "scale": 1.0,
+                 "margin_delta": 0.25, "fluency_delta": -0.1}})
+    sp.finish(result)
+    assert sp.no_vector_rows() == [0, 3] and labels() == ["no vector", "no vector"]
+    assert np.isnan(sp.margin()[0]).all() and np.isnan(sp.margin()[3]).all()  # blank, never 0
+    assert "No vector (not evaluated): layer 0, set zero+two (0,2)" in sp.summary.text()
+    sp.resize(600, 600)
+    sp.show()
+    qtbot.wait(50)
+    chosen, messages = [], []
+    sp.cell_chosen.connect(lambda layers, scale: chosen.append((layers, scale)))
+    sp.status_message.connect(messages.append)
+    click_cell(qtbot, sp.heatmap, 0, 1)
+    assert chosen == [] and "no vector" in messages[-1]
+    click_cell(qtbot, sp.heatmap, 1, 1)
+    assert chosen == [([1], 1.0)]

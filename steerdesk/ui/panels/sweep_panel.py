@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyqtgraph as pg
@@ -38,7 +38,8 @@ class SweepPanel(QWidget):
         self._scales: list[float] = []
         self._margin = np.zeros((1, 1), dtype=np.float32)
         self._fluency = np.zeros((1, 1), dtype=np.float32)
-        self._overlays: list[QGraphicsRectItem] = []
+        self._overlays: list[Any] = []
+        self._no_vector: set[int] = set()  # rows the vector set has no direction for
 
         self.layers = QLineEdit()
         self.layers.setPlaceholderText("all layers (or e.g. 4-20, or 8,12,16)")
@@ -122,8 +123,13 @@ class SweepPanel(QWidget):
         self.cancel_button.setEnabled(busy)
 
     # -- live filling --------------------------------------------------------------------
-    def start(self, layers: list[int], sets: dict[str, list[int]], scales: list[float], budget: float) -> None:
-        """Prepare an empty (NaN) grid for a new sweep."""
+    def start(self, layers: list[int], sets: dict[str, list[int]], scales: list[float], budget: float,
+              vectors: Any = None) -> None:
+        """Prepare an empty (NaN) grid for a new sweep.
+
+        With ``vectors`` (the set being swept), rows whose layer(s) it has no direction for are
+        marked "no vector" at once (they are not evaluated); otherwise they are marked at the end.
+        """
         self.result = None
         self._rows = [[layer] for layer in layers] + [list(v) for v in sets.values()]
         self._row_labels = [str(layer) for layer in layers] + list(sets)
@@ -132,6 +138,13 @@ class SweepPanel(QWidget):
         self._margin = np.full((len(self._rows), len(scales)), np.nan, dtype=np.float32)
         self._fluency = np.full_like(self._margin, np.nan)
         self._clear_overlays()
+        self._no_vector = set()
+        if vectors is not None:
+            from ...core.sweep import rows_without_direction
+
+            self._no_vector = {r for r, m in enumerate(rows_without_direction(vectors, self._rows)) if m}
+        for row in sorted(self._no_vector):
+            self._mark_no_vector(row)
         self.best_marker.setData([], [])
         self.progress.setRange(0, 0)
         self.save_button.setEnabled(False)
@@ -161,7 +174,11 @@ class SweepPanel(QWidget):
                 self._margin[row, col] = np.nan if m is None else m
                 self._fluency[row, col] = np.nan if f is None else f
         self._clear_overlays()
+        self._no_vector = {row for row in range(result.n_rows) if not result.row_has_vector(row)}
         for row in range(result.n_rows):
+            if row in self._no_vector:
+                self._mark_no_vector(row)
+                continue
             for col in range(len(result.scales)):
                 if not result.within_budget(row, col):
                     self._hatch(row, col)
@@ -176,6 +193,9 @@ class SweepPanel(QWidget):
                 f"Click any cell to generate with it.")
         else:
             self.summary.setText("No cell raised the margin within the fluency budget.")
+        if self._no_vector:
+            names = ", ".join(self._row_name(r) for r in sorted(self._no_vector))
+            self.summary.setText(self.summary.text() + f" No vector (not evaluated): {names}.")
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
         self.save_button.setEnabled(True)
@@ -202,6 +222,24 @@ class SweepPanel(QWidget):
         self.heatmap.plot.addItem(rect)
         self._overlays.append(rect)
 
+    def _mark_no_vector(self, row: int) -> None:
+        """A row the vector set has no direction for: hatched across, labelled "no vector" (no value)."""
+        n = max(1, len(self._scales))
+        rect = QGraphicsRectItem(QRectF(0, row, n, 1))
+        rect.setBrush(QBrush(QColor(120, 110, 90, 220), Qt.BrushStyle.DiagCrossPattern))
+        rect.setPen(QPen(Qt.PenStyle.NoPen))
+        rect.setZValue(6)
+        self.heatmap.plot.addItem(rect)
+        label = pg.TextItem("no vector", color=(40, 40, 40), fill=pg.mkBrush(236, 232, 220, 230), anchor=(0.5, 0.5))
+        label.setPos(n / 2, row + 0.5)
+        label.setZValue(7)
+        self.heatmap.plot.addItem(label)
+        self._overlays.extend([rect, label])
+
+    def no_vector_rows(self) -> list[int]:
+        """Rows shown as "no vector" (the set has no direction for their layer(s))."""
+        return sorted(self._no_vector)
+
     def _clear_overlays(self) -> None:
         for item in self._overlays:
             self.heatmap.plot.removeItem(item)
@@ -210,6 +248,9 @@ class SweepPanel(QWidget):
     def _describe(self, row: int, col: int, value: float) -> str:
         if not self._rows:
             return ""
+        if row in self._no_vector:
+            return (f"{self._row_name(row)}: no vector — the vector set has no direction for this layer, "
+                    f"so it was not evaluated")
         f = self._fluency[row, col]
         over = "" if not np.isfinite(f) or -f <= self._budget else "  (beyond the fluency budget)"
         if not math.isfinite(value):
@@ -218,6 +259,9 @@ class SweepPanel(QWidget):
                 f"{over} — click to generate")
 
     def _on_cell_clicked(self, row: int, col: int) -> None:
+        if row in self._no_vector:
+            self.status_message.emit(f"{self._row_name(row)}: no vector to steer with.")
+            return
         if self._rows and row < len(self._rows) and col < len(self._scales):
             self.cell_chosen.emit(list(self._rows[row]), float(self._scales[col]))
 
