@@ -7,6 +7,11 @@ import os
 # No test may reach the network: every model is built from a config or is the embedded GGUF.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The CPU kernel decision goes to a file of this test session, never the user's cache folder.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("STEERDESK_CPU_LINEAR_CACHE",
+                      os.path.join(tempfile.mkdtemp(prefix="steerdesk-kernel-"), "cpu-linear.json"))
 
 from pathlib import Path  # noqa: E402
 
