@@ -237,3 +237,26 @@ def test_join_negative_values_never_touches_flags_or_words():
         ["sweep", "--scales=-2,0,2", "--normalize", "--max-pairs", "3"]
     assert join_negative_values(["generate", "--prompt", "-not a number", "--compare", "-1"]) == \
         ["generate", "--prompt", "-not a number", "--compare", "-1"]
+
+
+# ----------------------------------------------------- kind 2: one random stream per row
+
+def test_issue_command_identity_compare_under_sampling_is_token_identical(capsys, fast_model, files):
+    """`--scale 0 --temperature 1.0 --seed 7 --compare`: both rows draw the same stream."""
+    code, out, err = run(capsys, "generate", "--prompt", PROMPT, "--vector", files["st"], "--layers", "14",
+                         "--scale", "0", "--temperature", "1.0", "--seed", "7", "--max-new-tokens", "12",
+                         "--compare", "--json")
+    assert code == 0, err
+    obj = json.loads(out)
+    assert obj["token_ids"] == obj["unsteered"]["token_ids"] and obj["text"] == obj["unsteered"]["text"]
+
+
+def test_steered_row_is_the_same_with_and_without_compare_under_sampling(capsys, fast_model, files):
+    argv = ["generate", "--prompt", PROMPT, "--vector", files["st"], "--layers", "14", "--scale", "4",
+            "--temperature", "1.0", "--seed", "7", "--max-new-tokens", "12", "--json"]
+    outs = []
+    for extra in ([], ["--compare"]):
+        code, out, err = run(capsys, *argv, *extra)
+        assert code == 0, err
+        outs.append(json.loads(out)["token_ids"])
+    assert outs[0] == outs[1]
