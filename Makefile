@@ -22,6 +22,7 @@ run: $(STAMP)
 	$(BIN)/steerdesk
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -149,13 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_model(args: argparse.Namespace) -> Any:
-    from .core.models import load_model
+    from . import jobs
 
-    def progress(msg: str) -> None:
-        print(msg, file=sys.stderr)
-
-    return load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                      trust_remote_code=args.trust_remote_code, progress=progress)
+    spec = jobs.LoadSpec(spec=args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                         trust_remote_code=args.trust_remote_code)
+    return jobs.run(None, spec, jobs.JobContext(on_progress=lambda done, total, msg: print(msg, file=sys.stderr)))
 
 
 def load_vectors_for(path: str, info: Any) -> Any:
@@ -185,48 +183,43 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_compute(args: argparse.Namespace) -> int:
+    from . import jobs
     from .core.datasets import resolve_dataset
-    from .core.extract import compute_vectors
     from .core.vectors import export_gguf, save_vectors
 
-    ds = loaded = resolve_dataset(args.dataset, args.target_file)
+    loaded = resolve_dataset(args.dataset, args.target_file)
     if args.heldout:
-        ds, _ = ds.split(args.heldout)
+        loaded.split(args.heldout)  # checks the fraction before the model loads
     lm = _load_model(args)
-    t0 = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        if sys.stderr.isatty():
-            print(f"\rextracting {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
-
-    vs = compute_vectors(lm, ds, method=args.method, read=args.read, batch_size=args.batch_size,
-                         system=args.system, progress=progress)
     out = Path(args.output)
+    spec = jobs.ComputeSpec(dataset=loaded, method=args.method, read=args.read, batch_size=args.batch_size,
+                            system=args.system, heldout=args.heldout, dataset_spec=_dataset_spec(args),
+                            output=str(out), model=args.model)
+    bar = _progress_bar("extracting")
+    result = jobs.run(lm, spec, jobs.JobContext(on_progress=lambda done, total, _msg: bar(done, total)))
+    vs = result.vectors
     if out.suffix.lower() == ".gguf":
         export_gguf(vs, out)
     else:
         save_vectors(vs, out)
     if args.record:
-        from .core.records import record_compute
-
-        record_compute(lm, loaded, vs, dataset_spec=_dataset_spec(args), heldout=args.heldout,
-                       batch_size=args.batch_size, system=args.system, output=str(out),
-                       model=args.model, seconds=time.perf_counter() - t0).save(args.record)
+        jobs.record(lm, spec, result).save(args.record)
     rel = vs.relative_strength().tolist()
     summary = {"output": str(out), "layers": vs.num_layers, "hidden_size": vs.hidden_size,
-               "examples": len(ds), "seconds": round(time.perf_counter() - t0, 2),
+               "examples": result.examples, "seconds": round(result.seconds, 2),
                "relative_norm": [round(x, 4) for x in rel]}
     if args.json:
         print(json.dumps(summary))
     else:
         best = max(range(len(rel)), key=lambda i: rel[i])
-        print(f"wrote {out}: {vs.num_layers} layers x {vs.hidden_size} from {len(ds)} examples "
+        print(f"wrote {out}: {vs.num_layers} layers x {vs.hidden_size} from {result.examples} examples "
               f"in {summary['seconds']} s (largest |v|/|h| {rel[best]:.2f} at layer {best})")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .core.generate import SamplingSettings, generate
+    from . import jobs
+    from .core.generate import SamplingSettings
     from .core.steering import parse_layers
 
     sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -237,16 +230,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.compare and not args.vector:
         raise SteerdeskError("--compare needs --vector.")
     lm = _load_model(args)
-    steers = []
-    vs = None
+    steering = None
     if args.vector:
         vs = load_vectors_for(args.vector, lm.info)
-        layers = parse_layers(args.layers, lm.info.num_layers)
-        steers = vs.steers(layers, scale=args.scale, mode=args.mode, normalize=args.normalize,
-                           positions=args.positions)
-    rows = [[], steers] if args.compare else [steers]
-    prompts = [args.prompt] * len(rows)
-    stream_row = len(rows) - 1
+        steering = jobs.SteeringSpec(vectors=vs, layers=tuple(parse_layers(args.layers, lm.info.num_layers)),
+                                     scale=args.scale, mode=args.mode, normalize=args.normalize,
+                                     positions=args.positions, vector_path=args.vector)
+    spec = jobs.GenerateSpec.single(args.prompt, steering, compare=args.compare, sampling=sampling,
+                                    system=args.system, model=args.model)
+    stream_row = len(spec.prompts) - 1
     streaming = not args.json and not args.no_stream
 
     def on_text(row: int, chunk: str) -> None:
@@ -254,16 +246,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(chunk)
             sys.stdout.flush()
 
-    t0 = time.perf_counter()
-    results = generate(lm, prompts, rows, sampling=sampling, system=args.system,
-                       on_text=on_text if streaming else None)
+    result = jobs.run(lm, spec, jobs.JobContext(on_text=on_text if streaming else None))
     if args.record:
-        from .core.records import record_generation
-
-        record_generation(lm, prompts, results, steers=steers, steered_rows=[bool(r) for r in rows],
-                          sampling=sampling, system=args.system, vector_path=args.vector,
-                          vectors=vs if args.vector else None, model=args.model,
-                          seconds=time.perf_counter() - t0).save(args.record)
+        jobs.record(lm, spec, result).save(args.record)
+    results = result.rows
     steered = results[-1]
     if args.json:
         obj: dict[str, Any] = {"text": steered.text, "token_ids": steered.token_ids,
@@ -323,11 +309,12 @@ def _sweep_table(result: Any) -> str:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from . import jobs
     from .core.datasets import parse_lines, resolve_dataset
     from .core.datasets import _read_text  # noqa: PLC2701 - same error messages as dataset files
     from .core.evaluate import NEUTRAL_TEXTS
     from .core.steering import parse_layers
-    from .core.sweep import heatmap_png, parse_scales, parse_sets, sweep
+    from .core.sweep import heatmap_png, parse_scales, parse_sets
 
     scales = parse_scales(args.scales)
     if not 0.0 <= args.heldout < 1.0:
@@ -352,19 +339,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     n = lm.info.num_layers
     layers = parse_layers(args.layers, n) if args.layers else list(range(n))
     sets = parse_sets(args.sets, n) if args.sets else None
-    result = sweep(lm, vs, held, layers=layers, scales=scales, sets=sets, mode=args.mode, normalize=args.normalize,
-                   positions=args.positions, fluency_budget=args.fluency_budget, neutral=neutral,
-                   system=args.system, max_pairs=args.max_pairs, batch_size=args.batch_size,
-                   max_rows=args.max_rows, prefix_reuse=not args.no_prefix_reuse,
-                   vector_path=str(Path(args.vector).resolve()), progress=_progress_bar("sweep"))
+    spec = jobs.SweepSpec(vectors=vs, heldout=held, layers=tuple(layers), scales=tuple(scales),
+                          sets={k: tuple(v) for k, v in sets.items()} if sets else None, mode=args.mode,
+                          normalize=args.normalize, positions=args.positions, fluency_budget=args.fluency_budget,
+                          neutral=tuple(neutral) if neutral else None, system=args.system, max_pairs=args.max_pairs,
+                          batch_size=args.batch_size, max_rows=args.max_rows, prefix_reuse=not args.no_prefix_reuse,
+                          vector_path=str(Path(args.vector).resolve()), dataset=loaded,
+                          dataset_spec=_dataset_spec(args), heldout_fraction=args.heldout, model=args.model)
+    bar = _progress_bar("sweep")
+    result = jobs.run(lm, spec, jobs.JobContext(on_progress=lambda done, total, _msg: bar(done, total)))
     result.save(args.output)
     if args.png:
         heatmap_png(result, args.png)
     if args.record:
-        from .core.records import record_sweep
-
-        record_sweep(lm, result, loaded, vs, dataset_spec=_dataset_spec(args), heldout=args.heldout,
-                     vector_path=str(Path(args.vector).resolve()), model=args.model).save(args.record)
+        jobs.record(lm, spec, result).save(args.record)
     if args.json:
         print(json.dumps({"output": args.output, "png": args.png, "best": result.best, "baseline": result.baseline,
                           "seconds": result.seconds, "path": result.path}))
@@ -376,8 +364,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import jobs
     from .core.datasets import resolve_dataset
-    from .core.diagnostics import diagnose
 
     if not 0.0 <= args.heldout < 1.0:
         raise SteerdeskError("--heldout must be in [0, 1).")
@@ -388,8 +376,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         ds = ds.split(args.heldout)[1]
     lm = _load_model(args)
     vs = load_vectors_for(args.vector, lm.info)
-    diag = diagnose(lm, vs, ds, read=args.read, system=args.system, batch_size=args.batch_size,
-                    progress=_progress_bar("reading"))
+    bar = _progress_bar("reading")
+    diag = jobs.run(lm, jobs.DiagnoseSpec(vectors=vs, dataset=ds, read=args.read, system=args.system,
+                                          batch_size=args.batch_size),
+                    jobs.JobContext(on_progress=lambda done, total, _msg: bar(done, total)))
     if args.json:
         print(json.dumps(diag.to_dict()))
     else:

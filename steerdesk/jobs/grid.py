@@ -1,0 +1,39 @@
+"""Job: a generation grid, layers x scales x prompts of steered text with keyword/regex counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..core.generate import SamplingSettings
+from ..core.models import LoadedModel
+from ..core.textgrid import GridRow
+from ..core.vectors import VectorSet
+from .context import JobContext
+
+NAME = "grid"
+TITLE = "Generation grid failed"
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    vectors: VectorSet = field(compare=False)
+    layers: tuple[int, ...]
+    scales: tuple[float, ...]
+    prompts: tuple[str, ...]
+    mode: str = "add"
+    normalize: bool = False
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    pattern: str | None = None  # keywords (comma-separated) or a regular expression with ``regex``
+    regex: bool = False
+    batch_rows: int = 16
+
+
+def run(lm: LoadedModel, spec: GridSpec, ctx: JobContext) -> list[GridRow]:
+    """Rows in grid order, each also handed to ``ctx.partial`` as it is done."""
+    from ..core.textgrid import compile_pattern, generation_grid
+
+    spec.vectors.check_compatible(lm.info)
+    return generation_grid(lm, spec.vectors, list(spec.layers), list(spec.scales), list(spec.prompts),
+                           mode=spec.mode, normalize=spec.normalize, sampling=spec.sampling,
+                           pattern=compile_pattern(spec.pattern, spec.regex), batch_rows=spec.batch_rows,
+                           on_row=ctx.partial, cancel=ctx.cancel)
