@@ -285,27 +285,10 @@ def _progress_bar(label: str) -> Any:
 
 
 def _sweep_table(result: Any) -> str:
-    """Margin deltas, one row per layer (set), '*' on the best cell, '~' beyond the fluency budget."""
-    lines = ["margin delta (nats/token); '~' = fluency loss beyond the budget, '*' = best",
-             f"{'':>10}" + "".join(f"{s:>10g}" for s in result.scales)]
-    best = result.best or {}
-    for r in range(result.n_rows):
-        label = str(result.layers[r]) if r < len(result.layers) else result.sets[r - len(result.layers)].name
-        cells = []
-        for c in range(len(result.scales)):
-            m, _ = result.cell(r, c)
-            mark = "*" if (best.get("row"), best.get("col")) == (r, c) else (
-                " " if result.within_budget(r, c) else "~")
-            cells.append(f"{'nan' if m is None else format(m, '+.3f'):>9}{mark}")
-        lines.append(f"{label[:10]:>10}" + "".join(cells))
-    if result.best:
-        b = result.best
-        where = f"layer {b['layer']}" if b["layer"] is not None else f"set {b['set']} {b['layers']}"
-        lines.append(f"best: {where} x{b['scale']:g}: margin {b['margin_delta']:+.3f}, "
-                     f"fluency {b['fluency_delta']:+.3f} (budget {result.fluency_budget:g})")
-    else:
-        lines.append(f"no cell within the fluency budget {result.fluency_budget:g}")
-    return "\n".join(lines)
+    """Margin deltas, one row per layer (set): ``steerdesk.core.sweep.format_table``."""
+    from .core.sweep import format_table
+
+    return format_table(result)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
