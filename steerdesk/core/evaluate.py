@@ -477,7 +477,8 @@ def score_tokens(
     n, b, ns = lay.n_tokens, lay.rows, lay.n_segments
     assert lay.seg is not None
     total = copies * n
-    chunk = logits_chunk_tokens(vocab)
+    # At most 1024 tokens per head product: one oneDNN block on a CPU (core/kernels.py), no copy.
+    chunk = min(logits_chunk_tokens(vocab), 1024)
     lp_sum = torch.zeros(copies * ns, dtype=torch.float64)
     kl_sum = torch.zeros(copies * ns, dtype=torch.float64) if ref is not None else None
     for start in range(0, total, chunk):
@@ -487,12 +488,9 @@ def score_tokens(
         logits = logits_at(rows, lay.src_col[j]).float()
         tok = lay.tok[j].to(logits.device)
         out = (lay.seg[j] + k * ns).cpu()
-        if kl_sum is None:
-            # log p(token) = logit(token) - logsumexp(logits): no [n, vocab] log-softmax written.
-            lp = logits.gather(-1, tok[:, None]).squeeze(-1) - logits.logsumexp(-1)
-        else:
-            logp = logits.log_softmax(-1)
-            lp = logp.gather(-1, tok[:, None]).squeeze(-1)
+        logp = logits.log_softmax(-1)  # one fused kernel (logsumexp is several passes on a CPU)
+        lp = logp.gather(-1, tok[:, None]).squeeze(-1)
+        if kl_sum is not None:
             assert ref is not None
             r = ref[j.to(ref.device)].to(logp.device)
             kl = (r.exp() * (r - logp)).sum(-1)

@@ -56,6 +56,11 @@ _OOM_HINT = "try a smaller batch size or fewer rows per forward pass (--batch-si
 CellCallback = Callable[[int, int, float, float], None]
 Progress = Callable[[int, int], None]
 
+# On a CPU, a steered forward of the direct path carries at most this many token rows (when one
+# configuration of a batch allows): core/kernels.py runs a product of up to 1024 rows as one oneDNN
+# call, a larger one in blocks whose outputs are then concatenated (a copy of every product's output).
+CPU_FORWARD_TOKENS = 1024
+
 # Final-norm attribute names on the base model, most common first (checked by the self-check).
 _FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_norm", "norm_f", "ln_out")
 
@@ -420,6 +425,7 @@ class _Sweeper:
         self.work = [c for c in cells if not c.identity]
         self.starts = sorted({c.start for c in self.work})
         self.layouts: list[Layout] = self.scorer.layouts  # what the steered forwards run on
+        self._pieces: dict[tuple[int, int], list[Layout]] = {}
         self.packed: list[Layout] | None = None
         self.verify = False  # check each packed baseline against the model's own unpacked scores
         if pack and self.path == "prefix" and self.starts:
@@ -460,8 +466,12 @@ class _Sweeper:
         """``(start layer, cells)`` per forward group: every layout of ``chunk`` runs each group once."""
         sc = self.scorer
         if self.path == "prefix":  # the LM head runs on the scored tokens only, in chunks
-            # max_rows counts texts (a packed row holds several).
+            # max_rows counts texts (a packed row holds several); on a CPU a forward also stays within
+            # CPU_FORWARD_TOKENS tokens where a whole batch of one configuration does.
             step = max(1, min(sc.max_rows // max(self.layouts[li].rows, self.layouts[li].n_segments) for li in chunk))
+            if self.lm.input_device.type == "cpu":
+                step = min(step, max(1, min(CPU_FORWARD_TOKENS // max(1, self.layouts[li].rows * self.layouts[li].width)
+                                            for li in chunk)))
         else:
             step = min(sc.copies_per_forward(self.layouts[li]) for li in chunk)
         out = []
@@ -565,18 +575,40 @@ class _Sweeper:
         self._check()
         configs = [c.steers for c in group]
         lay = self.layouts[li]
-        with oom_guard("sweeping", _OOM_HINT):
-            if cap is not None:
-                with torch.inference_mode():
-                    row_lp, row_kl = self._direct(lay, cap, start, configs, self.scorer.refs.get(li))
-            else:
-                row_lp, row_kl = self.scorer.forward(li, configs)
-        for k, cell in enumerate(group):
-            sl = slice(k * lay.n_segments, (k + 1) * lay.n_segments)
-            self.lp[cell.index, lay.texts] = row_lp[sl]
-            if row_kl is not None:
-                self.kl[cell.index, lay.texts] = row_kl[sl]
+        if cap is None:
+            with oom_guard("sweeping", _OOM_HINT):
+                parts = [(lay, *self.scorer.forward(li, configs))]
+        else:
+            parts = []
+            for piece in self.pieces(li):
+                with oom_guard("sweeping", _OOM_HINT), torch.inference_mode():
+                    parts.append((piece, *self._direct(piece, cap, start, configs,
+                                                       self.scorer.refs.get(li) if piece is lay else None, lay.rows)))
+        for piece, row_lp, row_kl in parts:
+            for k, cell in enumerate(group):
+                sl = slice(k * piece.n_segments, (k + 1) * piece.n_segments)
+                self.lp[cell.index, piece.texts] = row_lp[sl]
+                if row_kl is not None:
+                    self.kl[cell.index, piece.texts] = row_kl[sl]
         self.tick()
+
+    def pieces(self, li: int) -> list[Layout]:
+        """Layout ``li`` cut into row groups of at most ``CPU_FORWARD_TOKENS`` tokens (CPU, no KL
+        reference to cut along); the whole layout otherwise."""
+        lay = self.layouts[li]
+        key = (id(lay), li)
+        hit = self._pieces.get(key)
+        if hit is not None:
+            return hit
+        per = max(1, CPU_FORWARD_TOKENS // max(1, lay.width))
+        if self.lm.input_device.type != "cpu" or lay.kind == "neutral" or li in self.scorer.refs or per >= lay.rows:
+            out = [lay]
+        else:
+            n = -(-lay.rows // per)
+            per = -(-lay.rows // n)  # even pieces
+            out = [lay.subset(range(i, min(i + per, lay.rows))) for i in range(0, lay.rows, per)]
+        self._pieces[key] = out
+        return out
 
     # -- driver --------------------------------------------------------------------------
     def run(self) -> Scores:

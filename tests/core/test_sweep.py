@@ -378,3 +378,24 @@ def test_raw_tensor_zero_rows_are_no_vector_and_all_missing_is_refused(tiny):
     assert res.margin_delta[0][1] is not None and res.best["row"] == 0
     with pytest.raises(SteerdeskError, match="no direction for layer 2"):
         sweep(tiny, v, HELD, layers=[2], scales=[0.0, 1.0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_forwards_cut_to_a_token_budget_give_the_same_cells(tiny, monkeypatch):
+    """On a CPU a steered forward is cut to CPU_FORWARD_TOKENS (one oneDNN block); the cells do not change."""
+    v = _vectors(tiny)
+    kw = dict(layers=LAYERS, scales=SCALES, sets=SETS, neutral=NEUTRAL_TEXTS[:1], batch_size=8, max_rows=64)
+    whole = sweep(tiny, v, HELD, **kw)
+    calls = []
+    handle = tiny.blocks[NUM_LAYERS - 1].register_forward_pre_hook(
+        lambda m, a, k: calls.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True)
+    monkeypatch.setattr(sweep_mod, "CPU_FORWARD_TOKENS", 1)  # one row (of one configuration) per forward
+    try:
+        cut = sweep(tiny, v, HELD, **kw)
+    finally:
+        handle.remove()
+    assert cut.packed == whole.packed and cut.path == "prefix"
+    assert max(calls[-5:]) == 1  # the last forwards (steered cells) ran one row at a time
+    assert _close(cut.margin_delta, whole.margin_delta, 1e-6) and _close(cut.fluency_delta, whole.fluency_delta, 1e-6)
+    assert _close(cut.kl, whole.kl, 1e-6)
+    assert _close([cut.sets[0].margin_delta], [whole.sets[0].margin_delta], 1e-6)
