@@ -76,10 +76,17 @@ class ModelWorker(QObject):
     def _recover_memory(self, exc: BaseException) -> None:
         import torch
 
-        if isinstance(exc, torch.OutOfMemoryError):
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+            self._free_memory()
+
+    @staticmethod
+    def _free_memory() -> None:
+        """Collect garbage and hand the accelerator's cached blocks back to the driver."""
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _load(self, req: LoadRequest) -> None:
         from ..core.models import load_model
@@ -87,8 +94,7 @@ class ModelWorker(QObject):
         old, self.lm = self.lm, None
         if old is not None:  # free the previous model before loading the next
             del old
-            self._recover_memory(MemoryError())
-            gc.collect()
+            self._free_memory()  # (this used to pass a MemoryError the check ignored: nothing was freed)
         self.progress.emit(req.id, 0, 0, f"Loading {req.spec}")
         self.lm = load_model(req.spec, device=req.device, dtype=req.dtype,
                              trust_remote_code=req.trust_remote_code,

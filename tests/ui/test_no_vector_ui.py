@@ -60,3 +60,20 @@ def test_grid_tab_shows_no_vector_cells(qtbot):
     tab.add_row(GridRow(0, 4.0, "p", None, None, no_vector=True))
     assert tab.table.item(1, 3).text().startswith("no vector")
     assert tab.table.item(0, 3).text() == "plain text"
+
+
+def test_model_switch_really_frees_memory(monkeypatch):
+    """Issue 12: the worker's recovery after a model switch runs (it used to be skipped)."""
+    import torch
+
+    from steerdesk.ui.worker import ModelWorker
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty"))
+    ModelWorker._free_memory()
+    assert calls == ["empty"]
+    worker = ModelWorker()
+    worker._recover_memory(MemoryError())
+    worker._recover_memory(ValueError())
+    assert calls == ["empty", "empty"]
