@@ -16,8 +16,14 @@ Two tricks make a sweep cheap:
   whose blocks are called with batch-first tensors; a self-check against the model's own forward
   (first batch) falls back to full forward passes where it does not (``result.path == "full"``).
 
+* **packing** (on top of prefix reuse): a pair's two replies share their prompt tokens and the
+  texts of a row share the chat template's system prefix, kept apart by a custom 4D attention mask
+  (:func:`steerdesk.core.evaluate.make_packed_layouts`); used only after the packed unsteered scores
+  matched the model's own unpacked ones (``result.packed``).
+
 Cells where steering is the identity (``add`` or ``project`` at scale 0) are not computed: their
-delta is exactly 0.
+delta is exactly 0. Rows whose layer(s) the vector set has no direction for (a GGUF control vector
+has no block 0) are not computed either: their cells are null and the row is marked ``no_vector``.
 """
 
 from __future__ import annotations
