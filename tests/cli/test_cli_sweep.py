@@ -143,3 +143,24 @@ def test_error_paths(capsys, fast_model, vector_file, tmp_path, monkeypatch, arg
     code, _, err = run(capsys, *argv)
     _one_line_error(code, err)
     assert match.lower() in err.lower()
+
+
+def test_sweep_of_a_gguf_vector_marks_layer_0_no_vector(capsys, fast_model, vector_file, tmp_path):
+    """Issue 10: a GGUF control vector has no block 0; the sweep row is null + "no_vector", never +0.000,
+    and every other row equals the safetensors sweep."""
+    gguf = tmp_path / "rude.gguf"
+    code, _, err = run(capsys, "export", vector_file, "--format", "gguf", "-o", gguf)
+    assert code == 0, err
+    results = {}
+    for name, vec in (("st", vector_file), ("gguf", gguf)):
+        out = tmp_path / f"{name}.json"
+        code, stdout, err = run(capsys, "sweep", "--vector", vec, "--dataset", "neutral_rude", "--heldout", 0.25,
+                                "--max-pairs", 2, "--layers", "0,12", "--scales", "0,1", "-o", out)
+        assert code == 0, err
+        results[name] = json.loads(out.read_text())
+    st, gg = results["st"], results["gguf"]
+    assert st["no_vector"] == [False, False] and gg["no_vector"] == [True, False]
+    assert gg["margin_delta"][0] == [None, None] and gg["fluency_delta"][0] == [None, None]
+    assert st["margin_delta"][0][0] == 0.0  # with a direction, scale 0 is the measured identity
+    assert gg["margin_delta"][1] == pytest.approx(st["margin_delta"][1], abs=1e-6)
+    assert gg["best"] is None or gg["best"]["layer"] == 12
