@@ -361,7 +361,8 @@ class MainWindow(QMainWindow):
             self.show_user_error("Cannot run the sweep", str(exc))
             return
         vs = item.vectors
-        self.sweep_panel.start(settings["layers"], settings["sets"], settings["scales"], settings["fluency_budget"])
+        self.sweep_panel.start(settings["layers"], settings["sets"], settings["scales"], settings["fluency_budget"],
+                               vectors=vs)  # no-vector rows show as such from the start
         self.sweep_panel.set_busy(True)
         self.sweep_dock.raise_()
 
