@@ -64,17 +64,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                   num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5),
 }
 SCALES = [0.0, 0.5, 1.0, 1.5, 2.0]
-GEN_PROMPT = "Write a long story about a dragon."
-BATCH_PROMPTS = [
-    "Write a long story about a dragon.",
-    "Describe, in detail, how a big city wakes up in the morning.",
-    "Write a long letter to a friend about your summer holiday.",
-    "Explain in detail how a steam engine works.",
-    "Write a long poem about the ocean at night.",
-    "Describe your ideal house, room by room.",
-    "Tell a long story about a robot who wants to become a painter.",
-    "Write a detailed travel diary of a week in Japan.",
-]
+from bench_core import BATCH_PROMPTS, GEN_PROMPT  # noqa: E402 - the same prompts as the CPU benchmark
 PROMPT_VARIANTS = ["", " Keep it simple.", " Use vivid details.", " Write it for a child."]
 PAIR_SUFFIXES = ["", " I'm asking for a friend.", " Please keep it short.", " Thanks in advance.",
                  " Quick question.", " Be honest.", " This is for school.", " Sorry to bother you.",

@@ -28,11 +28,9 @@ class SteeringSpec:
         """The :class:`Steer` list for ``lm``.
 
         Raises ``SteerdeskError`` when the vectors were made for another model, a layer is out
-        of range or has no direction (no silent no-op), or a setting cannot be applied.
+        of range or has no direction (no silent no-op). Settings that cannot be applied (mode, scale,
+        positions) are refused when the steering is installed (``core.steering.Steering``).
         """
         self.vectors.check_compatible(lm.info)
-        steers = self.vectors.steers(list(self.layers), scale=self.scale, mode=self.mode, normalize=self.normalize,
-                                     positions=self.positions)
-        for s in steers:
-            s.check(lm.info.num_layers, lm.info.hidden_size)
-        return steers
+        return self.vectors.steers(list(self.layers), scale=self.scale, mode=self.mode, normalize=self.normalize,
+                                   positions=self.positions)  # each Steer is checked once, by ``Steering``
