@@ -32,6 +32,10 @@ class Int8Linear(torch.nn.Module):
     in that dtype; the product itself is computed with bfloat16 activations.
     """
 
+    weight_int8: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
         w = linear.weight.detach().float()
@@ -78,9 +82,11 @@ def quantize_int8(model: torch.nn.Module, blocks: torch.nn.ModuleList) -> int:
                              "(Conv1D-based models such as GPT-2 are not supported).")
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if get_out is not None else None
-    if isinstance(head, torch.nn.Linear):
-        model.config.tie_word_embeddings = False
-        if hasattr(model, "set_output_embeddings"):
-            model.set_output_embeddings(Int8Linear(head))
-            count += 1
+    set_out = getattr(model, "set_output_embeddings", None)
+    if isinstance(head, torch.nn.Linear) and set_out is not None:
+        config = getattr(model, "config", None)
+        if config is not None:
+            config.tie_word_embeddings = False  # the input embedding keeps its float weights
+        set_out(Int8Linear(head))
+        count += 1
     return count

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinylm import strong_vectors
 
 from steerdesk.core.errors import SteerdeskError
 from steerdesk.core.generate import SamplingSettings, generate
 from steerdesk.core.quantize import Int8Linear, quantize_int8
 from steerdesk.core.steering import Steer, Steering
-from tinylm import strong_vectors
 
 
 def test_int8_linear_equals_dequantised_product():
