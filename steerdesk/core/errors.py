@@ -11,5 +11,10 @@ class SteerdeskError(Exception):
     """
 
 
-class Cancelled(SteerdeskError):
-    """Work was stopped on request (a ``threading.Event`` was set)."""
+class Cancelled(Exception):
+    """Work was stopped on request (a ``threading.Event`` was set).
+
+    Not a :class:`SteerdeskError`: a stop is neither a user error nor a bug, so code that
+    reports user errors must not catch it by accident (the window's worker reports it as
+    "stopped", the CLI as an interruption).
+    """
