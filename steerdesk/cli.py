@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from .core.errors import SteerdeskError
+from .core.errors import Cancelled, SteerdeskError
 
 log = logging.getLogger("steerdesk")
 
@@ -504,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         return COMMANDS[args.command](args)
-    except SteerdeskError as exc:
+    except (SteerdeskError, Cancelled) as exc:  # a stop (never set by the CLI) stays one line
         if debug:
             traceback.print_exc()
         print(f"steerdesk: error: {exc}", file=sys.stderr)
