@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         from .cli import main as cli_main
 
         return cli_main(args)
+    from .startup import refuse_without_display
+
+    if (code := refuse_without_display()) is not None:  # one line, not Qt's abort (issue 13)
+        return code
     from .ui.launch import run_gui
 
     return run_gui()
