@@ -215,13 +215,13 @@ def plan_bake(lm: Any, steers: Sequence[Steer] | Sequence[Sequence[Steer]]) -> B
     model = lm.model
     config = model.config
     family = _model_type(model)
+    addends, notes = fold_addends(steers, lm.info.num_layers, lm.info.hidden_size)  # the recipe first
+    layers = tuple(sorted(addends))
     if getattr(model, "is_quantized", False) or getattr(config, "quantization_config", None) is not None:
         raise SteerdeskError(f"Cannot bake a quantised model ({family}): load it unquantised.")
     if family in _NORM_AFTER_WRITER:
         raise SteerdeskError(f"Cannot bake {family}: a norm follows each residual writer (post-attention / "
                              f"post-feedforward norms), so no bias adds a constant to the stream after a block.")
-    addends, notes = fold_addends(steers, lm.info.num_layers, lm.info.hidden_size)
-    layers = tuple(sorted(addends))
     if family == "llama":
         slot = _LLAMA_SLOT
         target = "llama"
