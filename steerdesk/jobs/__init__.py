@@ -13,7 +13,8 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import compute, diagnose, generate, grid, load, sweep, versus
+from . import bake, compute, diagnose, generate, grid, load, sweep, versus
+from .bake import BakeSpec
 from .compute import ComputeSpec
 from .context import JobContext
 from .diagnose import DiagnoseSpec
@@ -32,6 +33,7 @@ JOBS: dict[type, ModuleType] = {
     DiagnoseSpec: diagnose,
     VersusSpec: versus,
     GridSpec: grid,
+    BakeSpec: bake,
 }
 
 
@@ -56,6 +58,7 @@ def record(lm: Any, spec: Any, result: Any) -> Any:
 
 __all__ = [
     "JOBS",
+    "BakeSpec",
     "ComputeSpec",
     "DiagnoseSpec",
     "GenerateSpec",

@@ -221,3 +221,32 @@ def test_vectors_for_another_model_are_refused(fresh_tiny, tmp_path):
     with pytest.raises(SteerdeskError, match="hidden size"):
         bake(lm, wrong_size.steers([1]), tmp_path / "out", vectors=wrong_size)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bake_job_plans_runs_with_progress_and_refuses_foreign_vectors(fresh_tiny, tmp_path):
+    """The job a panel calls: plan() up front (no writes), run() with progress, same refusals."""
+    from steerdesk import jobs
+    from steerdesk.jobs.bake import plan
+
+    lm = fresh_tiny("mistral")
+    vs = VectorSet(directions=strong_vectors(lm), norms=torch.ones(lm.info.num_layers),
+                   metadata={"model": "tiny-mistral", "architecture": lm.info.architecture})
+    spec = jobs.BakeSpec(jobs.SteeringSpec(vectors=vs, layers=(1, 3), scale=0.5, normalize=True),
+                         out_dir=str(tmp_path / "out"))
+    p = plan(lm, spec)
+    assert p.target_model_type == "llama" and p.re_expressed and p.layers == (1, 3)
+    assert list(tmp_path.iterdir()) == []
+    seen: list[tuple[int, int, str]] = []
+    result = jobs.run(lm, spec, jobs.JobContext(on_progress=lambda d, t, m: seen.append((d, t, m))))
+    assert result.out_dir == tmp_path / "out" and (tmp_path / "out" / "config.json").is_file()
+    assert [d for d, _, _ in seen] == [0, 1, 2, 3, 4] and all(t == 4 for _, t, _ in seen)
+    assert result.metadata["normalize"] is True and result.metadata["vector"]["directions_sha256"]
+    assert jobs.record(lm, spec, result) is None  # the record is the metadata inside the checkpoint
+    foreign = VectorSet(directions=vs.directions, norms=vs.norms,
+                        metadata={"model": "other", "architecture": "GPT2LMHeadModel"})
+    bad = jobs.BakeSpec(jobs.SteeringSpec(vectors=foreign, layers=(1,)), out_dir=str(tmp_path / "o2"))
+    with pytest.raises(SteerdeskError, match="made for other"):
+        plan(lm, bad)
+    with pytest.raises(SteerdeskError, match="made for other"):
+        jobs.run(lm, bad)
+    assert not (tmp_path / "o2").exists()
