@@ -112,7 +112,8 @@ class Dataset:
 
 # ---------------------------------------------------------------------------- loading
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """A text file as UTF-8 (a BOM tolerated); ``SteerdeskError`` naming the file when it cannot be read."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -209,13 +210,13 @@ def load_dataset(path: str | Path, target_path: str | Path | None = None) -> Dat
     """
     path = Path(path)
     if target_path is not None:
-        base = parse_lines(_read_text(path))
-        target = parse_lines(_read_text(Path(target_path)))
+        base = parse_lines(read_text(path))
+        target = parse_lines(read_text(Path(target_path)))
         n = max(len(base), len(target))
         examples = [Example("", base[i] if i < len(base) else "", target[i] if i < len(target) else "")
                     for i in range(n)]
         return Dataset(examples, name=path.stem, paired=len(base) == len(target))
-    text = _read_text(path)
+    text = read_text(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
         ds = parse_csv(text, str(path))

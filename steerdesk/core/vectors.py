@@ -121,7 +121,7 @@ class VectorSet:
             raise SteerdeskError(f"Unknown layer convention {convention!r} in the vector file.")
 
 
-def _ranges(layers: Sequence[int]) -> str:
+def format_ranges(layers: Sequence[int]) -> str:
     """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
     runs: list[list[int]] = []
     for layer in sorted(set(layers)):
@@ -138,8 +138,8 @@ def no_direction_message(missing: Sequence[int], vs: "VectorSet") -> str:
     have = vs.layers_with_direction
     why = " (a llama.cpp control vector has no slot for block 0)" if 0 in missing and \
         vs.metadata.get("source_format") == "gguf" else ""
-    return (f"The vector set has no direction for {which} {_ranges(missing)}{why}: steering there would do "
-            f"nothing. It has {'layers ' + _ranges(have) if have else 'no usable layer'}.")
+    return (f"The vector set has no direction for {which} {format_ranges(missing)}{why}: steering there would do "
+            f"nothing. It has {'layers ' + format_ranges(have) if have else 'no usable layer'}.")
 
 
 # ------------------------------------------------------------------------- safetensors

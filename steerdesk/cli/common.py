@@ -1,0 +1,58 @@
+"""Helpers shared by the CLI subcommands: model options, model and vector loading, progress, naming."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ..core.models import LoadedModel, ModelInfo
+from ..core.vectors import VectorSet
+
+
+def model_arg(p: argparse.ArgumentParser) -> None:
+    """Add ``--model/-m``, ``--device``, ``--dtype``, ``--device-map`` and ``--trust-remote-code``."""
+    p.add_argument("--model", "-m", default="default",
+                   help="Hugging Face id, local folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
+    p.add_argument("--device-map", default=None, help="e.g. 'auto' to spread a large model over GPUs")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model's own Python code (unsafe)")
+
+
+def load_model(args: argparse.Namespace) -> LoadedModel:
+    """Load the model the options of :func:`model_arg` name (the ``load`` job; messages on stderr).
+
+    Raises ``SteerdeskError`` when the model cannot be found or loaded.
+    """
+    from .. import jobs
+
+    spec = jobs.LoadSpec(spec=args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                         trust_remote_code=args.trust_remote_code)
+    return jobs.load.run(None, spec, jobs.JobContext(on_progress=lambda done, total, msg: print(msg, file=sys.stderr)))
+
+
+def load_vectors_for(path: str, info: ModelInfo) -> VectorSet:
+    """Load a vector file and refuse it (``SteerdeskError``) if it does not fit the model ``info``."""
+    from ..core.vectors import load_vectors
+
+    vs = load_vectors(path, model_layers=info.num_layers)
+    vs.check_compatible(info)
+    return vs
+
+
+def dataset_spec(args: argparse.Namespace) -> str | None:
+    """How a recipe names the dataset again (None for two .txt lists: the rows get embedded)."""
+    if args.target_file:
+        return None
+    path = Path(args.dataset)
+    return str(path.resolve()) if path.exists() else args.dataset
+
+
+def progress_bar(label: str) -> Callable[[int, int], None]:
+    """A ``(done, total)`` callback drawing ``label done/total`` on stderr when it is a terminal."""
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\r{label} {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+    return progress

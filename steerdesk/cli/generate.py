@@ -1,0 +1,90 @@
+"""``steerdesk generate``: generate text, optionally steered (the ``generate`` job)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..core.errors import SteerdeskError
+from .common import load_model, load_vectors_for, model_arg
+
+NAME = "generate"
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register the subcommand on ``sub`` (an argparse subparsers action)."""
+    p: argparse.ArgumentParser = sub.add_parser(NAME, help="generate text, optionally steered")
+    model_arg(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system")
+    p.add_argument("--vector", help="steerdesk .safetensors or llama.cpp .gguf control vector")
+    p.add_argument("--layers", help="e.g. 12,15 or 10-14 (required with --vector)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="steering strength, e.g. 1.5 or -2 (negative steers away; 0 = identity)")
+    p.add_argument("--mode", choices=["add", "project", "clamp"], default="add")
+    p.add_argument("--normalize", action="store_true", help="scale the unit vector instead of the raw one")
+    p.add_argument("--positions", choices=["all", "prompt", "generated"], default="all")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--compare", action="store_true", help="also generate unsteered, in the same batch")
+    p.add_argument("--no-stream", action="store_true", help="print only when done")
+    p.add_argument("--record", metavar="RECIPE", help="also write a JSON recipe of this run (see 'run')")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate (streaming the steered row unless ``--json``/``--no-stream``); exit code 0."""
+    from .. import jobs
+    from ..core.generate import SamplingSettings
+    from ..core.steering import parse_layers
+
+    sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed)
+    sampling.check()
+    if args.vector and not args.layers:
+        raise SteerdeskError("--vector needs --layers (e.g. --layers 15 or 12-16).")
+    if args.compare and not args.vector:
+        raise SteerdeskError("--compare needs --vector.")
+    lm = load_model(args)
+    steering = None
+    if args.vector:
+        vs = load_vectors_for(args.vector, lm.info)
+        steering = jobs.SteeringSpec(vectors=vs, layers=tuple(parse_layers(args.layers, lm.info.num_layers)),
+                                     scale=args.scale, mode=args.mode, normalize=args.normalize,
+                                     positions=args.positions, vector_path=args.vector)
+    spec = jobs.GenerateSpec.single(args.prompt, steering, compare=args.compare, sampling=sampling,
+                                    system=args.system, model=args.model)
+    stream_row = len(spec.prompts) - 1
+    streaming = not args.json and not args.no_stream
+
+    def on_text(row: int, chunk: str) -> None:
+        if row == stream_row:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    result = jobs.generate.run(lm, spec, jobs.JobContext(on_text=on_text if streaming else None))
+    if args.record:
+        jobs.generate.record(lm, spec, result).save(args.record)
+    results = result.rows
+    steered = results[-1]
+    if args.json:
+        obj: dict[str, Any] = {"text": steered.text, "token_ids": steered.token_ids,
+                               "finish_reason": steered.finish_reason}
+        if args.compare:
+            u = results[0]
+            obj["unsteered"] = {"text": u.text, "token_ids": u.token_ids, "finish_reason": u.finish_reason}
+        print(json.dumps(obj, ensure_ascii=False))
+        return 0
+    if streaming:
+        print()
+    else:
+        print(steered.text)
+    if args.compare:
+        print("\n--- unsteered ---")
+        print(results[0].text)
+    return 0

@@ -1,0 +1,62 @@
+"""``steerdesk run``: re-run a recorded generation, computation or sweep (a JSON recipe)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+NAME = "run"
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register the subcommand on ``sub`` (an argparse subparsers action)."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        NAME, help="re-run a recorded generation, computation or sweep (a JSON recipe)")
+    p.add_argument("recipe", help="recipe JSON (written by --record or the window's history)")
+    p.add_argument("--model", "-m", help="load this model instead of the recorded one")
+    p.add_argument("--device", help="device (default: the recorded one when it is the CPU, else auto)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="re-run even if the dataset, vector file or chat template changed")
+    p.add_argument("-o", "--output", help="write the recomputed vectors / sweep result here")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Re-run the recipe, print its outputs and whether they reproduce the recorded ones; exit code 0."""
+    from ..core.records import RunRecord, rerun
+    from ..core.sweep import format_table
+
+    recipe = RunRecord.load(args.recipe)
+    if args.model:
+        recipe.model = args.model
+    streaming = recipe.kind == "generate" and not args.json and len(recipe.prompts) == 1
+
+    def on_text(row: int, chunk: str) -> None:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    out = rerun(recipe, device=args.device, allow_changes=args.allow_changes, output=args.output,
+                progress=progress, on_text=on_text if streaming else None)
+    if args.json:
+        print(json.dumps({"kind": recipe.kind, "reproduced": out.reproduced, "differences": out.differences,
+                          "record": out.record.to_dict()}, ensure_ascii=False))
+        return 0
+    if recipe.kind == "generate":
+        if streaming:
+            print()
+        else:
+            for i, row in enumerate(out.record.outputs["rows"]):
+                print(f"--- row {i} ---\n{row['text']}")
+    elif recipe.kind == "sweep":
+        print(format_table(out.result))
+    else:
+        print(f"recomputed {out.result.num_layers} layers" + (f", wrote {args.output}" if args.output else ""))
+    verdict = "reproduced the recorded outputs" if out.reproduced else "did NOT reproduce the recorded outputs"
+    print(f"{recipe.kind}: {verdict}" + "".join(f"\n  - {d}" for d in out.differences))
+    return 0
