@@ -129,6 +129,26 @@ class BakeResult:
 
 # ================================================================================= planning
 
+def check_settings(mode: str, positions: str = "all", layer: int | None = None) -> None:
+    """Refuse (``SteerdeskError``, one line with the reason) a mode or positions that cannot be baked.
+
+    Only ``add`` on positions ``all`` can; ``layer`` only makes the message concrete.
+    """
+    if positions != "all":
+        raise SteerdeskError(f"Steering at positions {positions!r} cannot be baked: weights act on every "
+                             f"position alike (use positions 'all').")
+    if mode in ("project", "clamp"):
+        upto = f"block {layer}" if layer is not None else "block L"
+        before = f"blocks 0-{layer}" if layer is not None else "blocks 0-L"
+        raise SteerdeskError(
+            f"'{mode}' steering cannot be baked exactly: it subtracts (h.v^)v^, which depends on each "
+            f"position's hidden state, and no bias can carry that; folding the projection into every "
+            f"writer up to {upto} would also change what {before} read through their norms. "
+            f"Only 'add' can be baked.")
+    if mode != "add":
+        raise SteerdeskError(f"Unknown steering mode {mode!r}: only 'add' can be baked.")
+
+
 def fold_addends(steers: Sequence[Steer] | Sequence[Sequence[Steer]], num_layers: int,
                  hidden_size: int) -> tuple[dict[int, torch.Tensor], list[str]]:
     """Sum the ``add`` steers of each layer into one ``[hidden_size]`` float32 vector.
@@ -149,15 +169,8 @@ def fold_addends(steers: Sequence[Steer] | Sequence[Sequence[Steer]], num_layers
         if not isinstance(s, Steer):
             raise SteerdeskError("Per-row steering cannot be baked: give one flat list of steers.")
         s.check(num_layers, hidden_size)
-        if s.positions != "all":
-            raise SteerdeskError(f"Steering at positions {s.positions!r} cannot be baked: weights act on every "
-                                 f"position alike (use positions 'all').")
-        if s.mode in ("project", "clamp") and not s.is_identity:
-            raise SteerdeskError(
-                f"'{s.mode}' steering cannot be baked exactly: it subtracts (h.v^)v^, which depends on each "
-                f"position's hidden state, and no bias can carry that; folding the projection into every "
-                f"writer up to block {s.layer} would also change what blocks 0-{s.layer} read through their "
-                f"norms. Only 'add' can be baked.")
+        if not s.is_identity:
+            check_settings(s.mode, s.positions, s.layer)
         if s.is_identity:
             notes.append(f"layer {s.layer}: scale 0 is the identity, skipped")
             continue
@@ -480,7 +493,13 @@ def bake_metadata(lm: Any, steers: Sequence[Steer], plan: BakePlan, *, vectors: 
 
 # ================================================================================ writing
 
-def _check_target(lm: Any, out: Path, force: bool) -> None:
+def check_out_dir(out_dir: str | os.PathLike[str], force: bool = False, source: str | None = None) -> Path:
+    """The output folder as a ``Path``, after refusing what a bake must not write to.
+
+    Raises ``SteerdeskError`` when it exists (unless ``force``), is a file or a link, its parent
+    folder is missing, or it is, holds or lies in ``source`` (the folder the model was loaded from).
+    """
+    out = Path(out_dir).expanduser()
     if out.exists() or out.is_symlink():
         if not out.is_dir() or out.is_symlink():
             raise SteerdeskError(f"{out} exists and is not a folder: choose another output folder.")
@@ -489,11 +508,12 @@ def _check_target(lm: Any, out: Path, force: bool) -> None:
     parent = out.parent
     if not parent.is_dir():
         raise SteerdeskError(f"Cannot bake into {out}: the folder {parent} does not exist.")
-    source = Path(lm.info.source).resolve() if lm.info.source else None
-    if source is not None and source.exists():
+    src = Path(source).resolve() if source else None
+    if src is not None and src.exists():
         target = out.resolve()
-        if target == source or source in target.parents or target in source.parents:
+        if target == src or src in target.parents or target in src.parents:
             raise SteerdeskError(f"Cannot bake into {out}: it is (or holds) the folder the model was loaded from.")
+    return out
 
 
 def _write(baked: Any, lm: Any, tmp: Path, metadata: dict[str, Any]) -> None:
@@ -563,7 +583,7 @@ def bake(
 
     if vectors is not None:
         vectors.check_compatible(lm.info)
-    _check_target(lm, out, force)
+    check_out_dir(out, force, lm.info.source)
     step(0, "Planning the bake")
     plan = plan_bake(lm, steers)
     kept = [s for s in steers if not s.is_identity]
