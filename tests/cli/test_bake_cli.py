@@ -38,9 +38,9 @@ def tiny_folders(tmp_path_factory, smol_folder):
 
     tok = AutoTokenizer.from_pretrained(str(smol_folder))
     root = tmp_path_factory.mktemp("tiny-models")
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    common = {"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+              "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     _save_tiny(root / "mistral", tok, T.MistralConfig(sliding_window=128, **common))
     _save_tiny(root / "gemma2", tok, T.Gemma2Config(head_dim=16, sliding_window=16, **common))
     return root
