@@ -13,7 +13,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import bake, compute, diagnose, generate, grid, load, sweep, versus
+from . import bake, compute, diagnose, generate, grid, load, search, sweep, versus
 from .bake import BakeSpec
 from .compute import ComputeSpec
 from .context import JobContext
@@ -21,6 +21,7 @@ from .diagnose import DiagnoseSpec
 from .generate import GenerateSpec
 from .grid import GridSpec
 from .load import LoadSpec
+from .search import SearchSpec
 from .steering_spec import SteeringSpec
 from .sweep import SweepSpec
 from .versus import VersusSpec
@@ -34,6 +35,7 @@ JOBS: dict[type, ModuleType] = {
     VersusSpec: versus,
     GridSpec: grid,
     BakeSpec: bake,
+    SearchSpec: search,
 }
 
 
@@ -65,6 +67,7 @@ __all__ = [
     "GridSpec",
     "JobContext",
     "LoadSpec",
+    "SearchSpec",
     "SteeringSpec",
     "SweepSpec",
     "VersusSpec",
