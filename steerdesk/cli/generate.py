@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     """Generate (streaming the steered row unless ``--json``/``--no-stream``); exit code 0."""
     from .. import jobs
     from ..core.generate import SamplingSettings
-    from ..core.steering import parse_layers
+    from ..core.parsing import parse_layers
 
     sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)

@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from .. import jobs
     from ..core.datasets import parse_lines, read_text, resolve_dataset
     from ..core.evaluate import NEUTRAL_TEXTS
-    from ..core.steering import parse_layers
-    from ..core.sweep import format_table, heatmap_png, parse_scales, parse_sets
+    from ..core.parsing import parse_layers, parse_scales, parse_sets
+    from ..core.sweep import format_table, heatmap_png
 
     scales = parse_scales(args.scales)
     if not 0.0 <= args.heldout < 1.0:

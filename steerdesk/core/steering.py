@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import SteerdeskError
+from .parsing import check_layers, parse_layers  # noqa: F401 - parse_layers: the name the window imported
 
 MODES = ("add", "project", "clamp")
 POSITIONS = ("all", "prompt", "generated")
@@ -49,8 +50,7 @@ class Steer:
             raise SteerdeskError(f"Unknown steering mode {self.mode!r}; use one of {', '.join(MODES)}.")
         if self.positions not in POSITIONS:
             raise SteerdeskError(f"Unknown positions {self.positions!r}; use one of {', '.join(POSITIONS)}.")
-        if not 0 <= self.layer < num_layers:
-            raise SteerdeskError(f"Layer {self.layer} is out of range: the model has layers 0-{num_layers - 1}.")
+        check_layers([self.layer], num_layers)
         if not math.isfinite(self.scale):
             raise SteerdeskError(f"Scale must be a finite number, got {self.scale}.")
         if abs(self.scale) > 1e4:
@@ -333,34 +333,7 @@ def steers_for(vectors: torch.Tensor, layers: Sequence[int], *, scale: float = 1
     """One :class:`Steer` per layer from a ``[num_layers, hidden]`` direction tensor."""
     out = []
     for layer in layers:
-        if not 0 <= layer < vectors.shape[0]:
-            raise SteerdeskError(f"Layer {layer} is out of range: the vectors cover layers 0-{vectors.shape[0] - 1}.")
+        check_layers([layer], vectors.shape[0], of="vectors")
         out.append(Steer(layer=layer, vector=vectors[layer], scale=scale, mode=mode,
                          normalize=normalize, positions=positions))
     return out
-
-
-def parse_layers(text: str, num_layers: int | None = None) -> list[int]:
-    """Parse ``"12,15"``, ``"10-14"`` or a mix like ``"3,10-12"``; checks the range if given."""
-    layers: list[int] = []
-    for part in str(text).replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                lo, hi = int(a), int(b)
-                if hi < lo:
-                    raise SteerdeskError(f"Layer range {part!r} is backwards.")
-                layers.extend(range(lo, hi + 1))
-            else:
-                layers.append(int(part))
-        except ValueError:
-            raise SteerdeskError(f"Cannot read layers {text!r}: use a list like 12,15 or a range like 10-14.") from None
-    if not layers:
-        raise SteerdeskError("No layers given.")
-    if num_layers is not None:
-        bad = [layer for layer in layers if not 0 <= layer < num_layers]
-        if bad:
-            raise SteerdeskError(f"Layer {bad[0]} is out of range: the model has layers 0-{num_layers - 1}.")
-    return sorted(dict.fromkeys(layers))

@@ -48,6 +48,7 @@ from .errors import Cancelled, SteerdeskError
 from .evaluate import EvalTexts, Layout, Scores, TextScorer, _json_float, aggregate, make_packed_layouts, \
     model_logits, prepare_texts, reference_logprobs, score_tokens
 from .memory import oom_guard
+from .parsing import check_layers, parse_scales, parse_sets  # noqa: F401 - parse_*: names the window imported
 from .steering import MODES, POSITIONS, Steer, Steering, _block_hidden
 
 log = logging.getLogger(__name__)
@@ -230,38 +231,6 @@ class _Cell:
 
 def _is_identity(steers: Sequence[Steer]) -> bool:
     return all(s.mode in ("add", "project") and s.scale == 0 for s in steers)
-
-
-def parse_scales(text: str) -> list[float]:
-    """``"0,0.5,1,2"`` -> floats (order kept, duplicates dropped)."""
-    try:
-        values = [float(x) for x in str(text).replace(" ", "").split(",") if x]
-    except ValueError:
-        raise SteerdeskError(f"Cannot read scales {text!r}: use a list like 0,0.5,1,2.") from None
-    if not values:
-        raise SteerdeskError("No scales given.")
-    bad = [v for v in values if not math.isfinite(v)]
-    if bad:
-        raise SteerdeskError(f"Scale {bad[0]} is not a finite number.")
-    return list(dict.fromkeys(values))
-
-
-def parse_sets(text: str, num_layers: int | None = None) -> dict[str, list[int]]:
-    """``"early=4-8;mid=12,15"`` -> named layer sets."""
-    from .steering import parse_layers
-
-    out: dict[str, list[int]] = {}
-    for part in str(text).split(";"):
-        if not part.strip():
-            continue
-        if "=" not in part:
-            raise SteerdeskError(f"Cannot read layer set {part!r}: use NAME=LAYERS, e.g. mid=12-15.")
-        name, layers = part.split("=", 1)
-        name = name.strip()
-        if not name:
-            raise SteerdeskError(f"Layer set {part!r} has no name.")
-        out[name] = parse_layers(layers, num_layers)
-    return out
 
 
 # ============================================================================ prefix reuse
@@ -799,9 +768,9 @@ def sweep(
     for s_name, s_layers in set_items:
         if not s_layers:
             raise SteerdeskError(f"Layer set {s_name!r} is empty.")
-    for layer in layer_list + [x for _, ls in set_items for x in ls]:
-        if not 0 <= layer < min(n_vec, info.num_layers):
-            raise SteerdeskError(f"Layer {layer} is out of range: the model has layers 0-{info.num_layers - 1}.")
+    every_layer = layer_list + [x for _, ls in set_items for x in ls]
+    check_layers(every_layer, info.num_layers)
+    check_layers(every_layer, n_vec, of="vectors")
 
     cells: list[_Cell] = []
     row_layers = [[layer] for layer in layer_list] + [ls for _, ls in set_items]

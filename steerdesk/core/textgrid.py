@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import Cancelled, SteerdeskError
+from .parsing import check_layers
 from .generate import SamplingSettings, generate
 from .steering import Steer
 from .vectors import VectorSet
@@ -69,9 +70,7 @@ def generation_grid(
     (never an unsteered text passed off as a steered one).
     """
     vs = vectors if isinstance(vectors, VectorSet) else VectorSet(vectors, torch.full((vectors.shape[0],), math.nan))
-    for layer in layers:
-        if not 0 <= layer < vs.num_layers:
-            raise SteerdeskError(f"Layer {layer} is out of range: the vectors cover layers 0-{vs.num_layers - 1}.")
+    check_layers(layers, vs.num_layers, of="vectors")
     absent = set(vs.layers_without_direction(layers))
     if not prompts:
         raise SteerdeskError("Give at least one prompt.")

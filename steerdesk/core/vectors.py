@@ -21,6 +21,7 @@ import torch
 
 from .errors import SteerdeskError
 from .fileio import atomic_write_with
+from .parsing import check_layers, format_ranges
 from .steering import Steer
 
 FORMAT = "steerdesk.vectors/1"
@@ -73,9 +74,7 @@ class VectorSet:
 
         Steering a layer the set has no direction for would silently do nothing: it is refused.
         """
-        for layer in layers:
-            if not 0 <= layer < self.num_layers:
-                raise SteerdeskError(f"Layer {layer} is out of range: the vectors cover layers 0-{self.num_layers - 1}.")
+        check_layers(layers, self.num_layers, of="vectors")
         missing = self.layers_without_direction(layers)
         if missing:
             raise SteerdeskError(no_direction_message(missing, self))
@@ -119,17 +118,6 @@ class VectorSet:
         convention = self.metadata.get("layer_convention", "block_output")
         if convention != "block_output":
             raise SteerdeskError(f"Unknown layer convention {convention!r} in the vector file.")
-
-
-def format_ranges(layers: Sequence[int]) -> str:
-    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
-    runs: list[list[int]] = []
-    for layer in sorted(set(layers)):
-        if runs and runs[-1][1] == layer - 1:
-            runs[-1][1] = layer
-        else:
-            runs.append([layer, layer])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def no_direction_message(missing: Sequence[int], vs: "VectorSet") -> str:

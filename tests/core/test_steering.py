@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from steerdesk.core.errors import SteerdeskError
-from steerdesk.core.steering import Steer, Steering, parse_layers, steers_for
+from steerdesk.core.steering import Steer, Steering, steers_for
 from tinylm import ARCHS, NUM_LAYERS, PROMPT, ids_of, random_vectors, steerdesk_hooks
 
 
@@ -259,17 +259,6 @@ def test_steer_check_errors(tiny):
         Steering(tiny, [Steer(0, v, positions="prompt")])
     with pytest.raises(SteerdeskError, match="out of range"):
         steers_for(torch.zeros(n, h), [n])
-
-
-def test_parse_layers():
-    assert parse_layers("12,15") == [12, 15]
-    assert parse_layers("10-12, 3") == [3, 10, 11, 12]
-    assert parse_layers("3,3,2") == [2, 3]
-    for bad, match in [("", "No layers"), ("a", "Cannot read"), ("5-3", "backwards")]:
-        with pytest.raises(SteerdeskError, match=match):
-            parse_layers(bad)
-    with pytest.raises(SteerdeskError, match="out of range"):
-        parse_layers("0-30", num_layers=30)
 
 
 # ------------------------------------------------- blocks that return tuples (older layouts)

@@ -16,7 +16,7 @@ from steerdesk.core.datasets import Dataset, Example
 from steerdesk.core.errors import Cancelled, SteerdeskError
 from steerdesk.core.evaluate import NEUTRAL_TEXTS, evaluate
 from steerdesk.core.steering import steers_for
-from steerdesk.core.sweep import SweepResult, heatmap_png, parse_scales, parse_sets, pick_best, sweep
+from steerdesk.core.sweep import SweepResult, heatmap_png, pick_best, sweep
 from tinylm import ARCHS, NUM_LAYERS, random_vectors
 
 HELD = Dataset([
@@ -225,18 +225,6 @@ def test_pick_best_respects_the_budget():
     assert pick_best(margin, fluency, 0.5) == (1, 1)
     assert pick_best(margin, fluency, 1.0) == (0, 2)
     assert pick_best([[math.nan]], [[0.0]], 0.5) is None
-
-
-def test_parsers():
-    assert parse_scales("0, 0.5,1,2,1") == [0.0, 0.5, 1.0, 2.0]
-    assert parse_sets("mid=1-2; late=3", 4) == {"mid": [1, 2], "late": [3]}
-    for bad in ("a", "", "1,inf"):
-        with pytest.raises(SteerdeskError):
-            parse_scales(bad)
-    with pytest.raises(SteerdeskError):
-        parse_sets("nolayers", 4)
-    with pytest.raises(SteerdeskError):
-        parse_sets("x=9", 4)
 
 
 def _read_png(path):

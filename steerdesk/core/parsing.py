@@ -1,0 +1,103 @@
+"""One parser for what users type: layer lists, scale lists and named layer sets (CLI and panels).
+
+Every function raises :class:`~steerdesk.core.errors.SteerdeskError` with a one-line message
+for text it cannot read, and the layer-range check and its message live here only
+(:func:`check_layers`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from .errors import SteerdeskError
+
+__all__ = ["check_layers", "format_ranges", "parse_layers", "parse_scales", "parse_sets"]
+
+
+def check_layers(layers: Iterable[int], num_layers: int, *, of: str = "model") -> None:
+    """Raise ``SteerdeskError`` for the first layer outside ``0..num_layers-1``.
+
+    ``of`` names what has the layers in the message: ``"model"`` ("the model has layers 0-29")
+    or ``"vectors"`` ("the vectors cover layers 0-29").
+    """
+    for layer in layers:
+        if not 0 <= layer < num_layers:
+            where = "the vectors cover" if of == "vectors" else "the model has"
+            raise SteerdeskError(f"Layer {layer} is out of range: {where} layers 0-{num_layers - 1}.")
+
+
+def parse_layers(text: str, num_layers: int | None = None) -> list[int]:
+    """Parse ``"12,15"``, ``"10-14"`` or a mix like ``"3,10-12"`` into sorted unique layer indices.
+
+    With ``num_layers`` every layer must be in ``0..num_layers-1`` (:func:`check_layers`).
+    Raises ``SteerdeskError`` for unreadable text, a backwards range or an empty list.
+    """
+    layers: list[int] = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise SteerdeskError(f"Layer range {part!r} is backwards.")
+                layers.extend(range(lo, hi + 1))
+            else:
+                layers.append(int(part))
+        except ValueError:
+            raise SteerdeskError(f"Cannot read layers {text!r}: use a list like 12,15 or a range like 10-14.") from None
+    if not layers:
+        raise SteerdeskError("No layers given.")
+    if num_layers is not None:
+        check_layers(layers, num_layers)
+    return sorted(dict.fromkeys(layers))
+
+
+def parse_scales(text: str) -> list[float]:
+    """``"0,0.5,1,2"`` (negative values too) -> finite floats, order kept, duplicates dropped.
+
+    Raises ``SteerdeskError`` for unreadable text, no value, or a value that is not finite.
+    """
+    try:
+        values = [float(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise SteerdeskError(f"Cannot read scales {text!r}: use a list like 0,0.5,1,2.") from None
+    if not values:
+        raise SteerdeskError("No scales given.")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise SteerdeskError(f"Scale {bad[0]} is not a finite number.")
+    return list(dict.fromkeys(values))
+
+
+def parse_sets(text: str, num_layers: int | None = None) -> dict[str, list[int]]:
+    """``"early=4-8;mid=12,15"`` -> ``{"early": [4, 5, 6, 7, 8], "mid": [12, 15]}`` (text order).
+
+    Each set's layers are read by :func:`parse_layers` (range-checked with ``num_layers``).
+    Raises ``SteerdeskError`` for a part without ``=`` or without a name. Empty text: ``{}``.
+    """
+    out: dict[str, list[int]] = {}
+    for part in str(text).split(";"):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise SteerdeskError(f"Cannot read layer set {part!r}: use NAME=LAYERS, e.g. mid=12-15.")
+        name, layers = part.split("=", 1)
+        name = name.strip()
+        if not name:
+            raise SteerdeskError(f"Layer set {part!r} has no name.")
+        out[name] = parse_layers(layers, num_layers)
+    return out
+
+
+def format_ranges(layers: Sequence[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"`` (sorted, duplicates dropped)."""
+    runs: list[list[int]] = []
+    for layer in sorted(set(layers)):
+        if runs and runs[-1][1] == layer - 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
