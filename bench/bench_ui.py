@@ -111,8 +111,10 @@ def main() -> int:
     win.dataset_panel.load_bundled("neutral_rude")
 
     probe.start()
-    win.on_compute("mean-diff", "last", 8, "bench")
-    wait(win.controller.vectors_ready)
+    win.vector_panel.batch.setValue(8)
+    win.vector_panel.name_edit.setText("bench")
+    win.vector_panel.compute()
+    wait(win.vector_panel.vectors_ready)
     compute_stats = probe.stop()
 
     # Token-to-screen latency: emission time in the worker vs the time the text reaches the view.
@@ -146,8 +148,8 @@ def main() -> int:
     gp.max_tokens.setValue(args.tokens)
     gp.prompt.setPlainText("Write a long story about a dragon who learns to bake bread.")
     probe.start()
-    win.on_generate()
-    wait(win.controller.generation_finished)
+    gp.generate()
+    wait(gp.finished)
     gen_stats = probe.stop()
     gen.generate = real_generate
 

@@ -1,4 +1,10 @@
-"""GUI-thread facade over the model worker: request ids, stop events, stale-result dropping."""
+"""GUI-thread facade over the model worker: job Specs in, per-job handles out.
+
+Kept from before the jobs layer (``docs/decisions.md``): request ids, one stop ``Event`` per
+request set directly from the GUI thread, stale results dropped (a newer job of the same kind,
+or any new model load, supersedes a running one), and streamed text / steps coalesced to ~30
+updates a second.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
 
-from .requests import ComputeRequest, ErrorInfo, GenerateRequest, LoadRequest, TaskRequest
+from .requests import ErrorInfo, JobRequest
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -16,10 +22,55 @@ log = logging.getLogger(__name__)
 FLUSH_MS = 33  # token updates are coalesced to ~30 repaints a second
 
 
-class ModelController(QObject):
-    """What panels talk to. All signals arrive on the GUI thread; stale results never do."""
+class JobHandle(QObject):
+    """The GUI-side view of one submitted job; only results still wanted are emitted.
 
-    submit = Signal(object)
+    Exactly one of ``finished`` / ``cancelled`` / ``failed`` ends a job the user still wants;
+    a superseded job ends silently.
+    """
+
+    progress = Signal(int, int, str)
+    """``(done, total, message)``; ``total`` 0 means unknown."""
+    partial = Signal(object)
+    """A partial result (sweep cell, grid row)."""
+    text = Signal(int, str)
+    """Coalesced streamed text for batch row ``row``."""
+    steps = Signal(object)
+    """Coalesced generation steps: list of dicts (``step``, ``ids``, ``texts``, ``proj``)."""
+    finished = Signal(object)
+    """The job's result."""
+    failed = Signal(object)
+    """The job failed: an ``ErrorInfo``."""
+    cancelled = Signal()
+    """The job stopped on request."""
+    ended = Signal()
+    """The job is over, whatever the outcome (also when superseded): the last signal of a handle."""
+
+    def __init__(self, request: JobRequest, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.request = request
+        self.loads_model = False  # a load: its result is the new model's ModelInfo
+
+    @property
+    def id(self) -> int:
+        """The request id."""
+        return self.request.id
+
+    @property
+    def kind(self) -> str:
+        """The job's name (``generate``, ``sweep`` ...)."""
+        return self.request.kind
+
+    @property
+    def spec(self) -> Any:
+        """The Spec submitted."""
+        return self.request.spec
+
+
+class ModelController(QObject):
+    """What panels submit Specs to. All signals arrive on the GUI thread; stale results never do."""
+
+    submit_request = Signal(object)
     """Internal: hands a request to the worker thread (queued)."""
     model_loading = Signal(str)
     """A model load started (its spec)."""
@@ -27,20 +78,16 @@ class ModelController(QObject):
     """The current model is loaded: its ``ModelInfo``."""
     progress = Signal(str, int, int, str)
     """Progress of the current job of ``kind``: done, total, message."""
-    vectors_ready = Signal(object)
-    """A computed ``VectorSet``."""
+    partial = Signal(str, object)
+    """A partial result of the current job of ``kind``."""
     text_generated = Signal(int, str)
     """Coalesced streamed text for batch row ``row``."""
     tokens_generated = Signal(object)
     """Coalesced generation steps: list of dicts (``step``, ``ids``, ``texts``, ``proj``)."""
-    generation_finished = Signal(object)
-    """Results of the current generation."""
-    task_event = Signal(str, object)
-    """A partial result of the current task ``name``."""
-    task_finished = Signal(str, object)
-    """The current task ``name`` finished with a result."""
+    finished = Signal(str, object)
+    """The current job of ``kind`` finished with a result (a load: the ``ModelInfo``)."""
     record_ready = Signal(object)
-    """A ``RunRecord`` of a finished run."""
+    """A ``RunRecord`` of a finished or stopped run."""
     job_cancelled = Signal(str)
     """The current job of ``kind`` stopped on request."""
     failed = Signal(object)
@@ -51,207 +98,194 @@ class ModelController(QObject):
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self._ids = itertools.count(1)
-        self._current: dict[str, Any] = {}  # kind -> request whose results are wanted
-        self._running: dict[int, Any] = {}  # id -> request submitted and not yet finished
-        self._text: dict[int, str] = {}
-        self._steps: list[dict] = []
+        self._current: dict[str, JobHandle] = {}  # kind -> the job whose results are wanted
+        self._running: dict[int, JobHandle] = {}  # id -> submitted and not yet ended
+        self._text: dict[int, dict[int, str]] = {}  # id -> row -> text not yet shown
+        self._steps: dict[int, list[dict]] = {}
         self.model_info: Any = None
         self._thread = QThread()
         self._thread.setObjectName("steerdesk-model")
         self._worker = ModelWorker()
         self._worker.moveToThread(self._thread)
-        self.submit.connect(self._worker.run)
-        self._worker.progress.connect(self._on_progress)
-        self._worker.model_loaded.connect(self._on_model_loaded)
-        self._worker.vectors_ready.connect(self._on_vectors)
-        self._worker.text_generated.connect(self._on_text)
-        self._worker.step_ready.connect(self._on_step)
-        self._worker.generation_finished.connect(self._on_generation_finished)
-        self._worker.task_event.connect(self._on_task_event)
-        self._worker.task_finished.connect(self._on_task_finished)
-        self._worker.cancelled.connect(self._on_cancelled)
-        self._worker.record_ready.connect(self._on_record)
-        self._worker.failed.connect(self._on_failed)
+        self.submit_request.connect(self._worker.run)
+        w = self._worker
+        w.progress.connect(self._on_progress)
+        w.partial.connect(self._on_partial)
+        w.text.connect(self._on_text)
+        w.step.connect(self._on_step)
+        w.finished.connect(self._on_finished)
+        w.cancelled.connect(self._on_cancelled)
+        w.failed.connect(self._on_failed)
+        w.record_ready.connect(self.record_ready)
         self._thread.finished.connect(self._worker.deleteLater)
         self._flush_timer = QTimer(self)
         self._flush_timer.setInterval(FLUSH_MS)
         self._flush_timer.timeout.connect(self._flush)
         self._thread.start()
 
-    # -- requests ----------------------------------------------------------------------
+    # -- submitting ----------------------------------------------------------------------
     @property
     def busy(self) -> bool:
+        """True while any submitted job has not ended."""
         return bool(self._running)
 
-    def _send(self, request: Any) -> int:
+    def submit(self, spec: Any) -> JobHandle:
+        """Run ``spec`` (any job Spec) in the worker; connect to the returned handle for its results.
+
+        A running job of the same kind is stopped and its results dropped; a model load stops
+        every running job (their results would belong to the old model).
+        """
+        from .. import jobs
+
+        module = jobs.job_for(spec)
+        request = JobRequest(id=next(self._ids), spec=spec, kind=module.NAME,
+                             title=getattr(module, "TITLE", "Job failed"))
+        handle = JobHandle(request, self)
+        handle.loads_model = isinstance(spec, jobs.LoadSpec)
         old = self._current.get(request.kind)
         if old is not None and old.id in self._running:
-            old.cancel.set()  # superseded: stop it, its results will be dropped
-        if request.kind == "load":  # a new model makes every other running job stale
+            old.request.cancel.set()  # superseded: stop it, its results will be dropped
+        if isinstance(spec, jobs.LoadSpec):
             for other in self._running.values():
-                other.cancel.set()
-            for kind in list(self._current):
-                if kind != "load":
-                    self._current.pop(kind, None)
+                other.request.cancel.set()
+            self._current.clear()
+            self.model_info = None
+            self.model_loading.emit(spec.spec)
         was_busy = self.busy
-        self._current[request.kind] = request
-        self._running[request.id] = request
-        if request.kind == "generate":
-            self._text.clear()
-            self._steps.clear()
-            self._flush_timer.start()
-        self.submit.emit(request)
+        self._current[request.kind] = handle
+        self._running[request.id] = handle
+        self.submit_request.emit(request)
         if not was_busy:
             self.busy_changed.emit(True)
-        return request.id
+        return handle
 
-    def load_model(self, spec: str, **kwargs: Any) -> int:
-        """Load ``spec``; cancels running work and frees the old model."""
-        self.model_info = None
-        self.model_loading.emit(spec)
-        return self._send(LoadRequest(id=next(self._ids), spec=spec, **kwargs))
+    def load_model(self, spec: str, **kwargs: Any) -> JobHandle:
+        """Load ``spec`` (a :class:`~steerdesk.jobs.LoadSpec`); stops running work and frees the old model."""
+        from ..jobs import LoadSpec
 
-    def compute(self, dataset: Any, **kwargs: Any) -> int:
-        """Compute vectors for ``dataset`` (method, read, batch_size, name)."""
-        return self._send(ComputeRequest(id=next(self._ids), dataset=dataset, **kwargs))
-
-    def generate(self, prompts: list[str], rows: list[list[Any]], sampling: Any, **kwargs: Any) -> int:
-        """Generate with per-row steering; streams via ``text_generated``."""
-        return self._send(GenerateRequest(id=next(self._ids), prompts=tuple(prompts),
-                                          rows=tuple(tuple(r) for r in rows), sampling=sampling, **kwargs))
-
-    def run_task(self, name: str, fn: Any, title: str = "Task failed") -> int:
-        """Run ``fn(lm, cancel, emit)`` in the worker; results arrive as ``task_event``/``task_finished``."""
-        return self._send(TaskRequest(id=next(self._ids), name=name, fn=fn, title=title))
+        return self.submit(LoadSpec(spec=spec, **kwargs))
 
     def stop(self, kind: str | None = None) -> None:
-        """Stop the current job (of ``kind``, or all) now: sets its Event directly."""
-        for k, req in list(self._current.items()):
+        """Stop the current job (of ``kind``, or all) now: sets its Event directly; nothing streamed is shown after."""
+        for k, handle in list(self._current.items()):
             if kind is None or k == kind:
-                req.cancel.set()
-                if k == "generate":
-                    self._text.clear()  # nothing is shown after Stop
-                    self._steps.clear()
+                handle.request.cancel.set()
+                self._text.pop(handle.id, None)
+                self._steps.pop(handle.id, None)
 
-    def is_current(self, kind: str, req_id: int) -> bool:
-        req = self._current.get(kind)
-        return req is not None and req.id == req_id and not req.cancel.is_set()
+    def is_current(self, handle_or_id: JobHandle | int) -> bool:
+        """True while the job's results are still wanted (not superseded, not stopped)."""
+        handle = self._running.get(handle_or_id) if isinstance(handle_or_id, int) else handle_or_id
+        return (handle is not None and self._current.get(handle.kind) is handle
+                and not handle.request.cancel.is_set())
 
-    def current_id(self, kind: str) -> int | None:
-        req = self._current.get(kind)
-        return None if req is None else req.id
+    def current(self, kind: str) -> JobHandle | None:
+        """The job of ``kind`` whose results are wanted (running or last submitted)."""
+        return self._current.get(kind)
 
     # -- worker signals (GUI thread) ---------------------------------------------------
-    def _finish(self, req_id: int) -> None:
-        req = self._running.pop(req_id, None)
-        if req is not None and req.kind == "generate":
-            self._flush()
+    def _end(self, req_id: int) -> tuple[JobHandle | None, bool]:
+        """Forget a job that ended; (its handle, whether its outcome is still wanted)."""
+        handle = self._running.get(req_id)
+        wanted = handle is not None and self._current.get(handle.kind) is handle
+        if wanted and not handle.request.cancel.is_set():
+            self._flush()  # the last chunks go before the result
+        self._running.pop(req_id, None)
+        self._text.pop(req_id, None)
+        self._steps.pop(req_id, None)
+        if not self._text and not self._steps and not self._running:
             self._flush_timer.stop()
         if not self._running:
             self.busy_changed.emit(False)
+        return handle, wanted
 
-    def _kind_of(self, req_id: int) -> str | None:
-        req = self._running.get(req_id)
-        return None if req is None else req.kind
+    @staticmethod
+    def _close(handle: JobHandle | None) -> None:
+        if handle is not None:
+            handle.ended.emit()
+            handle.deleteLater()
 
     @Slot(int, int, int, str)
     def _on_progress(self, req_id: int, done: int, total: int, message: str) -> None:
-        kind = self._kind_of(req_id)
-        if kind and self.is_current(kind, req_id):
-            self.progress.emit(kind, done, total, message)
+        if self.is_current(req_id):
+            handle = self._running[req_id]
+            handle.progress.emit(done, total, message)
+            self.progress.emit(handle.kind, done, total, message)
 
     @Slot(int, object)
-    def _on_model_loaded(self, req_id: int, info: Any) -> None:
-        current = self.is_current("load", req_id)
-        self._finish(req_id)
-        if current:
-            self.model_info = info
-            self.model_ready.emit(info)
-
-    @Slot(int, object)
-    def _on_vectors(self, req_id: int, vs: Any) -> None:
-        current = self.is_current("compute", req_id)
-        self._finish(req_id)
-        if current:
-            self.vectors_ready.emit(vs)
+    def _on_partial(self, req_id: int, item: Any) -> None:
+        if self.is_current(req_id):
+            handle = self._running[req_id]
+            handle.partial.emit(item)
+            self.partial.emit(handle.kind, item)
 
     @Slot(int, int, str)
     def _on_text(self, req_id: int, row: int, chunk: str) -> None:
-        if self.is_current("generate", req_id):
-            self._text[row] = self._text.get(row, "") + chunk
+        if self.is_current(req_id):
+            rows = self._text.setdefault(req_id, {})
+            rows[row] = rows.get(row, "") + chunk
+            self._start_flushing()
 
     @Slot(int, object)
     def _on_step(self, req_id: int, step: dict) -> None:
-        if self.is_current("generate", req_id):
-            self._steps.append(step)
+        if self.is_current(req_id):
+            self._steps.setdefault(req_id, []).append(step)
+            self._start_flushing()
+
+    def _start_flushing(self) -> None:
+        if not self._flush_timer.isActive():
+            self._flush_timer.start()
 
     @Slot()
     def _flush(self) -> None:
-        if self._text:
-            text, self._text = self._text, {}
-            for row, chunk in sorted(text.items()):
-                self.text_generated.emit(row, chunk)
-        if self._steps:
-            steps, self._steps = self._steps, []
-            self.tokens_generated.emit(steps)
+        """Hand the buffered text and steps of wanted jobs to the GUI (one update per row)."""
+        text, self._text = self._text, {}
+        steps, self._steps = self._steps, {}
+        for req_id, rows in text.items():
+            if self.is_current(req_id):
+                handle = self._running[req_id]
+                for row, chunk in sorted(rows.items()):
+                    handle.text.emit(row, chunk)
+                    self.text_generated.emit(row, chunk)
+        for req_id, items in steps.items():
+            if self.is_current(req_id):
+                self._running[req_id].steps.emit(items)
+                self.tokens_generated.emit(items)
 
     @Slot(int, object)
-    def _on_generation_finished(self, req_id: int, results: Any) -> None:
-        req = self._running.get(req_id)
-        wanted = req is not None and self._current.get("generate") is req
-        stopped = req is not None and req.cancel.is_set()
-        if wanted and not stopped:
-            self._flush()
-        self._finish(req_id)
-        if wanted and not stopped:
-            self.generation_finished.emit(results)
-        elif wanted:
-            self.job_cancelled.emit("generate")
-
-    @Slot(object)
-    def _on_record(self, record: Any) -> None:
-        self.record_ready.emit(record)
-
-    @Slot(int, object)
-    def _on_task_event(self, req_id: int, payload: Any) -> None:
-        req = self._running.get(req_id)
-        if req is not None and self.is_current(req.kind, req_id):
-            self.task_event.emit(req.name, payload)
-
-    @Slot(int, object)
-    def _on_task_finished(self, req_id: int, result: Any) -> None:
-        req = self._running.get(req_id)
-        wanted = req is not None and self.is_current(req.kind, req_id)
-        self._finish(req_id)
-        if wanted:
-            self.task_finished.emit(req.name, result)
+    def _on_finished(self, req_id: int, result: Any) -> None:
+        handle, wanted = self._end(req_id)
+        if handle is not None and wanted:
+            if handle.loads_model:
+                self.model_info = result
+            handle.finished.emit(result)
+            self.finished.emit(handle.kind, result)
+            if handle.loads_model:
+                self.model_ready.emit(result)
+        self._close(handle)
 
     @Slot(int)
     def _on_cancelled(self, req_id: int) -> None:
-        req = self._running.get(req_id)
-        wanted = req is not None and self._current.get(req.kind) is req
-        if req is not None and req.kind == "generate":
-            return  # generation_finished follows and closes the request
-        self._finish(req_id)
-        if wanted:
-            self.job_cancelled.emit(req.kind)
+        handle, wanted = self._end(req_id)
+        if handle is not None and wanted:
+            handle.cancelled.emit()
+            self.job_cancelled.emit(handle.kind)
+        self._close(handle)
 
     @Slot(int, object)
     def _on_failed(self, req_id: int, error: ErrorInfo) -> None:
-        req = self._running.get(req_id)
-        wanted = req is not None and self._current.get(req.kind) is req
-        self._finish(req_id)
-        if wanted:
-            if req.kind == "load":
-                self.model_info = None
+        handle, wanted = self._end(req_id)
+        if handle is not None and wanted:
+            handle.failed.emit(error)
             self.failed.emit(error)
+        self._close(handle)
 
     # -- shutdown ----------------------------------------------------------------------
     def shutdown(self, timeout_ms: int = 2500) -> bool:
         """Stop every job and the thread; True if the thread ended within ``timeout_ms``."""
         self._flush_timer.stop()
-        for req in list(self._running.values()):
-            req.cancel.set()
+        for handle in list(self._running.values()):
+            handle.request.cancel.set()
         self._thread.quit()
         finished = self._thread.wait(timeout_ms)
         if not finished:
@@ -260,4 +294,5 @@ class ModelController(QObject):
 
     @property
     def thread(self) -> QThread:
+        """The model thread."""
         return self._thread

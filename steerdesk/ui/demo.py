@@ -38,10 +38,16 @@ def run_demo(screenshot: str | None, *, model: str = "default", timeout_s: float
 
     def model_ready(info: Any) -> None:
         print(f"model ready: {info.name} ({info.num_layers} layers)", file=sys.stderr)
-        window.on_compute("mean-diff", "last", 16, "neutral_rude")
+        vp = window.vector_panel
+        vp.method.setCurrentIndex(vp.method.findData("mean-diff"))
+        vp.read.setCurrentIndex(vp.read.findData("last"))
+        vp.batch.setValue(16)
+        vp.name_edit.setText("neutral_rude")
+        vp.compute()
 
-    def vectors_ready(vs: Any) -> None:
+    def vectors_ready(item: Any) -> None:
         print("vectors ready", file=sys.stderr)
+        vs = item.vectors
         gp = window.generation_panel
         gp.prompt.setPlainText(DEMO_PROMPT)
         gp.set_layers([layer for layer in DEMO_LAYERS if layer < vs.num_layers] or [vs.num_layers // 2])
@@ -50,9 +56,9 @@ def run_demo(screenshot: str | None, *, model: str = "default", timeout_s: float
         gp.max_tokens.setValue(max_new_tokens)
         gp.color_by.setChecked(True)
         gp.color_layer.setValue(gp.selected_layers()[0])
-        window.on_generate()
+        gp.generate()
 
-    def generated(results: Any) -> None:
+    def generated(result: Any) -> None:
         print("generation finished", file=sys.stderr)
         QTimer.singleShot(300, shoot)
 
@@ -70,8 +76,8 @@ def run_demo(screenshot: str | None, *, model: str = "default", timeout_s: float
 
     c = window.controller
     c.model_ready.connect(model_ready)
-    c.vectors_ready.connect(vectors_ready)
-    c.generation_finished.connect(generated)
+    window.vector_panel.vectors_ready.connect(vectors_ready)
+    window.generation_panel.finished.connect(generated)
     c.failed.connect(fail)
     window.dataset_panel.load_bundled("neutral_rude")
     QTimer.singleShot(0, lambda: window.load_model(model))

@@ -21,6 +21,7 @@ from .recovery import RecoveryStore
 from .requests import ErrorInfo
 from .resources import icon_path
 from .settings import get_list, push_recent, settings
+from .vector_sets import VectorSets
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ EMBEDDED = "default"
 
 
 class MainWindow(QMainWindow):
-    """Dataset editor, vector panel and generation pane around one model worker."""
+    """Composes the panels (each submits its own jobs), menus, status bar and shutdown."""
 
     def __init__(self, controller: ModelController | None = None, *, recovery: RecoveryStore | None = None,
                  parent: QWidget | None = None) -> None:
@@ -43,11 +44,13 @@ class MainWindow(QMainWindow):
         self._closing = False
         self._dialogs: list[Any] = []
 
-        self.dataset_panel = DatasetPanel(recovery=recovery or RecoveryStore())
-        self.vector_panel = VectorPanel()
-        self.sweep_panel = SweepPanel()
-        self.analysis_panel = AnalysisPanel()
-        self.generation_panel = GenerationPanel()
+        c = self.controller
+        self.vector_sets = VectorSets(self)  # the one home of the session's vector sets
+        self.dataset_panel = dp = DatasetPanel(recovery=recovery or RecoveryStore())
+        self.vector_panel = VectorPanel(c, self.vector_sets, pairs=dp)
+        self.sweep_panel = SweepPanel(c, self.vector_sets, pairs=dp)
+        self.generation_panel = GenerationPanel(c, self.vector_sets)
+        self.analysis_panel = AnalysisPanel(c, self.vector_sets, pairs=dp, steering=self.generation_panel)
         self.setCentralWidget(self.generation_panel)
         self.dataset_dock = self._dock("Dataset", "datasetDock", self.dataset_panel,
                                        Qt.DockWidgetArea.LeftDockWidgetArea)
@@ -98,9 +101,9 @@ class MainWindow(QMainWindow):
         return act
 
     def _build_actions(self) -> None:
-        self.act_generate = self._action("&Generate", self.on_generate, "Ctrl+Return",
+        self.act_generate = self._action("&Generate", lambda: self.generation_panel.generate(), "Ctrl+Return",
                                          "Generate steered and unsteered text (Ctrl+Enter)")
-        self.act_stop = self._action("&Stop", self.on_stop, "Esc", "Stop the running job (Esc)")
+        self.act_stop = self._action("&Stop", lambda: self.controller.stop(), "Esc", "Stop the running job (Esc)")
         self.act_stop.setEnabled(False)
         # Ctrl+S saves from anywhere in the window: the panel's own, focus-scoped binding is
         # removed so the two do not make the shortcut ambiguous.
@@ -153,45 +156,28 @@ class MainWindow(QMainWindow):
         self._refresh_recent()
 
     def _connect(self) -> None:
-        c = self.controller
+        c, sets = self.controller, self.vector_sets
         c.model_loading.connect(self.on_model_loading)
         c.model_ready.connect(self.on_model_ready)
+        c.model_loading.connect(lambda _spec: sets.set_model_info(None))
+        c.model_ready.connect(sets.set_model_info)
         c.progress.connect(self.on_progress)
-        c.vectors_ready.connect(self.on_vectors_ready)
-        c.text_generated.connect(self.generation_panel.append_text)
-        c.tokens_generated.connect(self.generation_panel.add_steps)
-        c.generation_finished.connect(self.on_generation_finished)
-        c.job_cancelled.connect(self.on_job_cancelled)
+        c.job_cancelled.connect(lambda kind: self.show_status(f"{kind.capitalize()} stopped."))
         c.failed.connect(self.on_failed)
         c.busy_changed.connect(self.on_busy_changed)
-        dp, vp, gp = self.dataset_panel, self.vector_panel, self.generation_panel
+        dp, vp, sp, ap, gp = (self.dataset_panel, self.vector_panel, self.sweep_panel, self.analysis_panel,
+                              self.generation_panel)
         dp.modified_changed.connect(lambda _m: self._update_title())
         dp.dataset_changed.connect(self._update_title)
         dp.path_changed.connect(self._update_title)
-        dp.status_message.connect(self.show_status)
-        dp.error_occurred.connect(self.show_user_error)
-        vp.compute_requested.connect(self.on_compute)
-        vp.cancel_requested.connect(lambda: self.controller.stop("compute"))
-        vp.vectors_changed.connect(lambda: gp.set_vector_sets(vp.sets()))
-        vp.selection_changed.connect(gp.select_vectors)
-        vp.error_occurred.connect(self.show_user_error)
-        vp.status_message.connect(self.show_status)
-        sp = self.sweep_panel
-        sp.run_requested.connect(self.on_sweep)
-        sp.cancel_requested.connect(lambda: self.controller.stop("task:sweep"))
-        sp.cell_chosen.connect(self.on_sweep_cell_chosen)
-        sp.error_occurred.connect(self.show_user_error)
-        sp.status_message.connect(self.show_status)
-        ap = self.analysis_panel
-        ap.diagnostics.run_requested.connect(self.on_diagnose)
-        ap.versus.run_requested.connect(self.on_versus)
-        ap.grid.run_requested.connect(self.on_grid)
-        c.record_ready.connect(ap.history.add)
-        c.task_event.connect(self.on_task_event)
-        c.task_finished.connect(self.on_task_finished)
-        gp.generate_requested.connect(self.on_generate)
-        gp.stop_requested.connect(self.on_stop)
-        gp.status_message.connect(self.show_status)
+        for panel in (dp, vp, sp, ap, gp):
+            panel.error_occurred.connect(self.show_user_error)
+            if hasattr(panel, "status_message"):
+                panel.status_message.connect(self.show_status)
+        vp.vectors_ready.connect(lambda _item: self.vector_dock.raise_())
+        sp.started.connect(self.sweep_dock.raise_)
+        sp.cell_chosen.connect(lambda c: gp.try_steering(c.name, c.layers, c.scale, c.mode))
+        ap.shown.connect(self.analysis_dock.raise_)
 
     # -- settings ----------------------------------------------------------------------
     def _restore(self) -> None:
@@ -202,29 +188,16 @@ class MainWindow(QMainWindow):
         state = s.value("window/state")
         if isinstance(state, QByteArray):
             self.restoreState(state)
-        gp = self.generation_panel
-        prompt = s.value("generate/prompt")
-        if isinstance(prompt, str) and prompt:
-            gp.prompt.setPlainText(prompt)
-        gp.scale.setValue(float(s.value("generate/scale", gp.scale.value())))
-        gp.max_tokens.setValue(int(s.value("generate/max_tokens", gp.max_tokens.value())))
-        gp.mode.setCurrentIndex(max(0, gp.mode.findData(s.value("generate/mode", "add"))))
-        vp = self.vector_panel
-        vp.method.setCurrentIndex(max(0, vp.method.findData(s.value("compute/method", "mean-diff"))))
-        vp.read.setCurrentIndex(max(0, vp.read.findData(s.value("compute/read", "last"))))
+        self.generation_panel.restore_settings(s)
+        self.vector_panel.restore_settings(s)
 
     def save_settings(self) -> None:
+        """Window geometry and the panels' settings."""
         s = self._settings
         s.setValue("window/geometry", self.saveGeometry())
         s.setValue("window/state", self.saveState())
-        gp = self.generation_panel
-        s.setValue("generate/prompt", gp.prompt.toPlainText())
-        s.setValue("generate/scale", gp.scale.value())
-        s.setValue("generate/max_tokens", gp.max_tokens.value())
-        s.setValue("generate/mode", gp.mode.currentData())
-        s.setValue("generate/layers", ",".join(str(x) for x in gp.selected_layers()))
-        s.setValue("compute/method", self.vector_panel.method.currentData())
-        s.setValue("compute/read", self.vector_panel.read.currentData())
+        self.generation_panel.save_settings(s)
+        self.vector_panel.save_settings(s)
         s.sync()
 
     def _refresh_recent(self) -> None:
@@ -266,7 +239,6 @@ class MainWindow(QMainWindow):
     @Slot(str)
     def on_model_loading(self, spec: str) -> None:
         self.model_label.setText(f"loading {spec if spec != EMBEDDED else 'SmolLM2-135M-Instruct'}…")
-        self.vector_panel.set_model_info(None)
 
     @Slot(object)
     def on_model_ready(self, info: Any) -> None:
@@ -280,281 +252,14 @@ class MainWindow(QMainWindow):
         self.model_label.setText(f"{shown} · {info.device} · {info.dtype} · {info.num_layers} layers")
         self.model_label.setToolTip(f"{info.architecture}, hidden size {info.hidden_size}, "
                                     f"chat template: {'yes' if info.has_chat_template else 'no'}")
-        self.vector_panel.set_model_info(info)
-        self.generation_panel.set_num_layers(info.num_layers)
-        saved = str(self._settings.value("generate/layers", "") or "")
-        layers = [int(x) for x in saved.split(",") if x.strip().isdigit() and int(x) < info.num_layers]
-        if layers:
-            self.generation_panel.set_layers(layers)
         self.show_status(f"Model ready: {info.name}")
-
-    # -- jobs --------------------------------------------------------------------------
-    @Slot(str, str, int, str)
-    def on_compute(self, method: str, read: str, batch_size: int, name: str) -> None:
-        from ..core.errors import SteerdeskError
-
-        if self.controller.model_info is None:
-            self.show_user_error("No model", "Wait for the model to load first.")
-            return
-        try:
-            train, _held = self.dataset_panel.train_and_heldout()
-            train.validate()
-        except SteerdeskError as exc:
-            self.show_user_error("Dataset problem", str(exc))
-            return
-        self.vector_panel.set_busy(True)
-        self.controller.compute(train, method=method, read=read, batch_size=batch_size,
-                                name=name or self.dataset_panel.display_name())
-
-    @Slot(object)
-    def on_vectors_ready(self, vs: Any) -> None:
-        self.vector_panel.set_busy(False)
-        item = self.vector_panel.add_vectors(vs)
-        self.generation_panel.select_vectors(item.name)
-        self.vector_dock.raise_()
-        cut = int(vs.metadata.get("truncated_examples", "0") or 0)
-        if cut:
-            self.show_user_error("Long examples were cut",
-                                 f"{cut} example(s) were longer than the model's context and were cut from the "
-                                 f"left (the end of each reply, which is what is read, was kept).")
-        self.show_status(f"Vectors ready: {item.name}")
-
-    def on_generate(self) -> None:
-        from ..core.errors import SteerdeskError
-
-        if self.controller.model_info is None:
-            self.show_user_error("No model", "Wait for the model to load first.")
-            return
-        try:
-            request = self.generation_panel.build_request()
-        except SteerdeskError as exc:
-            self.show_user_error("Cannot generate", str(exc))
-            return
-        self.generation_panel.start()
-        self.generation_panel.set_busy(True)
-        self.controller.generate(request.pop("prompts"), request.pop("rows"), request.pop("sampling"), **request)
-
-    def on_stop(self) -> None:
-        self.controller.stop()
-
-    @Slot(object)
-    def on_generation_finished(self, results: Any) -> None:
-        self.generation_panel.set_busy(False)
-        self.generation_panel.finish(results)
-
-    # -- sweeps ------------------------------------------------------------------------
-    def _steering_vectors(self) -> Any:
-        """The vector set the generation pane steers with (or the vector panel's selection)."""
-        item = self.generation_panel.current_set() or self.vector_panel.current()
-        return item if item is not None and item.usable else None
-
-    def on_sweep(self) -> None:
-        from ..core.errors import SteerdeskError
-
-        got = self._analysis_inputs()
-        if got is None:
-            return
-        item, heldout = got
-        try:
-            settings = self.sweep_panel.settings(self.controller.model_info.num_layers)
-        except SteerdeskError as exc:
-            self.show_user_error("Cannot run the sweep", str(exc))
-            return
-        vs = item.vectors
-        self.sweep_panel.start(settings["layers"], settings["sets"], settings["scales"], settings["fluency_budget"],
-                               vectors=vs)  # no-vector rows show as such from the start
-        self.sweep_panel.set_busy(True)
-        self.sweep_dock.raise_()
-
-        def task(lm: Any, cancel: Any, emit: Any) -> Any:
-            from ..core.sweep import sweep
-
-            result = sweep(lm, vs, heldout, layers=settings["layers"], scales=settings["scales"],
-                           sets=settings["sets"] or None, mode=settings["mode"],
-                           fluency_budget=settings["fluency_budget"], max_pairs=settings["max_pairs"],
-                           on_cell=lambda r, c, m, f: emit(("cell", r, c, m, f)),
-                           progress=lambda d, t: emit(("progress", d, t)), cancel=cancel)
-            try:
-                from ..core.records import record_sweep
-
-                emit(("record", record_sweep(lm, result, heldout, vs)))
-            except Exception:  # noqa: BLE001 - a record never fails the sweep
-                log.exception("Could not record the sweep")
-            return result
-
-        self.controller.run_task("sweep", task, title="Sweep failed")
-
-    # -- analysis ----------------------------------------------------------------------
-    def _analysis_inputs(self, need_heldout: bool = True) -> tuple[Any, Any] | None:
-        from ..core.errors import SteerdeskError
-
-        if self.controller.model_info is None:
-            self.show_user_error("No model", "Wait for the model to load first.")
-            return None
-        item = self._steering_vectors()
-        if item is None:
-            self.show_user_error("No vectors", "Compute or load a vector set for this model first.")
-            return None
-        heldout = None
-        if need_heldout:
-            try:
-                _train, heldout = self.dataset_panel.train_and_heldout()
-                if len(heldout) == 0:
-                    raise SteerdeskError("The held-out split is empty: set 'Held out' above 0 in the Dataset panel.")
-                heldout.validate()
-            except SteerdeskError as exc:
-                self.show_user_error("Held-out pairs needed", str(exc))
-                return None
-        return item, heldout
-
-    def on_diagnose(self) -> None:
-        got = self._analysis_inputs()
-        if got is None:
-            return
-        item, heldout = got
-        vs = item.vectors
-        self.analysis_panel.set_busy(True)
-
-        def task(lm: Any, cancel: Any, emit: Any) -> Any:
-            from ..core.diagnostics import diagnose
-
-            return diagnose(lm, vs, heldout, cancel=cancel)
-
-        self.controller.run_task("diagnose", task, title="Diagnostics failed")
-
-    def on_versus(self) -> None:
-        from ..core.errors import SteerdeskError
-
-        got = self._analysis_inputs()
-        if got is None:
-            return
-        _item, heldout = got
-        try:
-            request = self.generation_panel.build_request()
-        except SteerdeskError as exc:
-            self.show_user_error("Cannot compare", str(exc))
-            return
-        steers = next((r for r in request["rows"] if r), [])
-        instruction = self.analysis_panel.versus.instruction.text()
-        prompt, sampling = request["prompts"][0], request["sampling"]
-        self.analysis_panel.set_busy(True)
-
-        def task(lm: Any, cancel: Any, emit: Any) -> Any:
-            from ..core.versus import prompt_vs_vector
-
-            return prompt_vs_vector(lm, heldout, steers, instruction, prompt, sampling=sampling, cancel=cancel)
-
-        self.controller.run_task("versus", task, title="Comparison failed")
-
-    def on_grid(self) -> None:
-        from ..core.errors import SteerdeskError
-        from ..core.steering import parse_layers
-        from ..core.sweep import parse_scales
-        from ..core.textgrid import compile_pattern
-
-        got = self._analysis_inputs(need_heldout=False)
-        if got is None:
-            return
-        item, _ = got
-        grid, gp = self.analysis_panel.grid, self.generation_panel
-        try:
-            n = item.vectors.num_layers
-            layers = parse_layers(grid.layers.text(), n) if grid.layers.text().strip() else gp.selected_layers()
-            if not layers:
-                raise SteerdeskError("Give layers for the grid.")
-            scales = parse_scales(grid.scales.text())
-            prompts = grid.prompt_list()
-            if not prompts:
-                raise SteerdeskError("Give at least one prompt (one a line).")
-            pattern = compile_pattern(grid.pattern.text(), grid.regex.isChecked())
-        except SteerdeskError as exc:
-            self.show_user_error("Cannot run the grid", str(exc))
-            return
-        from ..core.generate import SamplingSettings
-
-        sampling = gp.sampling()
-        sampling = SamplingSettings(max_new_tokens=grid.tokens.value(), temperature=sampling.temperature,
-                                    top_p=sampling.top_p, seed=sampling.seed)
-        vectors, mode, normalize = item.vectors, gp.mode.currentData(), gp.normalize.isChecked()
-        grid.start()
-        self.analysis_panel.set_busy(True)
-
-        def task(lm: Any, cancel: Any, emit: Any) -> Any:
-            from ..core.textgrid import generation_grid
-
-            return generation_grid(lm, vectors, layers, scales, prompts, mode=mode, normalize=normalize,
-                                   sampling=sampling, pattern=pattern, on_row=emit, cancel=cancel)
-
-        self.controller.run_task("grid", task, title="Generation grid failed")
-
-    @Slot(str, object)
-    def on_task_event(self, name: str, payload: Any) -> None:
-        if name == "grid":
-            self.analysis_panel.grid.add_row(payload)
-        if name == "sweep":
-            if payload[0] == "cell":
-                self.sweep_panel.set_cell(*payload[1:])
-            elif payload[0] == "progress":
-                self.sweep_panel.set_progress(*payload[1:])
-            elif payload[0] == "record":
-                self.analysis_panel.history.add(payload[1])
-
-    @Slot(str, object)
-    def on_task_finished(self, name: str, result: Any) -> None:
-        if name in ("diagnose", "versus", "grid"):
-            self.analysis_panel.set_busy(False)
-            self.analysis_dock.raise_()
-        if name == "diagnose":
-            self.analysis_panel.setCurrentWidget(self.analysis_panel.diagnostics)
-            self.analysis_panel.diagnostics.show_diagnostics(result)
-        elif name == "versus":
-            self.analysis_panel.setCurrentWidget(self.analysis_panel.versus)
-            self.analysis_panel.versus.show_result(result)
-        elif name == "grid":
-            self.analysis_panel.setCurrentWidget(self.analysis_panel.grid)
-            self.analysis_panel.grid.finish(result)
-        if name == "sweep":
-            self.sweep_panel.set_busy(False)
-            self.sweep_panel.finish(result)
-            self.show_status(f"Sweep done in {result.seconds:.1f} s ({result.path} path).")
-
-    @Slot(object, float)
-    def on_sweep_cell_chosen(self, layers: list[int], scale: float) -> None:
-        """A sweep cell was clicked: steer with its layers and scale and generate a comparison."""
-        gp = self.generation_panel
-        item = self._steering_vectors()
-        if item is not None:
-            gp.select_vectors(item.name)
-        gp.set_layers(layers)
-        gp.set_scale(scale)
-        gp.mode.setCurrentIndex(max(0, gp.mode.findData(self.sweep_panel.mode.currentData())))
-        gp.compare.setChecked(True)
-        self.on_generate()
-
-    @Slot(str)
-    def on_job_cancelled(self, kind: str) -> None:
-        if kind == "compute":
-            self.vector_panel.set_busy(False)
-        if kind == "generate":
-            self.generation_panel.set_busy(False)
-        if kind == "task:sweep":
-            self.sweep_panel.set_busy(False)
-        if kind in ("task:diagnose", "task:versus", "task:grid"):
-            self.analysis_panel.set_busy(False)
-        self.show_status(f"{kind.replace('task:', '').capitalize()} stopped.")
 
     @Slot(str, int, int, str)
     def on_progress(self, kind: str, done: int, total: int, message: str) -> None:
-        if kind == "compute":
-            self.vector_panel.set_progress(done, total, message)
         self.show_status(message if total <= 0 else f"{message} {done}/{total}")
 
     @Slot(object)
     def on_failed(self, error: ErrorInfo) -> None:
-        self.vector_panel.set_busy(False)
-        self.generation_panel.set_busy(False)
-        self.sweep_panel.set_busy(False)
-        self.analysis_panel.set_busy(False)
         if self.controller.model_info is None:
             self.model_label.setText("no model")
         self._dialogs.append(show_error(self, error))
@@ -563,16 +268,13 @@ class MainWindow(QMainWindow):
     def on_busy_changed(self, busy: bool) -> None:
         self.busy_bar.setVisible(busy)
         self.act_stop.setEnabled(busy)
-        if not busy:
-            self.vector_panel.set_busy(False)
-            self.generation_panel.set_busy(False)
-            self.sweep_panel.set_busy(False)
-            self.analysis_panel.set_busy(False)
 
     def show_user_error(self, title: str, message: str) -> None:
+        """A user error in a non-blocking dialog."""
         self._dialogs.append(show_error(self, ErrorInfo(title, message)))
 
     def show_status(self, text: str) -> None:
+        """A message in the status bar for 8 s."""
         self.statusBar().showMessage(text, 8000)
 
     def on_export_heatmap(self) -> None:

@@ -1,4 +1,4 @@
-"""Immutable job descriptions the GUI hands to the model worker (plain data, no Qt)."""
+"""What the GUI hands to the model worker (a job Spec with an id and a stop Event) and gets back on failure."""
 
 from __future__ import annotations
 
@@ -9,64 +9,18 @@ from typing import Any
 
 
 @dataclass(frozen=True)
-class LoadRequest:
-    """Load a model (``spec``: default, hub id, folder or .gguf)."""
+class JobRequest:
+    """One submitted job: ``spec`` is any Spec in :data:`steerdesk.jobs.JOBS`.
 
-    id: int
-    spec: str
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    cancel: threading.Event = field(default_factory=threading.Event, compare=False)
-    kind: str = "load"
-
-
-@dataclass(frozen=True)
-class ComputeRequest:
-    """Compute a vector set from a dataset."""
-
-    id: int
-    dataset: Any
-    method: str = "mean-diff"
-    read: str = "last"
-    batch_size: int = 8
-    name: str = "vectors"
-    cancel: threading.Event = field(default_factory=threading.Event, compare=False)
-    kind: str = "compute"
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """Generate for ``prompts`` with per-row steering (a list of ``Steer`` per row)."""
-
-    id: int
-    prompts: tuple[str, ...]
-    rows: tuple[tuple[Any, ...], ...]
-    sampling: Any
-    system: str | None = None
-    watch: Any = None  # [num_layers, hidden] directions whose projections are reported per token
-    vectors: Any = None  # the VectorSet used, checked against the model before running
-    cancel: threading.Event = field(default_factory=threading.Event, compare=False)
-    kind: str = "generate"
-
-
-@dataclass(frozen=True)
-class TaskRequest:
-    """Any other model job: ``fn(lm, cancel, emit) -> result`` runs in the worker thread.
-
-    ``emit(payload)`` streams partial results (e.g. sweep cells) back to the GUI thread.
-    Tasks with the same ``name`` supersede each other; different names do not.
+    ``kind`` is the job's name (``load``, ``generate``, ``sweep`` ...): a newer request of the
+    same kind supersedes an older one; different kinds run one after the other.
     """
 
     id: int
-    name: str
-    fn: Any
-    title: str = "Task failed"
+    spec: Any
+    kind: str
+    title: str = "Job failed"
     cancel: threading.Event = field(default_factory=threading.Event, compare=False)
-
-    @property
-    def kind(self) -> str:
-        return f"task:{self.name}"
 
 
 @dataclass(frozen=True)
@@ -80,6 +34,7 @@ class ErrorInfo:
 
     @classmethod
     def from_exception(cls, exc: BaseException, title: str) -> "ErrorInfo":
+        """A user error (``SteerdeskError``) as its sentence; anything else as a bug with its traceback."""
         from ..core.errors import SteerdeskError
 
         details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

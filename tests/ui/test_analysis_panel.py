@@ -10,7 +10,7 @@ from test_window import compute, generate, load
 
 
 def run_task(qtbot, window, button, name):
-    with qtbot.waitSignal(window.controller.task_finished, timeout=120000,
+    with qtbot.waitSignal(window.controller.finished, timeout=120000,
                           check_params_cb=lambda n, _r: n == name) as blocker:
         qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
     return blocker.args[1]

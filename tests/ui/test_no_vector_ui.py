@@ -14,7 +14,7 @@ def test_gguf_set_greys_out_block_0_and_refuses_it(qtbot, window, tiny_model_dir
     with qtbot.waitSignal(window.controller.model_ready, timeout=60000):
         window.load_model(tiny_model_dirs["tiny-a"])
     window.dataset_panel.load_bundled("neutral_rude")
-    with qtbot.waitSignal(window.controller.vectors_ready, timeout=60000):
+    with qtbot.waitSignal(window.vector_panel.vectors_ready, timeout=60000):
         qtbot.mouseClick(window.vector_panel.compute_button, Qt.MouseButton.LeftButton)
     vp, gp = window.vector_panel, window.generation_panel
     monkeypatch.setattr(vp, "_ask_save_path", lambda *a: str(tmp_path / "v"))

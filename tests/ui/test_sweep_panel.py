@@ -24,8 +24,8 @@ def test_sweep_fills_live_and_click_generates(qtbot, window, tiny_model_dirs):
     sp.scales.setText("0,1,4")
     sp.max_pairs.setValue(4)
     cells = []
-    window.controller.task_event.connect(lambda name, p: cells.append(p) if p[0] == "cell" else None)
-    with qtbot.waitSignal(window.controller.task_finished, timeout=120000) as blocker:
+    sp.controller.partial.connect(lambda kind, cell: cells.append(cell) if kind == "sweep" else None)
+    with qtbot.waitSignal(window.controller.finished, timeout=120000) as blocker:
         qtbot.mouseClick(sp.run_button, Qt.MouseButton.LeftButton)
     name, result = blocker.args
     assert name == "sweep"
@@ -41,7 +41,7 @@ def test_sweep_fills_live_and_click_generates(qtbot, window, tiny_model_dirs):
     sp.resize(700, 700)
     sp.show()
     qtbot.wait(50)
-    with qtbot.waitSignal(window.controller.generation_finished, timeout=60000):
+    with qtbot.waitSignal(window.generation_panel.finished, timeout=60000):
         click_cell(qtbot, sp.heatmap, 1, 2)
     gp = window.generation_panel
     assert gp.selected_layers() == [2] and gp.scale.value() == 4.0
@@ -93,7 +93,7 @@ def test_no_vector_rows_are_hatched_labelled_and_not_clickable(qtbot):
     sp.show()
     qtbot.wait(50)
     chosen, messages = [], []
-    sp.cell_chosen.connect(lambda layers, scale: chosen.append((layers, scale)))
+    sp.cell_chosen.connect(lambda choice: chosen.append((choice.layers, choice.scale)))
     sp.status_message.connect(messages.append)
     click_cell(qtbot, sp.heatmap, 0, 1)
     assert chosen == [] and "no vector" in messages[-1]

@@ -20,15 +20,15 @@ def load(qtbot, win, folder):
 
 def compute(qtbot, win):
     win.dataset_panel.load_bundled("neutral_rude")
-    with qtbot.waitSignal(win.controller.vectors_ready, timeout=60000):
+    with qtbot.waitSignal(win.vector_panel.vectors_ready, timeout=60000):
         qtbot.mouseClick(win.vector_panel.compute_button, Qt.MouseButton.LeftButton)
 
 
 def generate(qtbot, win, *, tokens=12, timeout=60000):
     win.generation_panel.max_tokens.setValue(tokens)
-    with qtbot.waitSignal(win.controller.generation_finished, timeout=timeout) as blocker:
+    with qtbot.waitSignal(win.generation_panel.finished, timeout=timeout) as blocker:
         qtbot.mouseClick(win.generation_panel.generate_button, Qt.MouseButton.LeftButton)
-    return blocker.args[0]
+    return blocker.args[0].rows
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_ctrl_enter_generates(qtbot, ready):
     gp = ready.generation_panel
     gp.max_tokens.setValue(4)
     gp.prompt.setFocus()
-    with qtbot.waitSignal(ready.controller.generation_finished, timeout=30000):
+    with qtbot.waitSignal(gp.finished, timeout=30000):
         qtbot.keyClick(gp.prompt, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
 
 
@@ -125,7 +125,7 @@ def test_stop_mid_stream_emits_nothing_after(qtbot, ready):
 def test_new_request_drops_the_stale_one(qtbot, ready):
     gp = ready.generation_panel
     finished = []
-    ready.controller.generation_finished.connect(finished.append)
+    gp.finished.connect(lambda result: finished.append(result.rows))
     gp.max_tokens.setValue(2000)
     gp.prompt.setPlainText("first prompt")
     qtbot.mouseClick(gp.generate_button, Qt.MouseButton.LeftButton)
@@ -133,7 +133,7 @@ def test_new_request_drops_the_stale_one(qtbot, ready):
     # The window disables Generate while busy; a caller (e.g. a sweep cell click) can still supersede.
     gp.prompt.setPlainText("second prompt")
     gp.max_tokens.setValue(6)
-    ready.on_generate()
+    gp.generate()
     qtbot.waitUntil(lambda: not ready.controller.busy, timeout=30000)
     assert len(finished) == 1
     assert all(len(r.token_ids) <= 6 for r in finished[0])
@@ -149,14 +149,13 @@ def test_switching_models_refuses_old_vectors(qtbot, ready, tiny_model_dirs):
     idx = gp.vector.findData(old.name)
     assert not gp.vector.model().item(idx).isEnabled()
     assert gp.current_set() is None
-    # Even if a caller asks directly, the worker refuses the vectors with a sentence.
+    # Even if a caller submits them directly, the job refuses the vectors with a sentence.
     from steerdesk.core.generate import SamplingSettings
-    from steerdesk.core.steering import Steer
-    import torch
+    from steerdesk.jobs import GenerateSpec, SteeringSpec
 
     with qtbot.waitSignal(ready.controller.failed, timeout=30000) as blocker:
-        ready.controller.generate(["hi"], [[Steer(0, torch.zeros(32))]], SamplingSettings(max_new_tokens=2),
-                                  vectors=old.vectors)
+        ready.controller.submit(GenerateSpec(prompts=("hi",), steering=SteeringSpec(old.vectors, (0,)),
+                                             sampling=SamplingSettings(max_new_tokens=2)))
     assert "made for" in blocker.args[0].message
 
 

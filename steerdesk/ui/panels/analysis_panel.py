@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyqtgraph as pg
@@ -11,14 +11,27 @@ from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QGridLayout,
                                QLineEdit, QListWidget, QPlainTextEdit, QPushButton, QSpinBox, QSplitter,
                                QTableWidget, QTableWidgetItem, QTabWidget, QTextEdit, QVBoxLayout, QWidget)
 
+from ..vector_sets import VectorSets
 from ..widgets.heatmap import HeatmapView, _match_palette
+from .inputs import PairsSource, Refused, need_heldout, need_model, need_vectors
+
+WRITE_ERRORS = (OSError,)  # with SteerdeskError (imported lazily): a failed write is shown, never lost
+
+
+class SteeringSource(Protocol):
+    """The generation pane's prompt, steering and sampling (versus and the grid reuse them)."""
+
+    def build_spec(self) -> Any: ...  # noqa: D102
+    def sampling(self) -> Any: ...  # noqa: D102
+    def selected_layers(self) -> list[int]: ...  # noqa: D102
+    def steering_options(self) -> tuple[str, bool]: ...  # noqa: D102
 
 
 class DiagnosticsTab(QWidget):
     """Per-layer separation (AUC, d'), consistency, relative norm; layer x layer cosine matrix."""
 
     run_requested = Signal()
-    """Diagnose the selected vectors on the held-out split."""
+    """The user pressed Diagnose (the analysis panel submits the job)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -56,6 +69,7 @@ class DiagnosticsTab(QWidget):
         self.run_button.clicked.connect(self.run_requested)
 
     def show_diagnostics(self, d: Any) -> None:
+        """Render a ``Diagnostics`` result."""
         layers = np.array(d.layers, dtype=float)
         for key, curve in self.curves.items():
             values = np.array([np.nan if v is None else v for v in getattr(d, key)], dtype=float)
@@ -82,7 +96,7 @@ class VersusTab(QWidget):
     """A system-prompt instruction, the vector, and both — scored and generated side by side."""
 
     run_requested = Signal()
-    """Compare the instruction with the steering settings of the generation pane."""
+    """The user pressed Compare (the analysis panel submits the job)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -114,6 +128,7 @@ class VersusTab(QWidget):
         self.run_button.clicked.connect(self.run_requested)
 
     def show_result(self, v: Any) -> None:
+        """Render a ``Versus`` result."""
         for c in v.conditions:
             label, view = self.views[c.name]
             label.setText(f"<b>{c.name}</b><br>margin {c.margin_delta:+.3f} · fluency {c.fluency_delta:+.3f}")
@@ -124,7 +139,9 @@ class GridTab(QWidget):
     """Layers x scales x prompts of generated text, with an optional keyword/regex count column."""
 
     run_requested = Signal()
-    """Generate the grid."""
+    """The user pressed Generate grid (the analysis panel submits the job)."""
+    error_occurred = Signal(str, str)
+    """A failed export: (title, message)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -168,14 +185,17 @@ class GridTab(QWidget):
         self.export_button.clicked.connect(self._export)
 
     def prompt_list(self) -> list[str]:
+        """The non-empty prompt lines."""
         return [p.strip() for p in self.prompts.toPlainText().splitlines() if p.strip()]
 
     def start(self) -> None:
+        """Empty the table for a new grid."""
         self.rows = []
         self.table.setRowCount(0)
         self.export_button.setEnabled(False)
 
     def add_row(self, r: Any) -> None:
+        """Show one ``GridRow`` (called as the grid goes)."""
         self.rows.append(r)
         i = self.table.rowCount()
         self.table.insertRow(i)
@@ -192,6 +212,7 @@ class GridTab(QWidget):
             self.table.setItem(i, j, item)
 
     def finish(self, rows: list[Any]) -> None:
+        """All rows: the table is made to match them, export enabled."""
         if len(rows) != len(self.rows):
             self.start()
             for r in rows:
@@ -200,19 +221,28 @@ class GridTab(QWidget):
         self.export_button.setEnabled(bool(rows))
 
     def export_to(self, path: str) -> None:
+        """Write the rows as JSON (``.json``) or CSV (anything else); raises on a failed write."""
         from ...core.fileio import atomic_write_text
         from ...core.textgrid import grid_to_csv, grid_to_json
 
         atomic_write_text(path, grid_to_json(self.rows) if path.lower().endswith(".json") else grid_to_csv(self.rows))
 
     def _export(self) -> None:
+        from ...core.errors import SteerdeskError
+
         path = QFileDialog.getSaveFileName(self, "Export grid", "grid.csv", "CSV (*.csv);;JSON (*.json)")[0]
         if path:
-            self.export_to(path)
+            try:
+                self.export_to(path)
+            except (*WRITE_ERRORS, SteerdeskError) as exc:
+                self.error_occurred.emit("Could not export the grid", f"{path}: {exc}")
 
 
 class HistoryTab(QWidget):
     """Every generation, compute and sweep of the session; each exports as a JSON recipe."""
+
+    error_occurred = Signal(str, str)
+    """A failed export: (title, message)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -234,8 +264,11 @@ class HistoryTab(QWidget):
         self.export_button.clicked.connect(self._export)
 
     def add(self, record: Any) -> None:
+        """List a ``RunRecord`` (a stopped generation is marked so) and select it."""
         self.records.append(record)
-        self.list.addItem(f"{record.created[11:19] if record.created else ''}  {record.title}")
+        rows = (record.outputs or {}).get("rows") or []
+        stopped = "  (stopped)" if any(r.get("finish_reason") == "stopped" for r in rows) else ""
+        self.list.addItem(f"{record.created[11:19] if record.created else ''}  {record.title}{stopped}")
         self.list.setCurrentRow(self.list.count() - 1)
 
     def _show(self, row: int) -> None:
@@ -244,20 +277,38 @@ class HistoryTab(QWidget):
         self.details.setPlainText(self.records[row].to_json() if ok else "")
 
     def export_to(self, path: str, row: int | None = None) -> None:
+        """Save record ``row`` (default: the selected one) as a recipe; raises on a failed write."""
         rec = self.records[self.list.currentRow() if row is None else row]
         rec.save(path)
 
     def _export(self) -> None:
+        from ...core.errors import SteerdeskError
+
         path = QFileDialog.getSaveFileName(self, "Export recipe", "recipe.json", "JSON (*.json)")[0]
         if path:
-            self.export_to(path)
+            try:
+                self.export_to(path)
+            except (*WRITE_ERRORS, SteerdeskError) as exc:
+                self.error_occurred.emit("Could not export the recipe", f"{path}: {exc}")
 
 
 class AnalysisPanel(QTabWidget):
-    """Tabs: Diagnostics, Prompt vs vector, Generation grid, History."""
+    """Tabs: Diagnostics, Prompt vs vector, Generation grid, History; builds and submits their jobs."""
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    shown = Signal()
+    """A result arrived (the window brings this panel to the front)."""
+    error_occurred = Signal(str, str)
+    """A problem to show: (title, message)."""
+
+    def __init__(self, controller: Any = None, vector_sets: VectorSets | None = None,
+                 pairs: PairsSource | None = None, steering: SteeringSource | None = None,
+                 parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self.controller = controller  # a ModelController (None: tabs that only render)
+        self._job: Any = None  # the last job submitted here (its end clears the busy state)
+        self.vector_sets = vector_sets if vector_sets is not None else VectorSets(self)
+        self.pairs = pairs
+        self.steering = steering
         self.diagnostics = DiagnosticsTab()
         self.versus = VersusTab()
         self.grid = GridTab()
@@ -266,7 +317,110 @@ class AnalysisPanel(QTabWidget):
         self.addTab(self.versus, "Prompt vs vector")
         self.addTab(self.grid, "Generation grid")
         self.addTab(self.history, "History")
+        self.diagnostics.run_requested.connect(self.run_diagnose)
+        self.versus.run_requested.connect(self.run_versus)
+        self.grid.run_requested.connect(self.run_grid)
+        self.grid.error_occurred.connect(self.error_occurred)
+        self.history.error_occurred.connect(self.error_occurred)
+        if controller is not None:
+            controller.record_ready.connect(self.history.add)
 
     def set_busy(self, busy: bool) -> None:
+        """The three Run buttons disabled while busy."""
         for b in (self.diagnostics.run_button, self.versus.run_button, self.grid.run_button):
             b.setEnabled(not busy)
+
+    # -- building Specs ----------------------------------------------------------------
+    def diagnose_spec(self) -> Any:
+        """``DiagnoseSpec``: the analysis vector set on the held-out pairs (``Refused`` if one is missing)."""
+        from ...jobs import DiagnoseSpec
+
+        need_model(self.controller)
+        item = need_vectors(self.vector_sets)
+        return DiagnoseSpec(vectors=item.vectors, dataset=need_heldout(self.pairs))
+
+    def versus_spec(self) -> Any:
+        """``VersusSpec``: the instruction vs the generation pane's prompt, steering and sampling."""
+        from ...core.errors import SteerdeskError
+        from ...jobs import VersusSpec
+
+        need_model(self.controller)
+        need_vectors(self.vector_sets)
+        heldout = need_heldout(self.pairs)
+        assert self.steering is not None, "comparing needs the generation pane"
+        try:
+            gen = self.steering.build_spec()
+        except SteerdeskError as exc:
+            raise Refused("Cannot compare", str(exc)) from None
+        if gen.steering is None:
+            raise Refused("Cannot compare", "Pick a vector set and layers in the generation pane first.")
+        return VersusSpec(heldout=heldout, steering=gen.steering, instruction=self.versus.instruction.text(),
+                          prompt=gen.prompts[0], sampling=gen.sampling)
+
+    def grid_spec(self) -> Any:
+        """``GridSpec``: the grid tab's layers (default: the generation pane's), scales, prompts and pattern."""
+        from dataclasses import replace
+
+        from ...core.errors import SteerdeskError
+        from ...core.steering import parse_layers
+        from ...core.sweep import parse_scales
+        from ...core.textgrid import compile_pattern
+        from ...jobs import GridSpec
+
+        need_model(self.controller)
+        item = need_vectors(self.vector_sets)
+        assert self.steering is not None, "the grid needs the generation pane"
+        grid = self.grid
+        try:
+            text = grid.layers.text()
+            layers = parse_layers(text, item.vectors.num_layers) if text.strip() else self.steering.selected_layers()
+            if not layers:
+                raise SteerdeskError("Give layers for the grid.")
+            scales = parse_scales(grid.scales.text())
+            prompts = grid.prompt_list()
+            if not prompts:
+                raise SteerdeskError("Give at least one prompt (one a line).")
+            compile_pattern(grid.pattern.text(), grid.regex.isChecked())
+        except SteerdeskError as exc:
+            raise Refused("Cannot run the grid", str(exc)) from None
+        mode, normalize = self.steering.steering_options()
+        sampling = replace(self.steering.sampling(), max_new_tokens=grid.tokens.value())
+        return GridSpec(vectors=item.vectors, layers=tuple(layers), scales=tuple(scales), prompts=tuple(prompts),
+                        mode=mode, normalize=normalize, sampling=sampling, pattern=grid.pattern.text(),
+                        regex=grid.regex.isChecked())
+
+    # -- running -----------------------------------------------------------------------
+    def run_diagnose(self) -> None:
+        """Diagnose (the tab's button)."""
+        self._submit(self.diagnose_spec, self.diagnostics, self.diagnostics.show_diagnostics)
+
+    def run_versus(self) -> None:
+        """Compare prompt vs vector (the tab's button)."""
+        self._submit(self.versus_spec, self.versus, self.versus.show_result)
+
+    def run_grid(self) -> None:
+        """Generate the grid (the tab's button); rows appear as they are done."""
+        job = self._submit(self.grid_spec, self.grid, self.grid.finish, before=self.grid.start)
+        if job is not None:
+            job.partial.connect(self.grid.add_row)
+
+    def _submit(self, build: Any, tab: QWidget, show: Any, before: Any = None) -> Any:
+        try:
+            spec = build()
+        except Refused as exc:
+            self.error_occurred.emit(exc.title, str(exc))
+            return None
+        if before is not None:
+            before()
+        self.set_busy(True)
+        self._job = job = self.controller.submit(spec)
+
+        def finished(result: Any) -> None:
+            self.set_busy(False)
+            self.shown.emit()
+            self.setCurrentWidget(tab)
+            show(result)
+
+        job.finished.connect(finished)
+        job.ended.connect(lambda: self.set_busy(False) if self._job is job else None)
+        return job

@@ -13,6 +13,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QComb
                                QListWidget, QPlainTextEdit, QPushButton, QSlider, QSpinBox, QSplitter,
                                QTextEdit, QVBoxLayout, QWidget)
 
+from ..vector_sets import NamedVectors, VectorSets
 from ..widgets.heatmap import HeatmapView
 
 MODE_TIPS = {
@@ -26,16 +27,21 @@ SLIDER_STEPS = 20  # slider units per 1.0 of scale
 class GenerationPanel(QWidget):
     """Everything needed to run one steered-vs-unsteered comparison and watch it stream."""
 
-    generate_requested = Signal()
-    """The user pressed Generate (Ctrl+Enter)."""
-    stop_requested = Signal()
-    """The user pressed Stop (Esc)."""
+    finished = Signal(object)
+    """A generation this pane started finished: its ``GenerateResult``."""
     status_message = Signal(str)
     """A short message for the status bar."""
+    error_occurred = Signal(str, str)
+    """A problem to show: (title, message)."""
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, controller: Any = None, vector_sets: VectorSets | None = None,
+                 parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self._sets: list[Any] = []  # NamedVectors from the vector panel
+        self.controller = controller  # a ModelController (None: a pane that only renders)
+        self._job: Any = None  # the last job submitted here (its end clears the busy state)
+        self.vector_sets = vector_sets if vector_sets is not None else VectorSets(self)
+        self._sets: list[NamedVectors] = []
+        self._saved_layers: list[int] = []
         self._num_layers = 0
         self._steps: list[dict] = []
         self._results: list[Any] | None = None
@@ -198,14 +204,18 @@ class GenerationPanel(QWidget):
         self.layers.itemSelectionChanged.connect(self._update_readout)
         self.normalize.toggled.connect(self._update_readout)
         self.mode.currentIndexChanged.connect(self._update_readout)
-        self.generate_button.clicked.connect(self.generate_requested)
-        self.stop_button.clicked.connect(self.stop_requested)
+        self.generate_button.clicked.connect(self.generate)
+        self.stop_button.clicked.connect(self.stop)
+        self.vector_sets.changed.connect(lambda: self.set_vector_sets(self.vector_sets.sets()))
+        self.vector_sets.selected_changed.connect(self.select_vectors)
+        if controller is not None:
+            controller.model_ready.connect(self._on_model_ready)
         self.color_by.toggled.connect(self._render_steered)
         self.color_layer.valueChanged.connect(self._render_steered)
         self._spin_changed(self.scale.value())
 
     # -- vectors and layers ------------------------------------------------------------
-    def set_vector_sets(self, sets: list[Any]) -> None:
+    def set_vector_sets(self, sets: list[NamedVectors]) -> None:
         """Offer the session's vector sets; unusable ones are listed but disabled."""
         current = self.vector.currentData()
         self._sets = list(sets)
@@ -225,11 +235,13 @@ class GenerationPanel(QWidget):
         self._vector_changed()
 
     def select_vectors(self, name: str) -> None:
+        """Steer with the set called ``name`` if it is offered and usable."""
         idx = self.vector.findData(name)
         if idx >= 0 and self.vector.model().item(idx).isEnabled():
             self.vector.setCurrentIndex(idx)
 
-    def current_set(self) -> Any:
+    def current_set(self) -> NamedVectors | None:
+        """The usable set chosen in the Vector box, or None (unsteered)."""
         name = self.vector.currentData()
         return next((s for s in self._sets if s.name == name and s.usable), None)
 
@@ -254,16 +266,25 @@ class GenerationPanel(QWidget):
         self._mark_layers_without_direction()
         self._update_readout()
 
+    def _on_model_ready(self, info: Any) -> None:
+        self.set_num_layers(info.num_layers)
+        layers = [i for i in self._saved_layers if i < info.num_layers]
+        if layers:
+            self.set_layers(layers)
+
     def selected_layers(self) -> list[int]:
+        """The layers picked in the layer list, ascending."""
         return sorted(int(it.text()) for it in self.layers.selectedItems())
 
     def set_layers(self, layers: list[int]) -> None:
+        """Pick ``layers`` in the layer list (those out of range are ignored)."""
         self.layers.clearSelection()
         for i in layers:
             if 0 <= i < self.layers.count():
                 self.layers.item(i).setSelected(True)
 
     def set_scale(self, value: float) -> None:
+        """Set the steering scale."""
         self.scale.setValue(value)
 
     def _slider_moved(self, v: int) -> None:
@@ -279,6 +300,7 @@ class GenerationPanel(QWidget):
 
     def _vector_changed(self, *_: Any) -> None:
         s = self.current_set()
+        self.vector_sets.set_steering(s.name if s is not None else "")
         if s is not None and s.vectors.num_layers != self._num_layers:
             self.set_num_layers(s.vectors.num_layers)
         self._mark_layers_without_direction()
@@ -319,39 +341,118 @@ class GenerationPanel(QWidget):
         self.readout.setText(f"|a·v| = {parts}{more} of typical |h|")
         self.readout.setStyleSheet("color: #c0392b;" if rel.max() > 1.0 else "")
 
-    # -- requests ----------------------------------------------------------------------
+    # -- jobs ------------------------------------------------------------------------
     def sampling(self) -> Any:
+        """The ``SamplingSettings`` of the Sampling box."""
         from ...core.generate import SamplingSettings
 
         seed = self.seed.value()
         return SamplingSettings(max_new_tokens=self.max_tokens.value(), temperature=self.temperature.value(),
                                 top_p=self.top_p.value(), seed=None if seed < 0 else seed)
 
-    def build_request(self) -> dict[str, Any]:
-        """Prompts, per-row steering, sampling and watch directions for the controller."""
+    def steering_spec(self) -> Any:
+        """The ``SteeringSpec`` of the Steering box, or None without a vector set.
+
+        Raises ``SteerdeskError`` when the chosen set does not fit the model, no layer is picked
+        or a picked layer has no direction (checked here so the message comes before the run).
+        """
         from ...core.errors import SteerdeskError
+        from ...jobs import SteeringSpec
+
+        s = self.current_set()
+        if s is None:
+            if self.vector.currentData():
+                raise SteerdeskError("The selected vectors do not fit the loaded model.")
+            return None
+        layers = self.selected_layers()
+        if not layers:
+            raise SteerdeskError("Select at least one layer to steer.")
+        spec = SteeringSpec(vectors=s.vectors, layers=tuple(layers), scale=self.scale.value(),
+                            mode=self.mode.currentData(), normalize=self.normalize.isChecked(),
+                            positions=self.positions.currentData())
+        s.vectors.steers(layers, scale=spec.scale, mode=spec.mode, normalize=spec.normalize,
+                         positions=spec.positions)  # the no-direction check, before anything is cleared
+        return spec
+
+    def steering_options(self) -> tuple[str, bool]:
+        """``(mode, normalize)`` of the Steering box (the generation grid uses them)."""
+        return self.mode.currentData(), self.normalize.isChecked()
+
+    def build_spec(self) -> Any:
+        """The ``GenerateSpec`` of the pane: the prompt once, or unsteered and steered side by side."""
+        from ...core.errors import SteerdeskError
+        from ...jobs import GenerateSpec
 
         prompt = self.prompt.toPlainText().strip()
         if not prompt:
             raise SteerdeskError("Write a prompt first.")
-        s = self.current_set()
-        system = self.system.text().strip() or None
-        if s is None:
-            if self.vector.currentData():
-                raise SteerdeskError("The selected vectors do not fit the loaded model.")
-            self._compare, self._steered_row = False, 0
-            return {"prompts": [prompt], "rows": [[]], "sampling": self.sampling(), "system": system,
-                    "watch": None, "vectors": None}
-        layers = self.selected_layers()
-        if not layers:
-            raise SteerdeskError("Select at least one layer to steer.")
-        steers = s.vectors.steers(layers, scale=self.scale.value(), mode=self.mode.currentData(),
-                                  normalize=self.normalize.isChecked(), positions=self.positions.currentData())
-        self._compare = self.compare.isChecked()
-        rows = [[], steers] if self._compare else [steers]
-        self._steered_row = len(rows) - 1
-        return {"prompts": [prompt] * len(rows), "rows": rows, "sampling": self.sampling(), "system": system,
-                "watch": s.vectors.directions, "vectors": s.vectors}
+        steering = self.steering_spec()
+        return GenerateSpec.single(prompt, steering, compare=steering is not None and self.compare.isChecked(),
+                                   sampling=self.sampling(), system=self.system.text().strip() or None,
+                                   watch=steering is not None)
+
+    def generate(self) -> None:
+        """Generate (the Generate button, Ctrl+Enter): submit the Spec and stream the result here.
+
+        A generation already running is superseded (its results are dropped).
+        """
+        from ...core.errors import SteerdeskError
+
+        if self.controller is None or self.controller.model_info is None:
+            self.error_occurred.emit("No model", "Wait for the model to load first.")
+            return
+        try:
+            spec = self.build_spec()
+        except SteerdeskError as exc:
+            self.error_occurred.emit("Cannot generate", str(exc))
+            return
+        flags = spec.flags()
+        self._compare, self._steered_row = len(flags) > 1, len(flags) - 1
+        self.start()
+        self.set_busy(True)
+        self._job = job = self.controller.submit(spec)
+        job.text.connect(self.append_text)
+        job.steps.connect(self.add_steps)
+        job.finished.connect(self._on_finished)
+        job.ended.connect(lambda: self.set_busy(False) if self._job is job else None)
+
+    def stop(self) -> None:
+        """Stop the running job (the Stop button, Esc)."""
+        if self.controller is not None:
+            self.controller.stop()
+
+    def _on_finished(self, result: Any) -> None:
+        self.set_busy(False)
+        self.finish(result.rows)
+        self.finished.emit(result)
+
+    def try_steering(self, name: str, layers: list[int], scale: float, mode: str) -> None:
+        """Steer with set ``name`` at ``layers`` x ``scale`` in ``mode`` and generate a comparison (a sweep cell)."""
+        self.select_vectors(name)
+        self.set_layers(layers)
+        self.set_scale(scale)
+        self.mode.setCurrentIndex(max(0, self.mode.findData(mode)))
+        self.compare.setChecked(True)
+        self.generate()
+
+    def restore_settings(self, s: Any) -> None:
+        """Prompt, scale, token budget, mode and (once a model is loaded) layers from ``QSettings``."""
+        prompt = s.value("generate/prompt")
+        if isinstance(prompt, str) and prompt:
+            self.prompt.setPlainText(prompt)
+        self.scale.setValue(float(s.value("generate/scale", self.scale.value())))
+        self.max_tokens.setValue(int(s.value("generate/max_tokens", self.max_tokens.value())))
+        self.mode.setCurrentIndex(max(0, self.mode.findData(s.value("generate/mode", "add"))))
+        saved = str(s.value("generate/layers", "") or "")
+        self._saved_layers = [int(x) for x in saved.split(",") if x.strip().isdigit()]
+
+    def save_settings(self, s: Any) -> None:
+        """Store what :meth:`restore_settings` reads."""
+        s.setValue("generate/prompt", self.prompt.toPlainText())
+        s.setValue("generate/scale", self.scale.value())
+        s.setValue("generate/max_tokens", self.max_tokens.value())
+        s.setValue("generate/mode", self.mode.currentData())
+        s.setValue("generate/layers", ",".join(str(x) for x in self.selected_layers()))
 
     # -- streaming ---------------------------------------------------------------------
     def start(self) -> None:
@@ -367,6 +468,7 @@ class GenerationPanel(QWidget):
         self.steered_label.setText("<b>Steered</b>" if self.current_set() is not None else "<b>—</b>")
 
     def set_busy(self, busy: bool) -> None:
+        """Generate disabled and Stop enabled while busy."""
         self.generate_button.setEnabled(not busy)
         self.stop_button.setEnabled(busy)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
@@ -13,25 +14,41 @@ from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayo
                                QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout,
                                QWidget)
 
+from ..vector_sets import VectorSets
 from ..widgets.heatmap import HeatmapView
+from .inputs import PairsSource, Refused, need_heldout, need_model, need_vectors
+
+
+@dataclass(frozen=True)
+class CellChoice:
+    """A clicked sweep cell: steer with set ``name`` at ``layers`` x ``scale`` in ``mode``."""
+
+    name: str
+    layers: list[int]
+    scale: float
+    mode: str
 
 
 class SweepPanel(QWidget):
     """Controls for a scored sweep and its heatmap (colour = margin delta vs unsteered)."""
 
-    run_requested = Signal()
-    """The user pressed Run sweep."""
-    cancel_requested = Signal()
-    """The user pressed Cancel."""
-    cell_chosen = Signal(object, float)
-    """A cell was clicked: (layers, scale) to try in the generation pane."""
+    started = Signal()
+    """A sweep was submitted (the window shows this panel)."""
+    cell_chosen = Signal(object)
+    """A cell was clicked: a :class:`CellChoice` to try in the generation pane."""
     error_occurred = Signal(str, str)
     """A problem to show: (title, message)."""
     status_message = Signal(str)
     """A short message for the status bar."""
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, controller: Any = None, vector_sets: VectorSets | None = None,
+                 pairs: PairsSource | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self.controller = controller  # a ModelController (None: a panel that only renders)
+        self._job: Any = None  # the last job submitted here (its end clears the busy state)
+        self.vector_sets = vector_sets if vector_sets is not None else VectorSets(self)
+        self.pairs = pairs
+        self._swept = ""  # name of the vector set being swept
         self.result: Any = None
         self._rows: list[list[int]] = []
         self._row_labels: list[str] = []
@@ -100,8 +117,8 @@ class SweepPanel(QWidget):
         layout.addWidget(self.heatmap, 1)
         layout.addWidget(self.summary)
 
-        self.run_button.clicked.connect(self.run_requested)
-        self.cancel_button.clicked.connect(self.cancel_requested)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
         self.save_button.clicked.connect(self._on_save)
         self.heatmap.cell_clicked.connect(self._on_cell_clicked)
 
@@ -118,7 +135,58 @@ class SweepPanel(QWidget):
                 "mode": self.mode.currentData(), "fluency_budget": self.budget.value(),
                 "max_pairs": self.max_pairs.value()}
 
+    def build_spec(self) -> Any:
+        """The ``SweepSpec`` of the controls on the analysis vector set and the held-out pairs.
+
+        Raises :class:`Refused` for a missing model, set or split, ``SteerdeskError`` for bad text.
+        """
+        from ...jobs import SweepSpec
+
+        info = need_model(self.controller)
+        item = need_vectors(self.vector_sets)
+        heldout = need_heldout(self.pairs)
+        assert self.pairs is not None
+        st = self.settings(info.num_layers)
+        return SweepSpec(vectors=item.vectors, heldout=heldout, layers=tuple(st["layers"]),
+                         scales=tuple(st["scales"]), sets={k: tuple(v) for k, v in st["sets"].items()} or None,
+                         mode=st["mode"], fluency_budget=st["fluency_budget"], max_pairs=st["max_pairs"],
+                         dataset=self.pairs.dataset(), heldout_fraction=self.pairs.heldout_fraction())
+
+    def run(self) -> None:
+        """Run sweep: submit the Spec, fill the heatmap cell by cell, show the result."""
+        from ...core.errors import SteerdeskError
+
+        try:
+            spec = self.build_spec()
+        except Refused as exc:
+            self.error_occurred.emit(exc.title, str(exc))
+            return
+        except SteerdeskError as exc:
+            self.error_occurred.emit("Cannot run the sweep", str(exc))
+            return
+        self._swept = str(spec.vectors.metadata.get("name", ""))
+        self.start(list(spec.layers), {k: list(v) for k, v in (spec.sets or {}).items()}, list(spec.scales),
+                   spec.fluency_budget, vectors=spec.vectors)  # no-vector rows show as such from the start
+        self.set_busy(True)
+        self.started.emit()
+        self._job = job = self.controller.submit(spec)
+        job.partial.connect(lambda c: self.set_cell(c.row, c.col, c.margin_delta, c.fluency_delta))
+        job.progress.connect(lambda done, total, _msg: self.set_progress(done, total))
+        job.finished.connect(self._on_finished)
+        job.ended.connect(lambda: self.set_busy(False) if self._job is job else None)
+
+    def cancel(self) -> None:
+        """Stop the running sweep."""
+        if self.controller is not None:
+            self.controller.stop("sweep")
+
+    def _on_finished(self, result: Any) -> None:
+        self.set_busy(False)
+        self.finish(result)
+        self.status_message.emit(f"Sweep done in {result.seconds:.1f} s ({result.path} path).")
+
     def set_busy(self, busy: bool) -> None:
+        """Run disabled and Cancel enabled while busy."""
         self.run_button.setEnabled(not busy)
         self.cancel_button.setEnabled(busy)
 
@@ -263,7 +331,8 @@ class SweepPanel(QWidget):
             self.status_message.emit(f"{self._row_name(row)}: no vector to steer with.")
             return
         if self._rows and row < len(self._rows) and col < len(self._scales):
-            self.cell_chosen.emit(list(self._rows[row]), float(self._scales[col]))
+            self.cell_chosen.emit(CellChoice(self._swept, list(self._rows[row]), float(self._scales[col]),
+                                             self.mode.currentData()))
 
     def margin(self) -> np.ndarray:
         return self._margin

@@ -1,8 +1,7 @@
-"""Vector panel: compute steering vectors, keep several named sets, inspect them per layer."""
+"""Vector panel: compute steering vectors, list the session's sets, inspect them per layer."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,40 +11,30 @@ from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, Q
                                QLineEdit, QListWidget, QListWidgetItem, QProgressBar, QPushButton,
                                QSpinBox, QSplitter, QVBoxLayout, QWidget)
 
+from ..vector_sets import NamedVectors, VectorSets
 from ..widgets.heatmap import HeatmapView
+from .inputs import PairsSource
 
-
-@dataclass
-class NamedVectors:
-    """A vector set held in the session, and whether it fits the loaded model."""
-
-    name: str
-    vectors: Any
-    usable: bool = True
-    reason: str = ""
+__all__ = ["NamedVectors", "VectorPanel"]
 
 
 class VectorPanel(QWidget):
     """Method, read position, Compute/Cancel with progress; per-layer diagnostics of the selected set."""
 
-    compute_requested = Signal(str, str, int, str)
-    """Compute with (method, read position, batch size, name)."""
-    cancel_requested = Signal()
-    """Stop the running computation."""
-    vectors_changed = Signal()
-    """Sets were added, removed or re-checked."""
-    selection_changed = Signal(str)
-    """The selected set's name."""
+    vectors_ready = Signal(object)
+    """A computed set was added to the session: its ``NamedVectors``."""
     error_occurred = Signal(str, str)
     """A file problem to show: (title, message)."""
     status_message = Signal(str)
     """A short message for the status bar."""
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, controller: Any = None, vector_sets: VectorSets | None = None,
+                 pairs: PairsSource | None = None, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self._sets: list[NamedVectors] = []
-        self._model_info: Any = None
-        self._counter = 0
+        self.controller = controller  # a ModelController (None: a panel that only shows sets)
+        self.vector_sets = vector_sets if vector_sets is not None else VectorSets(self)
+        self.pairs = pairs
+        self._job: Any = None
 
         self.method = QComboBox()
         self.method.addItem("Mean difference", "mean-diff")
@@ -130,9 +119,11 @@ class VectorPanel(QWidget):
         layout.addLayout(top)
         layout.addWidget(plots, 1)
 
-        self.compute_button.clicked.connect(self._on_compute)
-        self.cancel_button.clicked.connect(self.cancel_requested)
+        self.compute_button.clicked.connect(self.compute)
+        self.cancel_button.clicked.connect(self.cancel)
         self.list.currentRowChanged.connect(self._on_row_changed)
+        self.vector_sets.changed.connect(self._on_sets_changed)
+        self.vector_sets.selected_changed.connect(self._on_selected)
         self.save_button.clicked.connect(self._on_save)
         self.load_button.clicked.connect(self._on_load)
         self.export_button.clicked.connect(self._on_export)
@@ -141,57 +132,45 @@ class VectorPanel(QWidget):
 
     # -- state -------------------------------------------------------------------------
     def sets(self) -> list[NamedVectors]:
-        return list(self._sets)
+        """The session's sets (held by :class:`~steerdesk.ui.vector_sets.VectorSets`)."""
+        return self.vector_sets.sets()
 
     def current(self) -> NamedVectors | None:
+        """The set selected in the list."""
         row = self.list.currentRow()
-        return self._sets[row] if 0 <= row < len(self._sets) else None
+        sets = self.vector_sets.sets()
+        return sets[row] if 0 <= row < len(sets) else None
 
     def find(self, name: str) -> NamedVectors | None:
-        return next((s for s in self._sets if s.name == name), None)
-
-    def _unique(self, name: str) -> str:
-        base, n = name or "vectors", 2
-        while self.find(name or base):
-            name = f"{base} ({n})"
-            n += 1
-        return name or base
+        """The set called ``name``, or None."""
+        return self.vector_sets.find(name)
 
     def add_vectors(self, vs: Any, name: str | None = None) -> NamedVectors:
         """Hold ``vs`` in the session under a unique name and select it."""
-        name = self._unique(name or vs.metadata.get("name") or vs.metadata.get("dataset_name") or "vectors")
-        vs.metadata["name"] = name
-        item = NamedVectors(name, vs)
-        self._sets.append(item)
-        self._check(item)
-        self._refresh_list(select=len(self._sets) - 1)
-        self.vectors_changed.emit()
+        item = self.vector_sets.add(vs, name)
+        self.vector_sets.select(item.name)
         return item
 
-    def set_model_info(self, info: Any) -> None:
-        """Re-check every set against the model now loaded (None while loading)."""
-        self._model_info = info
-        for item in self._sets:
-            self._check(item)
-        self._refresh_list(select=self.list.currentRow())
-        self.vectors_changed.emit()
+    def _on_sets_changed(self) -> None:
+        """Rebuild the list, keeping the selected set (or the row where it was)."""
+        sets = self.vector_sets.sets()
+        selected = self.vector_sets.selected()
+        row = next((i for i, x in enumerate(sets) if x is selected), min(self.list.currentRow(), len(sets) - 1))
+        self._refresh_list(select=row)
+        item = self.current()
+        if item is not None and item is not selected:
+            self.vector_sets.select(item.name)
 
-    def _check(self, item: NamedVectors) -> None:
-        from ...core.errors import SteerdeskError
-
-        if self._model_info is None:
-            item.usable, item.reason = False, "no model loaded"
-            return
-        try:
-            item.vectors.check_compatible(self._model_info)
-            item.usable, item.reason = True, ""
-        except SteerdeskError as exc:
-            item.usable, item.reason = False, str(exc)
+    def _on_selected(self, name: str) -> None:
+        names = [s.name for s in self.vector_sets.sets()]
+        if name in names and self.list.currentRow() != names.index(name):
+            self.list.setCurrentRow(names.index(name))
 
     def _refresh_list(self, select: int = -1) -> None:
+        sets = self.vector_sets.sets()
         self.list.blockSignals(True)
         self.list.clear()
-        for s in self._sets:
+        for s in sets:
             m = s.vectors.metadata
             label = f"{s.name}  —  {m.get('method', '?')}, {m.get('model', '?')}"
             it = QListWidgetItem(label if s.usable else f"{label}  [unusable]")
@@ -199,11 +178,10 @@ class VectorPanel(QWidget):
             if not s.usable:
                 it.setForeground(Qt.GlobalColor.gray)
             self.list.addItem(it)
+        if sets:
+            self.list.setCurrentRow(max(0, min(select, len(sets) - 1)))
         self.list.blockSignals(False)
-        if self._sets:
-            self.list.setCurrentRow(max(0, min(select, len(self._sets) - 1)))
-        else:
-            self._show(None)
+        self._show(self.current())
         self._update_buttons()
 
     def _update_buttons(self) -> None:
@@ -230,7 +208,7 @@ class VectorPanel(QWidget):
         item = self.current()
         self._show(item)
         self._update_buttons()
-        self.selection_changed.emit(item.name if item else "")
+        self.vector_sets.select(item.name if item else "")
 
     def _show(self, item: NamedVectors | None) -> None:
         if item is None:
@@ -268,10 +246,67 @@ class VectorPanel(QWidget):
         side, idx = ("base", col) if col < nb else ("target", col - nb - 1)
         return f"layer {row}, {side} example {idx + 1}: projection {raw[row, col]:.3g}"
 
+    def restore_settings(self, s: Any) -> None:
+        """Method and read position from ``QSettings``."""
+        self.method.setCurrentIndex(max(0, self.method.findData(s.value("compute/method", "mean-diff"))))
+        self.read.setCurrentIndex(max(0, self.read.findData(s.value("compute/read", "last"))))
+
+    def save_settings(self, s: Any) -> None:
+        """Store what :meth:`restore_settings` reads."""
+        s.setValue("compute/method", self.method.currentData())
+        s.setValue("compute/read", self.read.currentData())
+
     # -- actions -----------------------------------------------------------------------
-    def _on_compute(self) -> None:
-        self.compute_requested.emit(self.method.currentData(), self.read.currentData(), self.batch.value(),
-                                    self.name_edit.text().strip())
+    def build_spec(self) -> Any:
+        """The :class:`~steerdesk.jobs.ComputeSpec` of the controls (``SteerdeskError`` with a sentence).
+
+        The whole dataset goes in with the panel's held-out fraction: the job computes from the
+        training part (the same deterministic split the other panels use) and records both.
+        """
+        from ...jobs import ComputeSpec
+
+        assert self.pairs is not None, "a computing VectorPanel needs a PairsSource"
+        train, _held = self.pairs.train_and_heldout()
+        train.validate()
+        return ComputeSpec(dataset=self.pairs.dataset(), method=self.method.currentData(),
+                           read=self.read.currentData(), batch_size=self.batch.value(),
+                           heldout=self.pairs.heldout_fraction(),
+                           name=self.name_edit.text().strip() or self.pairs.display_name())
+
+    def compute(self) -> None:
+        """Compute (the Compute button, Ctrl+K): submit the Spec, show progress, add the set."""
+        from ...core.errors import SteerdeskError
+
+        if self.controller is None or self.controller.model_info is None:
+            self.error_occurred.emit("No model", "Wait for the model to load first.")
+            return
+        try:
+            spec = self.build_spec()
+        except SteerdeskError as exc:
+            self.error_occurred.emit("Dataset problem", str(exc))
+            return
+        self.set_busy(True)
+        self._job = job = self.controller.submit(spec)
+        job.progress.connect(self.set_progress)
+        job.finished.connect(self._on_computed)
+        job.ended.connect(lambda: self.set_busy(False) if self._job is job else None)
+
+    def cancel(self) -> None:
+        """Stop the running computation."""
+        if self.controller is not None:
+            self.controller.stop("compute")
+
+    def _on_computed(self, result: Any) -> None:
+        self.set_busy(False)
+        vs = result.vectors
+        item = self.add_vectors(vs)
+        self.vectors_ready.emit(item)
+        cut = int(vs.metadata.get("truncated_examples", "0") or 0)
+        if cut:
+            self.error_occurred.emit("Long examples were cut",
+                                     f"{cut} example(s) were longer than the model's context and were cut from the "
+                                     f"left (the end of each reply, which is what is read, was kept).")
+        self.status_message.emit(f"Vectors ready: {item.name}")
 
     def _ask_save_path(self, caption: str, filt: str, suggested: str) -> str:
         return QFileDialog.getSaveFileName(self, caption, suggested, filt)[0]
@@ -315,7 +350,8 @@ class VectorPanel(QWidget):
         from ...core.vectors import load_vectors
 
         try:
-            layers = self._model_info.num_layers if self._model_info is not None else None
+            info = self.vector_sets.model_info()
+            layers = info.num_layers if info is not None else None
             vs = load_vectors(path, model_layers=layers)
         except SteerdeskError as exc:
             self.error_occurred.emit("Could not load vectors", str(exc))
@@ -333,8 +369,6 @@ class VectorPanel(QWidget):
             self.load_file(path)
 
     def _on_remove(self) -> None:
-        row = self.list.currentRow()
-        if 0 <= row < len(self._sets):
-            del self._sets[row]
-            self._refresh_list(select=row)
-            self.vectors_changed.emit()
+        item = self.current()
+        if item is not None:
+            self.vector_sets.remove(item.name)

@@ -1,0 +1,58 @@
+"""What several panels need before they submit a job: a model, a vector set, held-out pairs.
+
+Each check raises :class:`Refused` with the dialog title and sentence the window shows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ...core.errors import SteerdeskError
+from ..vector_sets import NamedVectors, VectorSets
+
+
+class PairsSource(Protocol):
+    """Where the contrast pairs come from (the dataset panel)."""
+
+    def dataset(self) -> Any: ...  # noqa: D102
+    def heldout_fraction(self) -> float: ...  # noqa: D102
+    def train_and_heldout(self) -> tuple[Any, Any]: ...  # noqa: D102
+    def display_name(self) -> str: ...  # noqa: D102
+
+
+class Refused(SteerdeskError):
+    """A job cannot start yet: ``title`` names what is missing, the message says what to do."""
+
+    def __init__(self, title: str, message: str) -> None:
+        super().__init__(message)
+        self.title = title
+
+
+def need_model(controller: Any) -> Any:
+    """The loaded model's ``ModelInfo`` (``Refused`` while none is loaded)."""
+    info = controller.model_info if controller is not None else None
+    if info is None:
+        raise Refused("No model", "Wait for the model to load first.")
+    return info
+
+
+def need_vectors(vector_sets: VectorSets) -> NamedVectors:
+    """The usable set analysis jobs use (``Refused`` if there is none)."""
+    item = vector_sets.for_analysis()
+    if item is None:
+        raise Refused("No vectors", "Compute or load a vector set for this model first.")
+    return item
+
+
+def need_heldout(pairs: PairsSource | None) -> Any:
+    """The validated, non-empty held-out split of the dataset panel (``Refused`` otherwise)."""
+    if pairs is None:
+        raise Refused("Held-out pairs needed", "No dataset panel to take held-out pairs from.")
+    try:
+        _train, heldout = pairs.train_and_heldout()
+        if len(heldout) == 0:
+            raise SteerdeskError("The held-out split is empty: set 'Held out' above 0 in the Dataset panel.")
+        heldout.validate()
+    except SteerdeskError as exc:
+        raise Refused("Held-out pairs needed", str(exc)) from None
+    return heldout
