@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import sys
 
+# Printed above the command line's own --help: what the entry does besides the subcommands.
+ENTRY_HELP = """\
+steerdesk                 open the window (needs a display: README, "System packages")
+steerdesk --self-test     check this install headless: load the model, compute, generate
+steerdesk COMMAND ...     the command line below (also installed as steerdesk-cli)
+"""
+
 
 def main(argv: list[str] | None = None) -> int:
     import os
@@ -16,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         from .selftest import main as selftest_main
 
         return selftest_main(list(args))
+    if args[:1] in (["-h"], ["--help"]):
+        print(ENTRY_HELP)
     if args:
         from .cli import main as cli_main
 
