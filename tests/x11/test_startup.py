@@ -249,3 +249,15 @@ def test_gui_entry_with_a_missing_library_exits_2_naming_it(broken_plugin: Path,
                             capture_output=True, text=True, timeout=60)
     line = _assert_one_clean_line(result)
     assert "libxcb-keysyms.so.9" in line
+
+
+def test_help_says_what_no_arguments_and_self_test_do() -> None:
+    result = subprocess.run([*_gui_command(), "--help"], check=False, env=clean_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    head, _, rest = result.stdout.partition("usage: steerdesk")
+    assert rest, "the command line's own usage is still printed"
+    assert "open the window" in head and "--self-test" in head and "steerdesk-cli" in head
+    sub = subprocess.run([*_gui_command(), "datasets", "--help"], check=False, env=clean_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert sub.stdout.startswith("usage: steerdesk datasets"), sub.stdout[:200]  # subcommand help unchanged
