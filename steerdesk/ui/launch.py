@@ -34,6 +34,9 @@ def run_gui() -> int:
     from .main_window import MainWindow
 
     window = MainWindow()
+    from .excepthook import install_excepthook
+
+    install_excepthook(window)  # an exception lost in a slot becomes a dialog (and a log line)
     window.show()
     app.processEvents()  # paint now, before anything heavy is queued
 
