@@ -14,6 +14,9 @@ steerdesk CLI, then in ONE run, alternating (order reversed every other round), 
 * ``steerdesk``: ``generate`` with the same vector at the same layer and scale, 128 greedy
   tokens of the same prompt (chat template), 2 threads, on the kernel ``load_model`` chose;
   tok/s = generated tokens / wall time of the call (prompt included, so slightly unfavourable);
+* ``steerdesk int8``: the same call on the model with int8 weight-only linears
+  (``--quantize int8``, core/quantize.py), the opt-in lossy speed mode closest to llama.cpp's
+  quantised file;
 * ``steerdesk (other kernel)``: the same call on the other CPU linear kernel (aten / oneDNN), to
   check that core/kernels.py's choice is not the slower one on this machine;
 
@@ -63,6 +66,7 @@ def main() -> int:
     from steerdesk.core.generate import SamplingSettings, generate
     from steerdesk.core.kernels import linear_choice, use_cpu_linear
     from steerdesk.core.models import load_model
+    from steerdesk.core.quantize import quantize_int8
     from steerdesk.core.steering import steers_for
     from steerdesk.core.vectors import load_vectors
 
@@ -76,6 +80,14 @@ def main() -> int:
     steers = steers_for(load_vectors(st).directions, [LAYER], scale=SCALE)
     sampling = SamplingSettings(max_new_tokens=N)
 
+    lm8 = load_model("default", device="cpu", dtype="float32")
+    quantize_int8(lm8.model, lm8.blocks)  # what `--quantize int8` does at load
+
+    def ours_int8() -> tuple[float, int]:
+        t = time.perf_counter()
+        r = generate(lm8, [PROMPT], steers, sampling=sampling)[0]
+        return len(r.token_ids) / (time.perf_counter() - t), len(r.token_ids)
+
     def ours(kernel: str) -> tuple[float, int]:
         use_cpu_linear(lm.model, kernel)
         t = time.perf_counter()
@@ -86,7 +98,8 @@ def main() -> int:
 
     runs = {"llama.cpp": lambda: llama_run(bin_dir, model_file, gguf),
             f"steerdesk ({chosen}, chosen)": lambda: ours(chosen),
-            f"steerdesk ({other}, other)": lambda: ours(other)}
+            f"steerdesk ({other}, other)": lambda: ours(other),
+            "steerdesk int8 (--quantize int8)": ours_int8}
     for fn in runs.values():  # warm-up
         fn()
     tps: dict[str, list[float]] = {k: [] for k in runs}
@@ -109,6 +122,8 @@ def main() -> int:
         "median_tok_s": {k: statistics.median(v) for k, v in tps.items()}, "tok_s": tps,
         "steerdesk_vs_llamacpp": ratio(names[1], names[0]),
         "chosen_vs_other_kernel": ratio(names[1], names[2]),
+        "steerdesk_int8_vs_llamacpp": ratio(names[3], names[0]),
+        "steerdesk_int8_vs_float32": ratio(names[3], names[1]),
         "llama_bench_tg128": tg, "loadavg": loads,
     }
     print(json.dumps(result, indent=1))
