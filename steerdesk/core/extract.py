@@ -13,7 +13,7 @@ import torch
 from .datasets import Dataset, format_pair, uses_chat_template
 from .errors import Cancelled, SteerdeskError
 from .memory import oom_guard
-from .steering import _block_hidden
+from .steering import block_hidden
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def collect(
     def make_hook(j: int, layer: int) -> Callable[..., None]:
         def hook(module: Any, args: Any, output: Any) -> None:
             lo, hi = state["window"]
-            h = _block_hidden(output)[:, lo:hi]
+            h = block_hidden(output)[:, lo:hi]
             w = state["weights"].get(h.device)
             if w is None:  # first block on this device (device_map="auto" spreads blocks)
                 w = state["weights"][h.device] = next(iter(state["weights"].values())).to(h.device)

@@ -96,7 +96,8 @@ class _Op:
         self.scale = scale  # [R, 1, 1] (project)
 
 
-def _block_hidden(output: Any) -> torch.Tensor:
+def block_hidden(output: Any) -> torch.Tensor:
+    """The hidden state ``[batch, seq, hidden]`` a decoder block returned (alone or first of a tuple)."""
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -288,7 +289,7 @@ class Steering:
 
     def _make_hook(self, layer: int) -> Callable[..., Any]:
         def hook(module: Any, args: Any, output: Any) -> Any:
-            h = _block_hidden(output)
+            h = block_hidden(output)
             ops = self._prepare(layer, h.device, h.dtype)
             if ops and self.per_row and h.shape[0] != len(self.batch_rows):
                 raise SteerdeskError(

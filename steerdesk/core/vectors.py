@@ -130,6 +130,27 @@ def no_direction_message(missing: Sequence[int], vs: "VectorSet") -> str:
             f"nothing. It has {'layers ' + format_ranges(have) if have else 'no usable layer'}.")
 
 
+def layers_without_direction(vectors: Any, layers: Sequence[int]) -> list[int]:
+    """Those of ``layers`` the vectors have no direction for (issue 10: absent is not zero).
+
+    A :class:`~steerdesk.core.vectors.VectorSet` answers itself (a GGUF control vector has no
+    block 0; other tools' files may skip layers); for a raw ``[layers, hidden]`` tensor an all-zero
+    row is taken as no direction.
+    """
+    ask = getattr(vectors, "layers_without_direction", None)
+    if callable(ask):
+        return [int(x) for x in ask(list(layers))]
+    from .identity import directions_of
+
+    d = directions_of(vectors)
+    return [int(x) for x in layers if 0 <= x < d.shape[0] and not bool(d[x].detach().ne(0).any())]
+
+
+def rows_without_direction(vectors: Any, rows: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Per sweep row (its layers), the layers without a direction; an empty list = the row can run."""
+    return [layers_without_direction(vectors, ls) for ls in rows]
+
+
 # ------------------------------------------------------------------------- safetensors
 
 def save_vectors(vs: VectorSet, path: str | Path) -> None:

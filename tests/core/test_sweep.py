@@ -11,7 +11,9 @@ import zlib
 import pytest
 import torch
 
-from steerdesk.core import sweep as sweep_mod
+from steerdesk.core import heatmap as heatmap_mod
+from steerdesk.core import prefix as prefix_mod
+from steerdesk.core import sweep_engine as engine_mod
 from steerdesk.core.datasets import Dataset, Example
 from steerdesk.core.errors import Cancelled, SteerdeskError
 from steerdesk.core.evaluate import NEUTRAL_TEXTS, evaluate
@@ -131,7 +133,7 @@ def test_scale_zero_column_is_zero(tiny, mode):
 def test_fallback_to_full_passes_when_the_tail_is_unknown(tiny, monkeypatch):
     v = _vectors(tiny)
     want = sweep(tiny, v, HELD, layers=[1, 3], scales=[1.0], prefix_reuse=False)
-    monkeypatch.setattr(sweep_mod, "_FINAL_NORMS", ("no_such_norm",))
+    monkeypatch.setattr(prefix_mod, "FINAL_NORMS", ("no_such_norm",))
     got = sweep(tiny, v, HELD, layers=[1, 3], scales=[1.0])
     assert got.path == "full"
     assert _close(got.margin_delta, want.margin_delta, 1e-5)
@@ -141,8 +143,8 @@ def test_fallback_to_full_passes_when_the_tail_is_unknown(tiny, monkeypatch):
 def test_self_check_catches_a_wrong_direct_path(tiny, monkeypatch):
     v = _vectors(tiny)
     want = sweep(tiny, v, HELD, layers=[1, 3], scales=[1.0], prefix_reuse=False)
-    real = sweep_mod._Tail.logits
-    monkeypatch.setattr(sweep_mod._Tail, "logits", lambda self, h: real(self, h) * 1.1)
+    real = prefix_mod.Tail.logits
+    monkeypatch.setattr(prefix_mod.Tail, "logits", lambda self, h: real(self, h) * 1.1)
     got = sweep(tiny, v, HELD, layers=[1, 3], scales=[1.0])
     assert got.path == "full"
     assert _close(got.margin_delta, want.margin_delta, 1e-5)
@@ -251,8 +253,8 @@ def test_heatmap_png(tiny, tmp_path):
     heatmap_png(res, path)
     w, h = _read_png(path)
     assert w > 3 * 36 and h >= 16 + 4 * 14
-    assert sweep_mod.diverging_rgb(0.0) == (242, 242, 242)
-    assert sweep_mod.diverging_rgb(1.0)[0] > sweep_mod.diverging_rgb(1.0)[2]  # positive = warm
+    assert heatmap_mod.diverging_rgb(0.0) == (242, 242, 242)
+    assert heatmap_mod.diverging_rgb(1.0)[0] > heatmap_mod.diverging_rgb(1.0)[2]  # positive = warm
 
 
 @pytest.mark.slow
@@ -377,7 +379,7 @@ def test_forwards_cut_to_a_token_budget_give_the_same_cells(tiny, monkeypatch):
     calls = []
     handle = tiny.blocks[NUM_LAYERS - 1].register_forward_pre_hook(
         lambda m, a, k: calls.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True)
-    monkeypatch.setattr(sweep_mod, "CPU_FORWARD_TOKENS", 1)  # one row (of one configuration) per forward
+    monkeypatch.setattr(engine_mod, "CPU_FORWARD_TOKENS", 1)  # one row (of one configuration) per forward
     try:
         cut = sweep(tiny, v, HELD, **kw)
     finally:

@@ -1,0 +1,146 @@
+"""Prefix reuse for sweeps: record the input of a block in one unsteered forward, replay the rest.
+
+A configuration whose first steered layer is L leaves blocks 0..L-1 untouched. :class:`Capture`
+records, during one unsteered forward, the hidden state entering each block that starts a
+configuration and the arguments the model passes to every block (mask, rotary embeddings,
+position ids); :func:`run_blocks` then runs blocks L..end from that input for any batch rows, and
+:class:`Tail` applies the final norm and LM head. :class:`Unsupported` marks a model this cannot
+run (the sweep then falls back to full forward passes; never shown to the user).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .steering import block_hidden
+
+# Final-norm attribute names on the base model, most common first (checked by the sweep's self-check).
+FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_norm", "norm_f", "ln_out")
+
+
+class Unsupported(Exception):
+    """The direct block path cannot run this model (a fallback, never shown to the user)."""
+
+
+class Capture:
+    """Block inputs and block call arguments recorded during one unsteered forward."""
+
+    def __init__(self, lm: Any, starts: Sequence[int]):
+        self.lm = lm
+        self.starts = set(starts)
+        self.first = min(starts)
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.calls: dict[int, tuple[tuple[Any, ...], dict[str, Any], bool]] = {}
+        self._handles: list[Any] = []
+
+    def _hook(self, layer: int) -> Callable[..., None]:
+        def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if args:
+                hidden, rest, as_kw = args[0], tuple(args[1:]), False
+            elif "hidden_states" in kwargs:
+                hidden, rest, as_kw = kwargs["hidden_states"], (), True
+            else:
+                raise Unsupported("block called without a hidden state")
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            self.calls[layer] = (rest, kw, as_kw)
+            if layer in self.starts:
+                self.inputs[layer] = hidden.detach().clone()
+        return pre
+
+    def __enter__(self) -> "Capture":
+        blocks = self.lm.blocks
+        for layer in range(self.first, len(blocks)):
+            self._handles.append(blocks[layer].register_forward_pre_hook(self._hook(layer), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.inputs.values())
+
+
+class RowPicker:
+    """Pick batch rows ``idx`` of every batch-first tensor of the recorded block arguments (memoised).
+
+    ``idx = arange(b).repeat(c)`` tiles a batch of ``b`` texts for ``c`` configurations.
+    """
+
+    def __init__(self, rows: int, idx: torch.Tensor):
+        self.rows = rows
+        self.idx = idx
+        self.identity = idx.numel() == rows and bool((idx.cpu() == torch.arange(rows)).all())
+        self._memo: dict[int, tuple[Any, Any]] = {}
+
+    def __call__(self, x: Any) -> Any:
+        if self.identity or x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, torch.Tensor):
+            if x.ndim < 2 or x.shape[0] != self.rows:
+                return x  # broadcast over the batch, or not batched (cache_position)
+            hit = self._memo.get(id(x))
+            if hit is not None and hit[0] is x:
+                return hit[1]
+            picked = x.index_select(0, self.idx.to(x.device))
+            self._memo[id(x)] = (x, picked)
+            return picked
+        if isinstance(x, tuple):
+            return tuple(self(v) for v in x)
+        if isinstance(x, list):
+            return [self(v) for v in x]
+        raise Unsupported(f"cannot batch a block argument of type {type(x).__name__}")
+
+
+class Tail:
+    """Final norm + LM head (+ soft-capping) of a causal LM, found by name; verified by the self-check."""
+
+    def __init__(self, lm: Any):
+        model = lm.model
+        base = getattr(model, "base_model", None) or model
+        self.norm = None
+        for name in FINAL_NORMS:
+            mod = getattr(base, name, None)
+            if isinstance(mod, torch.nn.Module):
+                self.norm = mod
+                break
+        if self.norm is None:
+            raise Unsupported("no final norm found")
+        self.head = model.get_output_embeddings()
+        if self.head is None:
+            raise Unsupported("no LM head")
+        config = model.config
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.logit_scale = getattr(config, "logit_scale", None)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = h.to(self.head.weight.device)
+        logits = self.head(h)
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def run_blocks(lm: Any, cap: Capture, start: int, rows: int, idx: torch.Tensor) -> torch.Tensor:
+    """Blocks ``start..end`` on the recorded input of block ``start``, batch rows ``idx`` of it."""
+    pick = RowPicker(rows, idx)
+    h = pick(cap.inputs[start])
+    for layer in range(start, len(lm.blocks)):
+        if layer not in cap.calls:
+            raise Unsupported(f"block {layer} was not called by the model's forward")
+        rest, kw, as_kw = cap.calls[layer]
+        args = [pick(a) for a in rest]
+        kwargs = {k: pick(v) for k, v in kw.items()}
+        block = lm.blocks[layer]
+        out = block(*args, hidden_states=h, **kwargs) if as_kw else block(h, *args, **kwargs)
+        h = block_hidden(out)
+    return h
+
+
+__all__ = ["FINAL_NORMS", "Capture", "RowPicker", "Tail", "Unsupported", "run_blocks"]

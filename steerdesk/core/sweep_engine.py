@@ -1,0 +1,356 @@
+"""The sweep engine: runs a sweep's cells with per-row steering, prefix reuse and packing.
+
+:func:`steerdesk.core.sweep.sweep` builds the :class:`Cell` list and the texts and turns the
+scores into a :class:`~steerdesk.core.sweep_result.SweepResult`; :class:`Sweeper` does the forward
+passes (the module docstring of :mod:`steerdesk.core.sweep` describes the tricks and their checks).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import Cancelled
+from .evaluate import Scores, TextScorer, aggregate, model_logits, reference_logprobs, score_tokens
+from .layouts import EvalTexts, Layout, make_packed_layouts
+from .memory import oom_guard
+from .models import LoadedModel
+from .prefix import Capture, Tail, Unsupported, run_blocks
+from .steering import Steer, Steering
+
+log = logging.getLogger("steerdesk.core.sweep")  # the engine's messages keep the sweep's logger
+
+CACHE_BUDGET_BYTES = 2 << 30
+OOM_HINT = "try a smaller batch size or fewer rows per forward pass (--batch-size, --max-rows)."
+
+# On a CPU, a steered forward of the direct path carries at most this many token rows (when one
+# configuration of a batch allows): core/kernels.py runs a product of up to 1024 rows as one oneDNN
+# call, a larger one in blocks whose outputs are then concatenated (a copy of every product's output).
+CPU_FORWARD_TOKENS = 1024
+
+
+# ========================================================================== configurations
+
+@dataclass
+class Cell:
+    """One sweep cell: a row (layer or set) x a scale, its steering, and where its steering starts."""
+
+    row: int
+    col: int
+    steers: list[Steer]
+    start: int  # first steered layer
+    identity: bool
+    index: int = 0
+
+
+def is_identity(steers: Sequence[Steer]) -> bool:
+    """True when the steering changes nothing (``add`` / ``project`` at scale 0): the delta is exactly 0."""
+    return all(s.mode in ("add", "project") and s.scale == 0 for s in steers)
+
+
+# ================================================================================= sweep
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
+
+
+def _pack_tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+
+
+class _PackMismatch(Exception):
+    """Packed layouts did not reproduce the model's own unpacked scores (a fallback, never shown)."""
+
+
+class Sweeper:
+    """Runs the cells of a sweep: the unsteered pass, then steered forwards grouped by first steered layer
+    (prefix reuse and packing where the self-checks allow), reporting each finished cell to ``on_cell``."""
+
+    def __init__(self, lm: Any, texts: EvalTexts, cells: list[Cell], *, batch_size: int, max_rows: int,
+                 prefix_reuse: bool, cache_budget: int, cancel: threading.Event | None,
+                 on_cell: Callable[[Cell, Scores, Scores], None], progress: Callable[[], None],
+                 pack: bool = True, pack_tokens: int = 320):
+        self.lm = lm
+        self.texts = texts
+        self.cells = cells
+        self.scorer = TextScorer(lm, texts, batch_size=batch_size, max_rows=max_rows)
+        self.cancel = cancel
+        self.on_cell = on_cell
+        self._progress = progress
+        self._ticks = 0
+        self.path = "prefix" if prefix_reuse else "full"
+        self.cache_budget = cache_budget
+        self.checked = False
+        self.tail: Tail | None = None
+        if prefix_reuse:
+            try:
+                self.tail = Tail(lm)
+            except Unsupported as exc:
+                log.info("prefix reuse off: %s", exc)
+                self.path = "full"
+        n = len(texts)
+        self.lp = torch.full((len(cells), n), float("nan"), dtype=torch.float64)
+        self.kl = torch.full((len(cells), n), float("nan"), dtype=torch.float64)
+        self.work = [c for c in cells if not c.identity]
+        self.starts = sorted({c.start for c in self.work})
+        self.layouts: list[Layout] = self.scorer.layouts  # what the steered forwards run on
+        self._pieces: dict[tuple[int, int], list[Layout]] = {}
+        self.packed: list[Layout] | None = None
+        self.verify = False  # check each packed baseline against the model's own unpacked scores
+        if pack and self.path == "prefix" and self.starts:
+            positions = {s.positions for c in self.work for s in c.steers}
+            self.packed = make_packed_layouts(lm, texts, row_tokens=pack_tokens, max_rows=max(1, batch_size),
+                                              positions="all" if positions == {"all"} else "mixed")
+        if self.packed is not None:  # the unpacked reference pass, then everything on packed layouts
+            self.layouts = self.packed
+            self.total = len(self.scorer.layouts) + self.total_steps()
+            self.layouts = self.scorer.layouts
+        else:
+            self.total = self.total_steps()
+
+    def _check(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("Sweep cancelled.")
+
+    # -- planning ----------------------------------------------------------------------
+    def chunks(self) -> list[list[int]]:
+        """Groups of layouts whose recorded block inputs fit the cache budget together."""
+        layouts = self.layouts
+        if self.path == "full" or not self.starts:
+            return [list(range(len(layouts)))]
+        hidden = self.lm.info.hidden_size
+        elem = torch.tensor([], dtype=next(self.lm.model.parameters()).dtype).element_size()
+        groups: list[list[int]] = [[]]
+        used = 0
+        for li, lay in enumerate(layouts):
+            need = lay.rows * lay.width * hidden * elem * len(self.starts)
+            if groups[-1] and used + need > self.cache_budget:
+                groups.append([])
+                used = 0
+            groups[-1].append(li)
+            used += need
+        return groups
+
+    def groups(self, chunk: Sequence[int]) -> list[tuple[int, list[Cell]]]:
+        """``(start layer, cells)`` per forward group: every layout of ``chunk`` runs each group once."""
+        sc = self.scorer
+        if self.path == "prefix":  # the LM head runs on the scored tokens only, in chunks
+            # max_rows counts texts (a packed row holds several); on a CPU a forward also stays within
+            # CPU_FORWARD_TOKENS tokens where a whole batch of one configuration does.
+            step = max(1, min(sc.max_rows // max(self.layouts[li].rows, self.layouts[li].n_segments) for li in chunk))
+            if self.lm.input_device.type == "cpu":
+                step = min(step, max(1, min(CPU_FORWARD_TOKENS // max(1, self.layouts[li].rows * self.layouts[li].width)
+                                            for li in chunk)))
+        else:
+            step = min(sc.copies_per_forward(self.layouts[li]) for li in chunk)
+        out = []
+        for start in self.starts:
+            at_start = [c for c in self.work if c.start == start]
+            out.extend((start, at_start[g:g + step]) for g in range(0, len(at_start), step))
+        return out
+
+    def total_steps(self) -> int:
+        return sum(len(chunk) * (1 + len(self.groups(chunk))) for chunk in self.chunks())
+
+    # -- baseline ------------------------------------------------------------------------
+    def baseline(self, li: int) -> Capture | None:
+        """Unsteered forward of one layout: baseline scores, KL reference, recorded block inputs."""
+        self._check()
+        sc, lay = self.scorer, self.layouts[li]
+        cap = Capture(self.lm, self.starts) if (self.path == "prefix" and self.starts) else None
+        with torch.inference_mode(), oom_guard("sweeping", OOM_HINT):
+            if cap is not None:
+                with cap:
+                    logits, lo = model_logits(self.lm, lay.ids, lay.model_mask, lay.positions, lay.keep())
+            else:
+                logits, lo = model_logits(self.lm, lay.ids, lay.model_mask, lay.positions, lay.keep())
+        at = lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)]  # noqa: E731
+        if lay.kind == "neutral":
+            sc.refs[li] = reference_logprobs(lay, at, sc.vocab)
+        row_lp, _ = score_tokens(lay, 1, at, sc.vocab)
+        assert sc.baseline_lp is not None
+        if self.verify:  # a packed layout: the baseline stays the model's own unpacked scores
+            want = sc.baseline_lp[lay.texts]
+            err = float((row_lp - want).abs().max())
+            if not err <= _pack_tolerance(next(self.lm.model.parameters()).dtype):
+                raise _PackMismatch(f"packed scores differ from the model's by {err:.3g}")
+        else:
+            sc.baseline_lp[lay.texts] = row_lp
+        self.tick()
+        return cap
+
+    def plain_baseline(self, li: int) -> None:
+        """The model's own unsteered scores of unpacked layout ``li`` (the reference for packing)."""
+        self._check()
+        sc, lay = self.scorer, self.scorer.layouts[li]
+        with torch.inference_mode(), oom_guard("sweeping", OOM_HINT):
+            logits, lo = model_logits(self.lm, lay.ids, lay.mask, lay.positions, lay.keep())
+        at = lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)]  # noqa: E731
+        row_lp, _ = score_tokens(lay, 1, at, sc.vocab)
+        assert sc.baseline_lp is not None
+        sc.baseline_lp[lay.texts] = row_lp
+        self.tick()
+
+    def self_check(self, li: int, cap: Capture) -> bool:
+        """The direct block path must reproduce the model's own unsteered scores.
+
+        Checked on (at most) two texts of the first batch, each twice, from the lowest start
+        layer: cheap, and it exercises the row selection, every block's arguments and the tail.
+        """
+        lay = self.layouts[li]
+        assert self.scorer.baseline_lp is not None
+        k = min(2, lay.rows)
+        sub = lay.subset(list(range(k)) * 2)
+        try:
+            with torch.inference_mode():
+                row_lp, _ = self._direct(sub, cap, min(self.starts), [[]], None, lay.rows)
+        except Unsupported as exc:
+            log.info("prefix reuse off: %s", exc)
+            return False
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            log.info("prefix reuse off: the direct block path failed (%s: %s)", type(exc).__name__, exc)
+            return False
+        want = self.scorer.baseline_lp[sub.texts]
+        err = float((row_lp - want).abs().max())
+        tol = _tolerance(next(self.lm.model.parameters()).dtype)
+        if not err <= tol:
+            log.info("prefix reuse off: the direct block path differs from the model by %.3g", err)
+            return False
+        return True
+
+    # -- steered forwards ----------------------------------------------------------------
+    def _direct(self, lay: Layout, cap: Capture, start: int, configs: Sequence[Sequence[Steer]],
+                ref: torch.Tensor | None, recorded_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``configs x rows of lay`` from the recorded input of block ``start``.
+
+        ``lay.source_rows`` are the rows of the recorded batch (``recorded_rows`` of them) that
+        ``lay`` holds; normally all of them.
+        """
+        assert self.tail is not None
+        c = len(configs)
+        src = torch.as_tensor(lay.source_rows, dtype=torch.long)
+        idx = src.repeat(c)
+        rows = [list(cfg) for cfg in configs for _ in range(lay.rows)]
+        with Steering(self.lm, rows, prompt_length=lay.reply_col):
+            h = run_blocks(self.lm, cap, start, recorded_rows or lay.rows, idx)
+        tail = self.tail
+
+        def at(r: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+            sel = h[r.to(h.device), col.to(h.device)]
+            return tail.logits(tail.norm(sel))
+        return score_tokens(lay, c, at, self.scorer.vocab, ref)
+
+    def run_group(self, li: int, cap: Capture | None, start: int, group: list[Cell]) -> None:
+        self._check()
+        configs = [c.steers for c in group]
+        lay = self.layouts[li]
+        if cap is None:
+            with oom_guard("sweeping", OOM_HINT):
+                parts = [(lay, *self.scorer.forward(li, configs))]
+        else:
+            parts = []
+            for piece in self.pieces(li):
+                with oom_guard("sweeping", OOM_HINT), torch.inference_mode():
+                    parts.append((piece, *self._direct(piece, cap, start, configs,
+                                                       self.scorer.refs.get(li) if piece is lay else None, lay.rows)))
+        for piece, row_lp, row_kl in parts:
+            for k, cell in enumerate(group):
+                sl = slice(k * piece.n_segments, (k + 1) * piece.n_segments)
+                self.lp[cell.index, piece.texts] = row_lp[sl]
+                if row_kl is not None:
+                    self.kl[cell.index, piece.texts] = row_kl[sl]
+        self.tick()
+
+    def pieces(self, li: int) -> list[Layout]:
+        """Layout ``li`` cut into row groups of at most ``CPU_FORWARD_TOKENS`` tokens (CPU, no KL
+        reference to cut along); the whole layout otherwise."""
+        lay = self.layouts[li]
+        key = (id(lay), li)
+        hit = self._pieces.get(key)
+        if hit is not None:
+            return hit
+        per = max(1, CPU_FORWARD_TOKENS // max(1, lay.width))
+        if self.lm.input_device.type != "cpu" or lay.kind == "neutral" or li in self.scorer.refs or per >= lay.rows:
+            out = [lay]
+        else:
+            n = -(-lay.rows // per)
+            per = -(-lay.rows // n)  # even pieces
+            out = [lay.subset(range(i, min(i + per, lay.rows))) for i in range(0, lay.rows, per)]
+        self._pieces[key] = out
+        return out
+
+    # -- driver --------------------------------------------------------------------------
+    def run(self) -> Scores:
+        """Run every cell; returns the unsteered scores. Cells are reported when complete."""
+        sc = self.scorer
+        n = len(self.texts)
+        sc.baseline_lp = torch.full((n,), float("nan"), dtype=torch.float64)
+        neutral = torch.tensor([k == "neutral" for k in self.texts.kinds])
+        sc.baseline_kl = torch.where(neutral, torch.zeros(n, dtype=torch.float64),
+                                     torch.full((n,), float("nan"), dtype=torch.float64))
+        if self.packed is not None:
+            for li in range(len(sc.layouts)):
+                self.plain_baseline(li)
+            self.layouts, self.verify = self.packed, True
+            try:
+                return self._run_layouts()
+            except _PackMismatch as exc:
+                log.info("packing off: %s", exc)
+            self.layouts, self.verify, self.checked = sc.layouts, False, False
+            sc.refs.clear()
+            self.total = self.tick_count() + self.total_steps()
+        return self._run_layouts()
+
+    def tick(self) -> None:
+        self._ticks += 1
+        self._progress()
+
+    def tick_count(self) -> int:
+        return self._ticks
+
+    def _run_layouts(self) -> Scores:
+        sc = self.scorer
+        chunks = self.chunks()
+        base: Scores | None = None
+        for ci, chunk in enumerate(chunks):
+            last_chunk = ci == len(chunks) - 1
+            caps: dict[int, Capture | None] = {}
+            for li in chunk:
+                caps[li] = self.baseline(li)
+                cap = caps[li]
+                if self.path == "prefix" and not self.checked and cap is not None \
+                        and self.layouts[li].kind == "heldout":
+                    self.checked = True
+                    if not self.self_check(li, cap):
+                        if self.verify:  # unpacked layouts first, then (if they fail too) full passes
+                            raise _PackMismatch("the direct block path differs on packed layouts")
+                        self.path = "full"
+                        self.total = self.total_steps()  # full passes carry fewer configurations
+            if self.path == "full":
+                caps.clear()  # also frees what was recorded before a failed self-check
+            if last_chunk:
+                base = aggregate(self.texts, sc.baseline_lp, sc.baseline_kl)
+                for cell in self.cells:  # identity cells are the baseline itself
+                    if cell.identity:
+                        self.lp[cell.index] = sc.baseline_lp
+                        self.kl[cell.index] = sc.baseline_kl
+                        self.on_cell(cell, base, base)
+            for start, group in self.groups(chunk):
+                for li in chunk:
+                    self.run_group(li, caps.get(li), start, group)
+                if last_chunk:
+                    assert base is not None
+                    for cell in group:
+                        self.on_cell(cell, aggregate(self.texts, self.lp[cell.index], self.kl[cell.index]), base)
+            caps.clear()
+        assert base is not None
+        return base
+
+
+__all__ = ["CACHE_BUDGET_BYTES", "CPU_FORWARD_TOKENS", "OOM_HINT", "Cell", "Sweeper", "is_identity"]
