@@ -22,6 +22,14 @@ Builds tiny random Llama models (no downloads), then checks on the device:
    dtype; a steered value that truly overflows the dtype raises ``SteerdeskError`` naming the layer
    and the dtype. Each line also says what the same formula computed in the model's own dtype
    gives (NaN/inf or its error), which is what the check guards against.
+9. baking (issue 14; ``--only-bake`` runs it alone): a real model (``--bake-model``, default the
+   embedded SmolLM2; skipped with a message when none can be loaded -- a random model's flat logits
+   make bf16 greedy ties) is loaded in bf16 on the device, ``add`` steering at two layers is baked
+   with ``steerdesk.core.bake``, and the baked folder, loaded by plain ``from_pretrained`` in bf16,
+   gives the same greedy tokens (KV cache on) as steerdesk's hooked model; the same in float32
+   with logits within 1e-3; and, when ``vllm`` imports, vLLM (offline engine, tensor-parallel over
+   every visible GPU) generating from the baked folder returns the same greedy tokens.
+   Written for issue 14 but NOT run yet (no GPU in that session).
 Prints one line per check and exits non-zero when any failed.
 """
 
@@ -47,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--cpu", action="store_true", help="same as --device cpu")
     ap.add_argument("--only-precision", action="store_true", help="only the reduced-precision hook checks (8)")
+    ap.add_argument("--only-bake", action="store_true", help="only the baking checks (9)")
+    ap.add_argument("--bake-model", default="default",
+                    help="model for the baking checks (folder or id; default: the embedded SmolLM2)")
     args = ap.parse_args(argv)
     tok_dir = args.tokenizer_dir
     device = "cpu" if args.cpu else args.device
@@ -87,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'ok  ' if ok else 'FAIL'} {name}{(': ' + detail) if detail else ''}", flush=True)
         failures += 0 if ok else 1
 
+    if args.only_bake:
+        bake_checks(args.bake_model, device, check)
+        print("PASS" if not failures else f"{failures} FAILED", flush=True)
+        return 1 if failures else 0
     if args.only_precision:
         precision_checks(load, device, check)
         print("PASS" if not failures else f"{failures} FAILED", flush=True)
@@ -166,8 +181,112 @@ def main(argv: list[str] | None = None) -> int:
     check("compute + compare on the device", vs.directions.device.type == "cpu" and bool(u.token_ids),
           f"{time.perf_counter() - t0:.2f} s")
     precision_checks(load, device, check)
+    bake_checks(args.bake_model, device, check)
     print("PASS" if not failures else f"{failures} FAILED", flush=True)
     return 1 if failures else 0
+
+
+BAKE_PROMPT = "Tell me about the sea."
+BAKE_TOKENS = 48
+
+
+def _first_difference(a: list[int], b: list[int]) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"first difference at token {i} ({x} vs {y})"
+    return "equal" if len(a) == len(b) else f"lengths {len(a)} vs {len(b)}"
+
+
+def bake_checks(model_spec: str, device: str, check: Callable[..., None]) -> None:
+    """Check 9: the baked checkpoint's greedy tokens equal steerdesk's hooked generation (bf16, fp32), and vLLM's."""
+    import gc
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steerdesk.core.bake import bake
+    from steerdesk.core.errors import SteerdeskError
+    from steerdesk.core.extract import collect, encode
+    from steerdesk.core.models import load_model, wrap_model
+    from steerdesk.core.steering import Steering, steers_for
+
+    work = Path(tempfile.mkdtemp(prefix="steerdesk-bake-check-"))
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            name = str(dtype).replace("torch.", "")
+            try:
+                lm = load_model(model_spec, device=device, dtype=dtype)
+            except SteerdeskError as exc:
+                print(f"skip baking checks: cannot load {model_spec!r} ({exc}); pass --bake-model FOLDER", flush=True)
+                return
+            n = lm.info.num_layers
+            layers = [n // 3, n // 2]
+            # Directions at half the typical activation norm of each layer: a visible but fluent steering.
+            _, norms = collect(lm, encode(lm, [("How are you?", "I am fine, thanks.")]))
+            g = torch.Generator().manual_seed(7)
+            v = torch.randn(n, lm.info.hidden_size, generator=g)
+            v = v / v.norm(dim=-1, keepdim=True) * (0.5 * norms[0]).unsqueeze(-1)
+            steers = steers_for(v, layers, scale=1.0)
+            text = lm.tokenizer.apply_chat_template([{"role": "user", "content": BAKE_PROMPT}],
+                                                    add_generation_prompt=True, tokenize=False) \
+                if lm.info.has_chat_template else BAKE_PROMPT
+            ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(lm.input_device)
+            gen_kw = {"do_sample": False, "max_new_tokens": BAKE_TOKENS, "min_new_tokens": BAKE_TOKENS,
+                      "use_cache": True, "pad_token_id": lm.tokenizer.pad_token_id}
+            with torch.inference_mode():
+                plain = lm.model.generate(ids, attention_mask=torch.ones_like(ids), **gen_kw)[0, ids.shape[1]:].tolist()
+                with Steering(lm, steers):
+                    want_logits = lm.model(input_ids=ids).logits.float()
+                    want = lm.model.generate(ids, attention_mask=torch.ones_like(ids), **gen_kw)[0, ids.shape[1]:].tolist()
+            out = work / f"baked-{name}"
+            t0 = time.perf_counter()
+            result = bake(lm, steers, out)
+            baked_s = time.perf_counter() - t0
+            del lm
+            gc.collect()
+            model = AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype)
+            model.to(device)  # type: ignore[arg-type]
+            model.eval()
+            baked = wrap_model(model, AutoTokenizer.from_pretrained(str(out)), name="baked")
+            with torch.inference_mode():
+                got_logits = baked.model(input_ids=ids).logits.float()
+                got = baked.model.generate(ids, attention_mask=torch.ones_like(ids), **gen_kw)[0, ids.shape[1]:].tolist()
+            diff = float((got_logits - want_logits).abs().max())
+            check(f"bake ({name}): steering changes the greedy tokens", plain != want, _first_difference(plain, want))
+            check(f"bake ({name}): baked checkpoint greedy tokens == hooked steerdesk", got == want,
+                  f"{_first_difference(got, want)}; max logit diff {diff:.3g}; bake {baked_s:.1f} s; "
+                  f"{result.plan.source_model_type} -> {result.plan.target_model_type}")
+            if dtype == torch.float32:
+                check("bake (float32): baked logits within 1e-3 of hooked", diff < 1e-3, f"{diff:.3g}")
+            del baked, model
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            if dtype == torch.bfloat16:
+                _vllm_check(out, ids[0].tolist(), want, check)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _vllm_check(folder: Path, prompt_ids: list[int], want: list[int], check: Callable[..., None]) -> None:
+    """vLLM (offline engine = the server's engine) on the baked bf16 folder: same greedy tokens."""
+    try:
+        import vllm  # type: ignore[import-not-found]
+        from vllm import LLM, SamplingParams  # type: ignore[import-not-found]
+    except ImportError:
+        print("skip vLLM check: vllm is not installed here", flush=True)
+        return
+    tp = max(1, torch.cuda.device_count())
+    while tp > 1 and tp & (tp - 1):
+        tp -= 1  # a power of two of the visible GPUs
+    llm = LLM(model=str(folder), dtype="bfloat16", tensor_parallel_size=tp, enforce_eager=True,
+              gpu_memory_utilization=0.5, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=len(want), min_tokens=len(want))
+    outputs = llm.generate([{"prompt_token_ids": prompt_ids}], params)
+    got = list(outputs[0].outputs[0].token_ids)
+    check(f"bake: vLLM {vllm.__version__} (tensor_parallel_size={tp}) greedy tokens == hooked steerdesk",
+          got == want, _first_difference(got, want))
+    del llm
 
 
 def _steered_output(lm: Any, layer: int, crafted: torch.Tensor, rows: Any) -> torch.Tensor:

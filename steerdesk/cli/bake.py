@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 NAME = "bake"
@@ -51,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     lm = load_model(args)
     vs = load_vectors_for(args.vector, lm.info)
     steering = jobs.SteeringSpec(vectors=vs, layers=tuple(parse_layers(args.layers, lm.info.num_layers)),
-                                 scale=args.scale, mode=args.mode, normalize=args.normalize, vector_path=args.vector)
+                                 scale=args.scale, mode=args.mode, normalize=args.normalize,
+                                 vector_path=str(Path(args.vector).resolve()))
     spec = jobs.BakeSpec(steering=steering, out_dir=args.output, force=args.force)
 
     def progress(done: int, total: int, msg: str) -> None:

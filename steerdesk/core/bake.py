@@ -516,9 +516,27 @@ def check_out_dir(out_dir: str | os.PathLike[str], force: bool = False, source: 
     return out
 
 
+def _legacy_rope_keys(config_file: Path) -> None:
+    """Add the pre-transformers-5 RoPE keys (``rope_theta``, ``rope_scaling``) next to ``rope_parameters``.
+
+    transformers 5 writes only ``rope_parameters``; readers built for transformers 4 (older vLLM,
+    transformers 4 itself) would silently fall back to their default theta (10000) without
+    ``rope_theta``. transformers 5 reads the legacy keys back into the same ``rope_parameters``.
+    """
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return
+    config.setdefault("rope_theta", rope["rope_theta"])
+    if rope.get("rope_type", "default") != "default" and "rope_scaling" not in config:
+        config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _write(baked: Any, lm: Any, tmp: Path, metadata: dict[str, Any]) -> None:
     baked.config.steerdesk_bake = metadata
     baked.save_pretrained(tmp)
+    _legacy_rope_keys(tmp / "config.json")
     lm.tokenizer.save_pretrained(tmp)
     if not (tmp / "generation_config.json").is_file():
         baked.generation_config.save_pretrained(tmp)

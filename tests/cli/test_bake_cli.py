@@ -87,7 +87,7 @@ def test_bake_writes_a_checkpoint_and_states_the_window_limit(capsys, tiny_folde
     assert summary["exact_up_to_tokens"] == 128 and summary["max_logit_diff"] < 1e-4
     meta = json.loads((out_dir / "steerdesk_bake.json").read_text())
     assert meta["scale"] == -1.5 and meta["normalize"] is True and meta["exact_up_to_tokens"] == 128
-    assert len(meta["vector"]["file_sha256"]) == 64 and meta["vector"]["path"] == str(vec)
+    assert len(meta["vector"]["file_sha256"]) == 64 and meta["vector"]["path"] == str(vec.resolve())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["baked", "v.safetensors"]
     # Plain text output names the limit.
     code, out, err = run(capsys, "bake", *_model_args(tiny_folders / "mistral"), "--vector", str(vec),

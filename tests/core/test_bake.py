@@ -163,6 +163,8 @@ def test_baked_folder_is_a_plain_hf_checkpoint_with_metadata(baked_tiny, arch):
     assert case["fresh"]["class"] == expected_class
     assert meta["re_expressed"] == (arch in ("mistral", "qwen2", "phi3"))
     assert meta["exact_up_to_tokens"] is None  # the tiny models have no sliding window
+    if "rope_parameters" in config:  # readers built for transformers 4 find the same theta
+        assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
 
 
 def test_sliding_window_is_a_stated_limit(fresh_tiny):
