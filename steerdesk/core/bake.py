@@ -6,9 +6,10 @@ Why this is exact. Steering ``add`` at block ``L`` on all positions adds the sam
 handled here ends with ``h + ... + W x + b`` where ``W x + b`` is the block's *last residual
 writer* (the MLP down-projection; with a parallel residual, GPT-NeoX / phi-2, any writer would do)
 whose output joins the stream with no norm after it and is read by nothing inside the block. (The
-attention output projection would not do in a sequential block: the block's own MLP reads it.) Replacing ``b`` by ``b + c`` therefore adds ``c`` to the block's output at every
-position, which is what the hook does; later blocks read the same stream in both models. Several
-steers at several layers compose: each changes only its own block's bias.
+attention output projection would not do in a sequential block: the block's own MLP reads it.)
+Replacing ``b`` by ``b + c`` therefore adds ``c`` to the block's output at every position, which
+is what the hook does; later blocks read the same stream in both models. Several steers at
+several layers compose: each changes only its own block's bias.
 
 Slots, per family (``model_type`` of the source config):
 
@@ -18,8 +19,9 @@ Slots, per family (``model_type`` of the source config):
   residual the MLP output still joins the stream once); ``phi`` (phi-2 style): ``mlp.fc2.bias``;
 * families without a bias slot are **re-expressed** as Llama when both compute the same function:
   ``mistral`` (``mlp_bias``), ``qwen2`` (``attention_bias=True`` carries its q/k/v biases; the
-  ``o_proj`` bias this also creates stays zero, ``mlp_bias`` holds ``c``), ``phi3`` (fused ``qkv_proj`` split into q/k/v in that
-  order, ``gate_up_proj`` split into gate (first half) and up (second half), ``mlp_bias``). A
+  ``o_proj`` bias this also creates stays zero, ``mlp_bias`` holds ``c``), ``phi3`` (fused
+  ``qkv_proj`` split into q/k/v in that order, ``gate_up_proj`` split into gate (first half) and
+  up (second half), ``mlp_bias``). A
   sliding attention window that Llama cannot express leaves the bake exact only for sequences up
   to the window's length: that limit is written in the metadata and returned.
 
@@ -613,7 +615,8 @@ def bake(
         raise SteerdeskError(f"The baked model does not reproduce the steered one (max logit difference {diff:.3g}, "
                              f"logits up to {scale:.3g}); nothing was written. This is a steerdesk bug.")
     metadata = bake_metadata(lm, kept, plan, vectors=vectors, vector_path=vector_path)
-    metadata["check"] = {"max_logit_diff": diff, "logit_scale": scale, "dtype": str(lm.model.dtype).replace("torch.", "")}
+    metadata["check"] = {"max_logit_diff": diff, "logit_scale": scale,
+                         "dtype": str(lm.model.dtype).replace("torch.", "")}
     step(3, f"Writing {out}")
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.bake-", dir=out.parent))

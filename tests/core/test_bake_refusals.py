@@ -143,7 +143,7 @@ def test_existing_folder_is_refused_unless_force(fresh_tiny, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(SteerdeskError, match="already exists.*--force"):
+    with pytest.raises(SteerdeskError, match=r"already exists.*--force"):
         bake(lm, steers, out)
     assert (out / "keep.txt").read_text() == "mine"
     bake(lm, steers, out, force=True)
