@@ -362,8 +362,7 @@ class AnalysisPanel(QTabWidget):
         from dataclasses import replace
 
         from ...core.errors import SteerdeskError
-        from ...core.steering import parse_layers
-        from ...core.sweep import parse_scales
+        from ...core.parsing import parse_layers, parse_scales
         from ...core.textgrid import compile_pattern
         from ...jobs import GridSpec
 

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
 import numpy as np
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QColor
-from PySide6.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QComboBox, QDoubleSpinBox,
+from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox,
                                QFormLayout, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
                                QListWidget, QPlainTextEdit, QPushButton, QSlider, QSpinBox, QSplitter,
-                               QTextEdit, QVBoxLayout, QWidget)
+                               QVBoxLayout, QWidget)
 
 from ..vector_sets import NamedVectors, VectorSets
-from ..widgets.heatmap import HeatmapView
+from .generation_output import GenerationOutput
 
 MODE_TIPS = {
     "add": "add: h + a*v  (v raw, or unit with Normalize)",
@@ -43,12 +41,6 @@ class GenerationPanel(QWidget):
         self._sets: list[NamedVectors] = []
         self._saved_layers: list[int] = []
         self._num_layers = 0
-        self._steps: list[dict] = []
-        self._results: list[Any] | None = None
-        self._heat = np.zeros((1, 0), dtype=np.float32)
-        self._steered_row = 1
-        self._compare = True
-        self._levels = 0.05
 
         # prompt
         self.prompt = QPlainTextEdit()
@@ -121,19 +113,11 @@ class GenerationPanel(QWidget):
         self.stop_button.setToolTip("Stop (Esc)")
         self.stop_button.setEnabled(False)
 
-        # outputs
-        self.unsteered_view = QTextEdit()
-        self.unsteered_view.setObjectName("unsteeredView")
-        self.unsteered_view.setReadOnly(True)
-        self.steered_view = QTextEdit()
-        self.steered_view.setObjectName("steeredView")
-        self.steered_view.setReadOnly(True)
-        self.color_by = QCheckBox("Colour steered text by projection at layer")
-        self.color_layer = QSpinBox()
-        self.color_layer.setRange(0, 0)
-        self.heatmap = HeatmapView("Projection on the steering direction (per token, / typical |h|)",
-                                   row_label="layer", col_label="generated token")
-        self.heatmap.describe = self._describe_cell
+        # outputs (streamed text and the layer x token heatmap)
+        self.output = GenerationOutput()
+        out = self.output
+        self.unsteered_view, self.steered_view, self.heatmap = out.unsteered_view, out.steered_view, out.heatmap
+        self.color_by, self.color_layer = out.color_by, out.color_layer
 
         # layout
         steer_box = QGroupBox("Steering")
@@ -174,25 +158,10 @@ class GenerationPanel(QWidget):
         row.addWidget(samp_box, 2)
         cl.addLayout(row)
 
-        outputs = QWidget()
-        ol = QGridLayout(outputs)
-        ol.setContentsMargins(0, 0, 0, 0)
-        self.unsteered_label = QLabel("<b>Unsteered</b>")
-        self.steered_label = QLabel("<b>Steered</b>")
-        ol.addWidget(self.unsteered_label, 0, 0)
-        ol.addWidget(self.steered_label, 0, 1)
-        ol.addWidget(self.unsteered_view, 1, 0)
-        ol.addWidget(self.steered_view, 1, 1)
-        color_row = QHBoxLayout()
-        color_row.addWidget(self.color_by)
-        color_row.addWidget(self.color_layer)
-        color_row.addStretch(1)
-        ol.addLayout(color_row, 2, 1)
-
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(controls)
-        split.addWidget(outputs)
-        split.addWidget(self.heatmap)
+        split.addWidget(out.texts)
+        split.addWidget(out.heatmap)
         split.setSizes([260, 220, 220])
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
@@ -210,8 +179,6 @@ class GenerationPanel(QWidget):
         self.vector_sets.selected_changed.connect(self.select_vectors)
         if controller is not None:
             controller.model_ready.connect(self._on_model_ready)
-        self.color_by.toggled.connect(self._render_steered)
-        self.color_layer.valueChanged.connect(self._render_steered)
         self._spin_changed(self.scale.value())
 
     # -- vectors and layers ------------------------------------------------------------
@@ -370,8 +337,7 @@ class GenerationPanel(QWidget):
         spec = SteeringSpec(vectors=s.vectors, layers=tuple(layers), scale=self.scale.value(),
                             mode=self.mode.currentData(), normalize=self.normalize.isChecked(),
                             positions=self.positions.currentData())
-        s.vectors.steers(layers, scale=spec.scale, mode=spec.mode, normalize=spec.normalize,
-                         positions=spec.positions)  # the no-direction check, before anything is cleared
+        s.vectors.require_layers(layers)  # the no-direction check, before the outputs are cleared
         return spec
 
     def steering_options(self) -> tuple[str, bool]:
@@ -407,12 +373,11 @@ class GenerationPanel(QWidget):
             self.error_occurred.emit("Cannot generate", str(exc))
             return
         flags = spec.flags()
-        self._compare, self._steered_row = len(flags) > 1, len(flags) - 1
-        self.start()
+        self.output.start(self._num_layers, len(flags) > 1, len(flags) - 1, self.current_set())
         self.set_busy(True)
         self._job = job = self.controller.submit(spec)
-        job.text.connect(self.append_text)
-        job.steps.connect(self.add_steps)
+        job.text.connect(self.output.append_text)
+        job.steps.connect(self.output.add_steps)
         job.finished.connect(self._on_finished)
         job.ended.connect(lambda: self.set_busy(False) if self._job is job else None)
 
@@ -423,7 +388,7 @@ class GenerationPanel(QWidget):
 
     def _on_finished(self, result: Any) -> None:
         self.set_busy(False)
-        self.finish(result.rows)
+        self.status_message.emit(self.output.finish(result.rows))
         self.finished.emit(result)
 
     def try_steering(self, name: str, layers: list[int], scale: float, mode: str) -> None:
@@ -454,105 +419,12 @@ class GenerationPanel(QWidget):
         s.setValue("generate/mode", self.mode.currentData())
         s.setValue("generate/layers", ",".join(str(x) for x in self.selected_layers()))
 
-    # -- streaming ---------------------------------------------------------------------
-    def start(self) -> None:
-        """Clear the outputs for a new run."""
-        self._steps = []
-        self._results = None
-        self.unsteered_view.clear()
-        self.steered_view.clear()
-        self._heat = np.zeros((max(self._num_layers, 1), 0), dtype=np.float32)
-        self._levels = 0.05
-        self.heatmap.set_data(np.full((max(self._num_layers, 1), 1), np.nan))
-        self.unsteered_label.setText("<b>Unsteered</b>" if self._compare or self._steered_row == 0 else "")
-        self.steered_label.setText("<b>Steered</b>" if self.current_set() is not None else "<b>—</b>")
-
+    # -- outputs -----------------------------------------------------------------------
     def set_busy(self, busy: bool) -> None:
         """Generate disabled and Stop enabled while busy."""
         self.generate_button.setEnabled(not busy)
         self.stop_button.setEnabled(busy)
 
-    def append_text(self, row: int, chunk: str) -> None:
-        """Streamed text for batch row ``row``."""
-        view = self._view_for_row(row)
-        if view is None:
-            return
-        cursor = view.textCursor()
-        cursor.movePosition(cursor.MoveOperation.End)
-        cursor.insertText(chunk)
-        view.setTextCursor(cursor)
-
-    def _view_for_row(self, row: int) -> QTextEdit | None:
-        if self._compare:
-            return self.unsteered_view if row == 0 else self.steered_view
-        if self.current_set() is None:
-            return self.unsteered_view
-        return self.steered_view
-
-    def add_steps(self, steps: list[dict]) -> None:
-        """Coalesced generation steps: extend the live layer x token heatmap."""
-        self._steps.extend(steps)
-        cols = [st["proj"][self._steered_row] for st in steps if st.get("proj") is not None]
-        if not cols:
-            return
-        s = self.current_set()
-        norms = s.vectors.norms.numpy() if s is not None else np.ones(len(cols[0]))
-        norms = np.where(np.isfinite(norms) & (norms > 0), norms, 1.0)
-        block = np.stack(cols, 1) / norms[:, None]
-        self._heat = np.concatenate([self._heat, block.astype(np.float32)], 1) \
-            if self._heat.shape[0] == block.shape[0] else block.astype(np.float32)
-        self._levels = max(self._levels, float(np.nanmax(np.abs(self._heat))) if self._heat.size else 0.05)
-        self.heatmap.set_data(self._heat, levels=(-self._levels, self._levels))
-
-    def finish(self, results: list[Any]) -> None:
-        """Final results: trim the heatmap to real tokens and render coloured text if asked."""
-        self._results = results
-        steered = results[self._steered_row]
-        n = len(steered.token_ids)
-        if self._heat.shape[1] > n:
-            self._heat = self._heat[:, :n]
-            self.heatmap.set_data(self._heat if n else np.full((self._heat.shape[0], 1), np.nan),
-                                  levels=(-self._levels, self._levels))
-        # The streamed text is authoritative only up to the last clean boundary; show the final text.
-        for row, res in enumerate(results):
-            view = self._view_for_row(row)
-            if view is not None and view.toPlainText() != res.text:
-                view.setPlainText(res.text)
-        self._render_steered()
-        reasons = {r.finish_reason for r in results}
-        self.status_message.emit(f"Generated {n} tokens ({', '.join(sorted(reasons))}).")
-
-    def _token_texts(self) -> list[str]:
-        row = self._steered_row
-        n = len(self._results[row].token_ids) if self._results else len(self._steps)
-        return [st["texts"][row] for st in self._steps][:n]
-
-    def _render_steered(self, *_: Any) -> None:
-        if not self._results or self.current_set() is None:
-            return
-        res = self._results[self._steered_row]
-        if not self.color_by.isChecked() or self._heat.shape[1] == 0:
-            self.steered_view.setPlainText(res.text)
-            return
-        layer = min(self.color_layer.value(), self._heat.shape[0] - 1)
-        values = self._heat[layer]
-        m = float(np.nanmax(np.abs(values))) or 1.0
-        spans = []
-        for text, v in zip(self._token_texts(), values):
-            t = float(v) / m if np.isfinite(v) else 0.0
-            color = QColor(214, 96, 77, int(180 * t)) if t > 0 else QColor(67, 147, 195, int(-180 * t))
-            rgba = f"rgba({color.red()},{color.green()},{color.blue()},{color.alpha()})"
-            spans.append(f'<span style="background-color:{rgba}" title="{float(v):.3g}">'
-                         f"{html.escape(text).replace(chr(10), '<br>')}</span>")
-        self.steered_view.setHtml("".join(spans))
-
-    def _describe_cell(self, row: int, col: int, value: float) -> str:
-        texts = [st["texts"][self._steered_row] for st in self._steps]
-        token = repr(texts[col]) if col < len(texts) else "?"
-        return f"token {col} {token}, layer {row}: {value:+.3f} of typical |h|"
-
     def copy_text(self) -> None:
         """Copy both outputs to the clipboard."""
-        text = f"--- unsteered ---\n{self.unsteered_view.toPlainText()}\n\n--- steered ---\n" \
-               f"{self.steered_view.toPlainText()}"
-        QApplication.clipboard().setText(text)
+        self.output.copy_text()

@@ -125,8 +125,7 @@ class SweepPanel(QWidget):
     # -- settings ------------------------------------------------------------------------
     def settings(self, num_layers: int) -> dict[str, Any]:
         """Parsed controls; raises ``SteerdeskError`` with a sentence on bad text."""
-        from ...core.steering import parse_layers
-        from ...core.sweep import parse_scales, parse_sets
+        from ...core.parsing import parse_layers, parse_scales, parse_sets
 
         text = self.layers.text().strip()
         layers = parse_layers(text, num_layers) if text else list(range(num_layers))

@@ -1,0 +1,155 @@
+"""The generation pane's outputs: unsteered | steered text as it streams, and the layer x token heatmap."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import numpy as np
+from PySide6.QtGui import QColor
+from PySide6.QtWidgets import QApplication, QCheckBox, QGridLayout, QHBoxLayout, QLabel, QSpinBox, QTextEdit, QWidget
+
+from ..widgets.heatmap import HeatmapView
+
+
+class GenerationOutput(QWidget):
+    """Shows one generation: ``texts`` (the two text views) and ``heatmap`` are placed by the pane."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._num_layers = 0
+        self._compare = True
+        self._steered_row = 1
+        self._steered: Any = None  # the NamedVectors the run steers with (None: unsteered only)
+        self._steps: list[dict] = []
+        self._results: list[Any] | None = None
+        self._heat = np.zeros((1, 0), dtype=np.float32)
+        self._levels = 0.05
+        self.unsteered_view = QTextEdit()
+        self.unsteered_view.setObjectName("unsteeredView")
+        self.unsteered_view.setReadOnly(True)
+        self.steered_view = QTextEdit()
+        self.steered_view.setObjectName("steeredView")
+        self.steered_view.setReadOnly(True)
+        self.color_by = QCheckBox("Colour steered text by projection at layer")
+        self.color_layer = QSpinBox()
+        self.color_layer.setRange(0, 0)
+        self.heatmap = HeatmapView("Projection on the steering direction (per token, / typical |h|)",
+                                   row_label="layer", col_label="generated token")
+        self.heatmap.describe = self._describe_cell
+
+        self.texts = QWidget()
+        ol = QGridLayout(self.texts)
+        ol.setContentsMargins(0, 0, 0, 0)
+        self.unsteered_label = QLabel("<b>Unsteered</b>")
+        self.steered_label = QLabel("<b>Steered</b>")
+        ol.addWidget(self.unsteered_label, 0, 0)
+        ol.addWidget(self.steered_label, 0, 1)
+        ol.addWidget(self.unsteered_view, 1, 0)
+        ol.addWidget(self.steered_view, 1, 1)
+        color_row = QHBoxLayout()
+        color_row.addWidget(self.color_by)
+        color_row.addWidget(self.color_layer)
+        color_row.addStretch(1)
+        ol.addLayout(color_row, 2, 1)
+
+        self.color_by.toggled.connect(self._render_steered)
+        self.color_layer.valueChanged.connect(self._render_steered)
+
+    def start(self, num_layers: int, compare: bool, steered_row: int, steered: Any) -> None:
+        """Clear the outputs for a new run: ``steered`` (a ``NamedVectors`` or None) at batch row ``steered_row``."""
+        self._num_layers, self._compare, self._steered_row, self._steered = num_layers, compare, steered_row, steered
+        self._steps = []
+        self._results = None
+        self.unsteered_view.clear()
+        self.steered_view.clear()
+        self._heat = np.zeros((max(self._num_layers, 1), 0), dtype=np.float32)
+        self._levels = 0.05
+        self.heatmap.set_data(np.full((max(self._num_layers, 1), 1), np.nan))
+        self.unsteered_label.setText("<b>Unsteered</b>" if self._compare or self._steered_row == 0 else "")
+        self.steered_label.setText("<b>Steered</b>" if steered is not None else "<b>—</b>")
+
+    def append_text(self, row: int, chunk: str) -> None:
+        """Streamed text for batch row ``row``."""
+        view = self._view_for_row(row)
+        if view is None:
+            return
+        cursor = view.textCursor()
+        cursor.movePosition(cursor.MoveOperation.End)
+        cursor.insertText(chunk)
+        view.setTextCursor(cursor)
+
+    def _view_for_row(self, row: int) -> QTextEdit | None:
+        if self._compare:
+            return self.unsteered_view if row == 0 else self.steered_view
+        if self._steered is None:
+            return self.unsteered_view
+        return self.steered_view
+
+    def add_steps(self, steps: list[dict]) -> None:
+        """Coalesced generation steps: extend the live layer x token heatmap."""
+        self._steps.extend(steps)
+        cols = [st["proj"][self._steered_row] for st in steps if st.get("proj") is not None]
+        if not cols:
+            return
+        s = self._steered
+        norms = s.vectors.norms.numpy() if s is not None else np.ones(len(cols[0]))
+        norms = np.where(np.isfinite(norms) & (norms > 0), norms, 1.0)
+        block = np.stack(cols, 1) / norms[:, None]
+        self._heat = np.concatenate([self._heat, block.astype(np.float32)], 1) \
+            if self._heat.shape[0] == block.shape[0] else block.astype(np.float32)
+        self._levels = max(self._levels, float(np.nanmax(np.abs(self._heat))) if self._heat.size else 0.05)
+        self.heatmap.set_data(self._heat, levels=(-self._levels, self._levels))
+
+    def finish(self, results: list[Any]) -> str:
+        """Final results: trim the heatmap to real tokens, render coloured text if asked; a status line."""
+        self._results = results
+        steered = results[self._steered_row]
+        n = len(steered.token_ids)
+        if self._heat.shape[1] > n:
+            self._heat = self._heat[:, :n]
+            self.heatmap.set_data(self._heat if n else np.full((self._heat.shape[0], 1), np.nan),
+                                  levels=(-self._levels, self._levels))
+        # The streamed text is authoritative only up to the last clean boundary; show the final text.
+        for row, res in enumerate(results):
+            view = self._view_for_row(row)
+            if view is not None and view.toPlainText() != res.text:
+                view.setPlainText(res.text)
+        self._render_steered()
+        reasons = {r.finish_reason for r in results}
+        return f"Generated {n} tokens ({', '.join(sorted(reasons))})."
+
+    def _token_texts(self) -> list[str]:
+        row = self._steered_row
+        n = len(self._results[row].token_ids) if self._results else len(self._steps)
+        return [st["texts"][row] for st in self._steps][:n]
+
+    def _render_steered(self, *_: Any) -> None:
+        if not self._results or self._steered is None:
+            return
+        res = self._results[self._steered_row]
+        if not self.color_by.isChecked() or self._heat.shape[1] == 0:
+            self.steered_view.setPlainText(res.text)
+            return
+        layer = min(self.color_layer.value(), self._heat.shape[0] - 1)
+        values = self._heat[layer]
+        m = float(np.nanmax(np.abs(values))) or 1.0
+        spans = []
+        for text, v in zip(self._token_texts(), values):
+            t = float(v) / m if np.isfinite(v) else 0.0
+            color = QColor(214, 96, 77, int(180 * t)) if t > 0 else QColor(67, 147, 195, int(-180 * t))
+            rgba = f"rgba({color.red()},{color.green()},{color.blue()},{color.alpha()})"
+            spans.append(f'<span style="background-color:{rgba}" title="{float(v):.3g}">'
+                         f"{html.escape(text).replace(chr(10), '<br>')}</span>")
+        self.steered_view.setHtml("".join(spans))
+
+    def _describe_cell(self, row: int, col: int, value: float) -> str:
+        texts = [st["texts"][self._steered_row] for st in self._steps]
+        token = repr(texts[col]) if col < len(texts) else "?"
+        return f"token {col} {token}, layer {row}: {value:+.3f} of typical |h|"
+
+    def copy_text(self) -> None:
+        """Copy both outputs to the clipboard."""
+        text = f"--- unsteered ---\n{self.unsteered_view.toPlainText()}\n\n--- steered ---\n" \
+               f"{self.steered_view.toPlainText()}"
+        QApplication.clipboard().setText(text)
