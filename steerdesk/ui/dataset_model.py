@@ -90,7 +90,7 @@ def _plural(n: int, word: str) -> str:
 class _SetRowsCommand(QUndoCommand):
     """Replace the contents of some rows (cell edits, pasted-over rows)."""
 
-    def __init__(self, model: "DatasetTableModel", changes: dict[int, tuple[Example, Example]], text: str):
+    def __init__(self, model: DatasetTableModel, changes: dict[int, tuple[Example, Example]], text: str):
         super().__init__(text)
         self._model = model
         self._changes = dict(sorted(changes.items()))
@@ -105,7 +105,7 @@ class _SetRowsCommand(QUndoCommand):
 class _InsertRowsCommand(QUndoCommand):
     """Insert rows so that they end up at the given (final, ascending) positions."""
 
-    def __init__(self, model: "DatasetTableModel", items: list[tuple[int, Example]], text: str):
+    def __init__(self, model: DatasetTableModel, items: list[tuple[int, Example]], text: str):
         super().__init__(text)
         self._model = model
         self._items = sorted(items, key=lambda it: it[0])
@@ -120,7 +120,7 @@ class _InsertRowsCommand(QUndoCommand):
 class _RemoveRowsCommand(QUndoCommand):
     """Remove rows (any set of positions); undo puts each back where it was."""
 
-    def __init__(self, model: "DatasetTableModel", items: list[tuple[int, Example]], text: str):
+    def __init__(self, model: DatasetTableModel, items: list[tuple[int, Example]], text: str):
         super().__init__(text)
         self._model = model
         self._items = sorted(items, key=lambda it: it[0])
@@ -135,7 +135,7 @@ class _RemoveRowsCommand(QUndoCommand):
 class _ResetCommand(QUndoCommand):
     """Replace the whole dataset (load, import, recovery, set_dataset)."""
 
-    def __init__(self, model: "DatasetTableModel", old: _State, new: _State, text: str):
+    def __init__(self, model: DatasetTableModel, old: _State, new: _State, text: str):
         super().__init__(text)
         self._model = model
         self._old = old

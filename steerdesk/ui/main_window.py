@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from PySide6.QtCore import QByteArray, Qt, Slot
 from PySide6.QtGui import QAction, QCloseEvent, QIcon, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar,
-                               QWidget)
+from PySide6.QtWidgets import QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar, QWidget
 
 from .controller import ModelController
 from .dialogs import ask_hub_id, show_error
+from .panels.analysis_panel import AnalysisPanel
 from .panels.dataset_panel import DatasetPanel
 from .panels.generation_panel import GenerationPanel
-from .panels.analysis_panel import AnalysisPanel
 from .panels.sweep_panel import SweepPanel
 from .panels.vector_panel import VectorPanel
 from .recovery import RecoveryStore
@@ -22,8 +20,6 @@ from .requests import ErrorInfo
 from .resources import icon_path
 from .settings import get_list, push_recent, settings
 from .vector_sets import VectorSets
-
-log = logging.getLogger(__name__)
 
 EMBEDDED = "default"
 
@@ -52,14 +48,11 @@ class MainWindow(QMainWindow):
         self.generation_panel = GenerationPanel(c, self.vector_sets)
         self.analysis_panel = AnalysisPanel(c, self.vector_sets, pairs=dp, steering=self.generation_panel)
         self.setCentralWidget(self.generation_panel)
-        self.dataset_dock = self._dock("Dataset", "datasetDock", self.dataset_panel,
-                                       Qt.DockWidgetArea.LeftDockWidgetArea)
-        self.vector_dock = self._dock("Vectors", "vectorDock", self.vector_panel,
-                                      Qt.DockWidgetArea.LeftDockWidgetArea)
-        self.sweep_dock = self._dock("Sweep", "sweepDock", self.sweep_panel, Qt.DockWidgetArea.LeftDockWidgetArea)
+        self.dataset_dock = self._dock("Dataset", "datasetDock", self.dataset_panel)
+        self.vector_dock = self._dock("Vectors", "vectorDock", self.vector_panel)
+        self.sweep_dock = self._dock("Sweep", "sweepDock", self.sweep_panel)
         self.tabifyDockWidget(self.dataset_dock, self.vector_dock)
-        self.analysis_dock = self._dock("Analysis", "analysisDock", self.analysis_panel,
-                                        Qt.DockWidgetArea.LeftDockWidgetArea)
+        self.analysis_dock = self._dock("Analysis", "analysisDock", self.analysis_panel)
         self.tabifyDockWidget(self.vector_dock, self.sweep_dock)
         self.tabifyDockWidget(self.sweep_dock, self.analysis_dock)
         self.dataset_dock.raise_()
@@ -80,7 +73,8 @@ class MainWindow(QMainWindow):
         self._restore()
 
     # -- construction ------------------------------------------------------------------
-    def _dock(self, title: str, name: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
+    def _dock(self, title: str, name: str, widget: QWidget,
+              area: Qt.DockWidgetArea = Qt.DockWidgetArea.LeftDockWidgetArea) -> QDockWidget:
         dock = QDockWidget(title, self)
         dock.setObjectName(name)
         dock.setWidget(widget)
@@ -116,36 +110,29 @@ class MainWindow(QMainWindow):
         self.act_export_heat = self._action("Export heatmap as PNG…", self.on_export_heatmap)
         self.act_quit = self._action("&Quit", self.close, QKeySequence.StandardKey.Quit)
         self.act_default_model = self._action("Embedded SmolLM2-135M-Instruct", lambda: self.load_model(EMBEDDED))
-        self.act_hub_model = self._action("Hugging Face id…", self.on_open_hub)
-        self.act_folder_model = self._action("Local folder…", self.on_open_folder)
-        self.act_gguf_model = self._action(".gguf file…", self.on_open_gguf)
+        self.act_hub_model = self._action("Hugging Face id…", lambda: self._open_model(ask_hub_id(self)))
+        self.act_folder_model = self._action("Local folder…", lambda: self._open_model(
+            QFileDialog.getExistingDirectory(self, "Open model folder")))
+        self.act_gguf_model = self._action(".gguf file…", lambda: self._open_model(
+            QFileDialog.getOpenFileName(self, "Open GGUF model", "", "GGUF models (*.gguf)")[0]))
 
         menu = self.menuBar()
-        file_menu = menu.addMenu("&File")
-        file_menu.addAction(self.act_save)
-        file_menu.addAction(self.act_export_heat)
-        file_menu.addSeparator()
-        file_menu.addAction(self.act_quit)
-        edit_menu = menu.addMenu("&Edit")
-        edit_menu.addAction(self.dataset_panel.undo_action)  # shortcuts scoped to the table
-        edit_menu.addAction(self.dataset_panel.redo_action)
-        edit_menu.addAction(self.act_copy)
-        model_menu = menu.addMenu("&Model")
-        model_menu.addAction(self.act_default_model)
-        model_menu.addAction(self.act_hub_model)
-        model_menu.addAction(self.act_folder_model)
-        model_menu.addAction(self.act_gguf_model)
-        self.recent_menu = model_menu.addMenu("Recent")
-        run_menu = menu.addMenu("&Run")
-        run_menu.addAction(self.act_compute)
-        run_menu.addAction(self.act_generate)
-        run_menu.addAction(self.act_stop)
-        view_menu = menu.addMenu("&View")
-        view_menu.addAction(self.dataset_dock.toggleViewAction())
-        view_menu.addAction(self.vector_dock.toggleViewAction())
-        view_menu.addAction(self.sweep_dock.toggleViewAction())
-        view_menu.addAction(self.analysis_dock.toggleViewAction())
-
+        dp = self.dataset_panel
+        for title, actions in (
+                ("&File", [self.act_save, self.act_export_heat, None, self.act_quit]),
+                ("&Edit", [dp.undo_action, dp.redo_action, self.act_copy]),  # undo/redo: scoped to the table
+                ("&Model", [self.act_default_model, self.act_hub_model, self.act_folder_model, self.act_gguf_model]),
+                ("&Run", [self.act_compute, self.act_generate, self.act_stop]),
+                ("&View", [d.toggleViewAction() for d in (self.dataset_dock, self.vector_dock, self.sweep_dock,
+                                                           self.analysis_dock)])):
+            sub = menu.addMenu(title)
+            for act in actions:
+                if act is None:
+                    sub.addSeparator()
+                else:
+                    sub.addAction(act)
+            if title == "&Model":
+                self.recent_menu = sub.addMenu("Recent")
         tb = self.addToolBar("Main")
         tb.setObjectName("mainToolbar")
         tb.addAction(self.act_compute)
@@ -218,23 +205,13 @@ class MainWindow(QMainWindow):
         self.load_model(str(last) if last else EMBEDDED)
 
     def load_model(self, spec: str) -> None:
+        """Load ``spec`` (a ``LoadSpec`` job); the model label and the panels follow the controller."""
         self._pending_model = spec
         self.controller.load_model(spec)
 
-    def on_open_hub(self) -> None:
-        spec = ask_hub_id(self)
-        if spec:
+    def _open_model(self, spec: str) -> None:
+        if spec:  # empty when a dialog was cancelled
             self.load_model(spec)
-
-    def on_open_folder(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Open model folder")
-        if path:
-            self.load_model(path)
-
-    def on_open_gguf(self) -> None:
-        path = QFileDialog.getOpenFileName(self, "Open GGUF model", "", "GGUF models (*.gguf)")[0]
-        if path:
-            self.load_model(path)
 
     @Slot(str)
     def on_model_loading(self, spec: str) -> None:

@@ -33,7 +33,7 @@ class ErrorInfo:
     user_error: bool = True
 
     @classmethod
-    def from_exception(cls, exc: BaseException, title: str) -> "ErrorInfo":
+    def from_exception(cls, exc: BaseException, title: str) -> ErrorInfo:
         """A user error (``SteerdeskError``) as its sentence; anything else as a bug with its traceback."""
         from ..core.errors import SteerdeskError
 

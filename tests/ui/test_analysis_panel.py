@@ -50,7 +50,8 @@ def test_diagnostics_versus_grid_and_history(qtbot, window, tiny_model_dirs, tmp
     assert saved["kind"] == "generate"
     assert [r["token_ids"] for r in saved["outputs"]["rows"]] == [r.token_ids for r in results]
     # the exported recipe re-runs to the same greedy tokens (loading the recorded model folder)
-    from steerdesk.core.records import RunRecord, rerun
+    from steerdesk.core.records import RunRecord
+    from steerdesk.jobs.rerun import rerun
 
     again = rerun(RunRecord.load(recipe))
     assert again.reproduced, again.differences

@@ -7,9 +7,27 @@ from typing import Any, Protocol
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QCheckBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout, QHeaderView, QLabel,
-                               QLineEdit, QListWidget, QPlainTextEdit, QPushButton, QSpinBox, QSplitter,
-                               QTableWidget, QTableWidgetItem, QTabWidget, QTextEdit, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QFileDialog,
+    QFormLayout,
+    QGridLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QTabWidget,
+    QTextEdit,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ..vector_sets import VectorSets
 from ..widgets.heatmap import HeatmapView, _match_palette
@@ -21,10 +39,10 @@ WRITE_ERRORS = (OSError,)  # with SteerdeskError (imported lazily): a failed wri
 class SteeringSource(Protocol):
     """The generation pane's prompt, steering and sampling (versus and the grid reuse them)."""
 
-    def build_spec(self) -> Any: ...  # noqa: D102
-    def sampling(self) -> Any: ...  # noqa: D102
-    def selected_layers(self) -> list[int]: ...  # noqa: D102
-    def steering_options(self) -> tuple[str, bool]: ...  # noqa: D102
+    def build_spec(self) -> Any: ...
+    def sampling(self) -> Any: ...
+    def selected_layers(self) -> list[int]: ...
+    def steering_options(self) -> tuple[str, bool]: ...
 
 
 class DiagnosticsTab(QWidget):

@@ -14,12 +14,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QEvent, QItemSelection, QItemSelectionModel, QModelIndex, QObject, QRect, Qt, QTimer, Signal, Slot
+from PySide6.QtCore import (
+    QEvent,
+    QItemSelection,
+    QItemSelectionModel,
+    QModelIndex,
+    QObject,
+    QRect,
+    Qt,
+    QTimer,
+    Signal,
+    Slot,
+)
 from PySide6.QtGui import QAction, QGuiApplication, QKeyEvent, QKeySequence, QPainter, QPalette, QUndoStack
 from PySide6.QtWidgets import (
     QAbstractItemDelegate,
-    QApplication,
     QAbstractItemView,
+    QApplication,
     QDoubleSpinBox,
     QFileDialog,
     QHBoxLayout,

@@ -14,10 +14,10 @@ from ..vector_sets import NamedVectors, VectorSets
 class PairsSource(Protocol):
     """Where the contrast pairs come from (the dataset panel)."""
 
-    def dataset(self) -> Any: ...  # noqa: D102
-    def heldout_fraction(self) -> float: ...  # noqa: D102
-    def train_and_heldout(self) -> tuple[Any, Any]: ...  # noqa: D102
-    def display_name(self) -> str: ...  # noqa: D102
+    def dataset(self) -> Any: ...
+    def heldout_fraction(self) -> float: ...
+    def train_and_heldout(self) -> tuple[Any, Any]: ...
+    def display_name(self) -> str: ...
 
 
 class Refused(SteerdeskError):
