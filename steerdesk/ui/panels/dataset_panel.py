@@ -7,40 +7,16 @@ and the window decides how to show it. File dialogs and the recovery question go
 
 from __future__ import annotations
 
-import os
-import re
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import (
-    QEvent,
-    QItemSelection,
-    QItemSelectionModel,
-    QModelIndex,
-    QObject,
-    QRect,
-    Qt,
-    QTimer,
-    Signal,
-    Slot,
-)
-from PySide6.QtGui import QAction, QGuiApplication, QKeyEvent, QKeySequence, QPainter, QPalette, QUndoStack
+from PySide6.QtCore import QItemSelection, QItemSelectionModel, Qt, QTimer, Signal, Slot
+from PySide6.QtGui import QAction, QGuiApplication, QKeySequence, QUndoStack
 from PySide6.QtWidgets import (
-    QAbstractItemDelegate,
-    QAbstractItemView,
-    QApplication,
     QDoubleSpinBox,
-    QFileDialog,
     QHBoxLayout,
     QHeaderView,
     QLabel,
     QMenu,
-    QMessageBox,
-    QPlainTextEdit,
-    QStyledItemDelegate,
-    QStyleOptionViewItem,
     QTableView,
     QToolBar,
     QToolButton,
@@ -48,124 +24,18 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from steerdesk.core.datasets import Dataset, bundled_datasets, load_bundled, load_dataset, save_dataset
-from steerdesk.core.errors import SteerdeskError
-from steerdesk.ui.dataset_model import DatasetTableModel, parse_tsv, to_tsv
-from steerdesk.ui.recovery import RecoveryStore
+from ...core.datasets import Dataset, bundled_datasets
+from ...core.errors import SteerdeskError
+from ..dataset_model import DatasetTableModel, parse_tsv, to_tsv
+from ..recovery import RecoveryStore
+from .dataset_files import DatasetFiles, plural
+from .dataset_view import make_table
 
-OPEN_FILTERS = ("Datasets (*.jsonl *.json *.ndjson *.csv *.txt);;JSON Lines (*.jsonl *.json *.ndjson);;"
-                "CSV (*.csv);;Text lists, base then target file (*.txt);;All files (*)")
-SAVE_FILTERS = "JSON Lines (*.jsonl);;CSV (*.csv)"
-EXPORT_FILTERS = "JSON Lines (*.jsonl);;CSV (*.csv);;Text lists, two files (*.txt)"
 AUTOSAVE_MS = 1000
-MAX_ROW_HEIGHT = 160  # px; longer cells are cut off in the table (the editor shows them whole)
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def _txt_pair_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """``foo.txt``, ``foo.base.txt`` or ``foo`` -> (``foo.base.txt``, ``foo.target.txt``)."""
-    p = Path(path)
-    stem = p.name
-    for suffix in (".txt", ".base", ".target"):
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-    stem = stem or "dataset"
-    return p.with_name(f"{stem}.base.txt"), p.with_name(f"{stem}.target.txt")
-
-
-# ---------------------------------------------------------------------------- view pieces
-
-class _TextDelegate(QStyledItemDelegate):
-    """Multi-line cell editor: Enter commits, Shift+Enter starts a new line, Esc reverts."""
-
-    def createEditor(self, parent: QWidget, option: QStyleOptionViewItem, index: QModelIndex) -> QWidget:
-        editor = QPlainTextEdit(parent)
-        editor.setTabChangesFocus(True)
-        editor.setFrameShape(QPlainTextEdit.Shape.NoFrame)
-        editor.setObjectName("cellEditor")
-        return editor
-
-    def setEditorData(self, editor: QWidget, index: QModelIndex) -> None:
-        assert isinstance(editor, QPlainTextEdit)
-        editor.setPlainText(str(index.data(Qt.ItemDataRole.EditRole) or ""))
-        editor.moveCursor(editor.textCursor().MoveOperation.End)
-
-    def setModelData(self, editor: QWidget, model: Any, index: QModelIndex) -> None:
-        assert isinstance(editor, QPlainTextEdit)
-        model.setData(index, editor.toPlainText(), Qt.ItemDataRole.EditRole)
-
-    def updateEditorGeometry(self, editor: QWidget, option: QStyleOptionViewItem, index: QModelIndex) -> None:
-        rect = QRect(option.rect)
-        # A little taller than a one-line row, so a reply can be read while it is edited.
-        rect.setHeight(max(rect.height(), editor.fontMetrics().lineSpacing() * 4))
-        editor.setGeometry(rect)
-
-    def eventFilter(self, editor: QObject, event: QEvent) -> bool:
-        if event.type() == QEvent.Type.KeyPress and isinstance(editor, QPlainTextEdit):
-            key_event: QKeyEvent = event  # type: ignore[assignment]
-            if key_event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) \
-                    and not key_event.modifiers() & Qt.KeyboardModifier.ShiftModifier:
-                self.commitData.emit(editor)
-                self.closeEditor.emit(editor, QAbstractItemDelegate.EndEditHint.NoHint)
-                return True
-        return super().eventFilter(editor, event)
-
-
-class _DatasetView(QTableView):
-    """The table; copy, paste and delete act on whole rows when no cell editor is open."""
-
-    copy_requested = Signal()
-    """Ctrl+C (the platform's Copy) pressed on the table."""
-    paste_requested = Signal()
-    """Ctrl+V (the platform's Paste) pressed on the table."""
-    delete_requested = Signal()
-    """Delete pressed on the table."""
-
-    placeholder = ("No rows yet. Add a row, paste pairs copied from a spreadsheet (Ctrl+V), "
-                   "import a file, or load a bundled dataset.")
-
-    def keyPressEvent(self, event: QKeyEvent) -> None:
-        if event.matches(QKeySequence.StandardKey.Copy):
-            self.copy_requested.emit()
-        elif event.matches(QKeySequence.StandardKey.Paste):
-            self.paste_requested.emit()
-        elif event.key() == Qt.Key.Key_Delete or (
-                sys.platform == "darwin" and event.key() == Qt.Key.Key_Backspace):
-            self.delete_requested.emit()
-        else:
-            super().keyPressEvent(event)
-            return
-        event.accept()
-
-    def paintEvent(self, event: Any) -> None:
-        super().paintEvent(event)
-        model = self.model()
-        if model is not None and model.rowCount() == 0:
-            painter = QPainter(self.viewport())
-            painter.setPen(self.palette().color(QPalette.ColorRole.PlaceholderText))
-            rect = self.viewport().rect().adjusted(24, 24, -24, -24)
-            painter.drawText(rect, Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop
-                             | Qt.TextFlag.TextWordWrap, self.placeholder)
-            painter.end()
-
-
-# ---------------------------------------------------------------------------- the panel
-
 LARGE_TABLE_ROWS = 2000
-BIG_FILE_BYTES = 1_000_000
 
 
-def _file_size(path: str | os.PathLike[str]) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
-class DatasetPanel(QWidget):
+class DatasetPanel(QWidget, DatasetFiles):
     """Edit a contrast dataset: rows, clipboard, files, bundled examples, held-out split."""
 
     dataset_changed = Signal()
@@ -292,24 +162,7 @@ class DatasetPanel(QWidget):
         self.edit_toolbar.addAction(self.redo_action)
         layout.addWidget(self.edit_toolbar)
 
-        view = _DatasetView(self)
-        view.setModel(self._model)
-        view.setItemDelegate(_TextDelegate(view))
-        view.setWordWrap(True)
-        view.setTextElideMode(Qt.TextElideMode.ElideRight)
-        view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        view.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
-        view.setEditTriggers(QAbstractItemView.EditTrigger.DoubleClicked
-                             | QAbstractItemView.EditTrigger.EditKeyPressed
-                             | QAbstractItemView.EditTrigger.AnyKeyPressed)
-        view.setVerticalScrollMode(QAbstractItemView.ScrollMode.ScrollPerPixel)
-        view.setAlternatingRowColors(True)
-        view.setToolTip("Double-click a cell to edit it: Enter keeps the change, Shift+Enter starts a new line, "
-                        "Esc cancels.")
-        view.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
-        view.horizontalHeader().setHighlightSections(False)
-        view.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        view.verticalHeader().setMaximumSectionSize(MAX_ROW_HEIGHT)
+        view = make_table(self, self._model)
         view.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         view.customContextMenuRequested.connect(self._show_context_menu)
         view.copy_requested.connect(self.copy_selected)
@@ -392,157 +245,6 @@ class DatasetPanel(QWidget):
     def problems(self) -> list[tuple[int, str]]:
         return self._model.problems()
 
-    def load_file(self, path: str | os.PathLike[str], target_path: str | os.PathLike[str] | None = None) -> bool:
-        """Load a .jsonl/.json/.csv file, or two text lists (base ``path``, ``target_path``).
-
-        Undoable (Ctrl+Z brings the previous rows back). Text lists have no current file
-        afterwards (saving them back would drop prompts), so Save asks where to write.
-        Returns False and emits ``error_occurred`` if the file cannot be read.
-        """
-        big = _file_size(path) > BIG_FILE_BYTES
-        if big:  # 100,000 rows parse in well under a second: a busy cursor and a message suffice
-            self.status_message.emit(f"Loading {Path(path).name} ({_file_size(path) / 1e6:.1f} MB)…")
-            QApplication.setOverrideCursor(Qt.CursorShape.WaitCursor)
-            QApplication.processEvents()
-        try:
-            ds = load_dataset(path, target_path)
-        except (SteerdeskError, OSError) as exc:
-            self.error_occurred.emit("Could not load dataset", str(exc))
-            return False
-        finally:
-            if big:
-                QApplication.restoreOverrideCursor()
-        p = Path(path)
-        self._last_dir = str(p.resolve().parent)
-        if target_path is not None:
-            ds.name = _txt_pair_paths(p)[0].name[: -len(".base.txt")]
-            self._replace(ds, None, f"import {ds.name}")
-            where = f"{p.name} and {Path(target_path).name}"
-        else:
-            self._replace(ds, os.path.abspath(p), f"open {p.name}")
-            where = p.name
-        extra = "" if ds.paired else " (lists of different lengths: unpaired)"
-        self.status_message.emit(f"Loaded {_plural(len(ds), 'row')} from {where}{extra}.")
-        return True
-
-    def load_bundled(self, name: str) -> bool:
-        """Load a dataset shipped with steerdesk (Save then asks for a file)."""
-        try:
-            ds = load_bundled(name)
-        except (SteerdeskError, OSError) as exc:
-            self.error_occurred.emit("Could not load dataset", str(exc))
-            return False
-        self._replace(ds, None, f"load {name}")
-        self.status_message.emit(f"Loaded the bundled dataset {name} ({_plural(len(ds), 'row')}).")
-        return True
-
-    def save(self, path: str | os.PathLike[str] | None = None) -> bool:
-        """Save to ``path``, else the current file, else a file the user picks.
-
-        ``.csv`` saves CSV; anything else JSONL (``.jsonl`` is added when there is no known
-        extension). The write is atomic: if it fails the old file is untouched,
-        ``error_occurred`` is emitted and False returned.
-        """
-        if path is None:
-            path = self.current_path()
-        if path is None:
-            return self.save_as()
-        return self._write(Path(path))
-
-    @Slot()
-    def _save_triggered(self) -> None:
-        self.save()  # not connected directly: triggered(bool) would arrive as ``path``
-
-    @Slot()
-    def save_as(self) -> bool:
-        """Ask for a file and save there; it becomes the current file."""
-        path = self._ask_save_path("Save dataset", self._suggested_path(".jsonl"), SAVE_FILTERS)
-        if not path:
-            return False
-        return self._write(Path(path))
-
-    def export_to(self, path: str | os.PathLike[str]) -> bool:
-        """Write a copy (.jsonl, .csv, or .txt = ``<name>.base.txt`` + ``<name>.target.txt``).
-
-        Does not change the current file or the modified flag.
-        """
-        p = Path(path)
-        ds = self.dataset()
-        try:
-            if p.suffix.lower() == ".txt":
-                base, target = _txt_pair_paths(p)
-                save_dataset(ds, base, target)
-                notes = []
-                if any(e.prompt.strip() for e in ds.examples):
-                    notes.append("prompts are not kept in text lists")
-                if any(not e.base.strip() or not e.target.strip() for e in ds.examples):
-                    notes.append("empty cells are skipped")
-                note = f" ({'; '.join(notes)})" if notes else ""
-                self.status_message.emit(f"Exported {_plural(len(ds), 'row')} to {base.name} and {target.name}{note}.")
-            else:
-                if p.suffix.lower() not in (".jsonl", ".json", ".ndjson", ".csv"):
-                    p = p.with_name(p.name + ".jsonl")
-                save_dataset(ds, p)
-                self.status_message.emit(f"Exported {_plural(len(ds), 'row')} to {p.name}.")
-        except (SteerdeskError, OSError) as exc:
-            self.error_occurred.emit("Could not export dataset", str(exc))
-            return False
-        self._last_dir = str(p.resolve().parent)
-        return True
-
-    def discard_recovery(self) -> None:
-        """Forget the autosaved copy (call when the window closes cleanly)."""
-        self._autosave.stop()
-        if self._recovery is not None:
-            self._recovery.clear()
-
-    def offer_recovery(self, parent: QWidget | None = None) -> bool:
-        """If a crashed session left unsaved edits, ask whether to restore them; True if restored.
-
-        Restored rows are marked modified (they were never saved) and keep their original file,
-        so Save writes them back there. Declining deletes the recovery file.
-        """
-        if self._recovery is None:
-            return False
-        found = self._recovery.pending()
-        if found is None:
-            return False
-        ds, header = found
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(header.get("saved_at") or 0)))
-        if not self._ask_recover(parent if parent is not None else self, when, header):
-            RecoveryStore.discard(header["file"])
-            self.status_message.emit("Discarded the recovered dataset edits.")
-            return False
-        self._model.set_dataset(ds, header.get("path") or None, f"recover {ds.name}")
-        if Path(header["file"]) != self._recovery.path:
-            RecoveryStore.discard(header["file"])
-        self.status_message.emit(f"Recovered {_plural(len(ds), 'row')} of unsaved edits from {when}.")
-        return True
-
-    # ------------------------------------------------------------------ overridable questions
-    def _ask_open_path(self, title: str, filters: str, start: str = "") -> str | None:
-        path, _selected = QFileDialog.getOpenFileName(self, title, start or self._last_dir, filters)
-        return path or None
-
-    def _ask_save_path(self, title: str, suggested: str, filters: str) -> str | None:
-        path, selected = QFileDialog.getSaveFileName(self, title, suggested, filters)
-        if not path:
-            return None
-        if not Path(path).suffix:
-            m = re.search(r"\*(\.\w+)", selected or "")
-            path += m.group(1) if m else ".jsonl"
-        return path
-
-    def _ask_recover(self, parent: QWidget, when: str, header: dict[str, Any]) -> bool:
-        origin = header.get("path") or header.get("name") or "an unsaved dataset"
-        box = QMessageBox(QMessageBox.Icon.Question, "Recover dataset",
-                          f"Recover unsaved dataset edits from {when}?",
-                          QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, parent)
-        box.setInformativeText(f"{_plural(int(header.get('rows') or 0), 'row')} of {origin}, "
-                               "not saved when steerdesk last stopped. No discards them.")
-        box.setDefaultButton(QMessageBox.StandardButton.Yes)
-        return box.exec() == QMessageBox.StandardButton.Yes
-
     # ------------------------------------------------------------------ user actions
     @Slot()
     def add_row(self) -> None:
@@ -560,7 +262,7 @@ class DatasetPanel(QWidget):
         self._model.remove_rows(rows)
         if self._model.rowCount():
             self._select_rows([min(rows[0], self._model.rowCount() - 1)])
-        self.status_message.emit(f"Removed {_plural(len(rows), 'row')}.")
+        self.status_message.emit(f"Removed {plural(len(rows), 'row')}.")
 
     @Slot()
     def duplicate_selected(self) -> None:
@@ -576,7 +278,7 @@ class DatasetPanel(QWidget):
         if not rows:
             return
         QGuiApplication.clipboard().setText(to_tsv(self._model.example(r) for r in rows))
-        self.status_message.emit(f"Copied {_plural(len(rows), 'row')}.")
+        self.status_message.emit(f"Copied {plural(len(rows), 'row')}.")
 
     @Slot()
     def paste(self) -> None:
@@ -598,31 +300,8 @@ class DatasetPanel(QWidget):
         first = self._model.rowCount() - added if start is None else start
         self._select_rows(list(range(first, first + replaced + added)))
         parts = [p for p in (f"{replaced} replaced" if replaced else "", f"{added} added" if added else "") if p]
-        self.status_message.emit(f"Pasted {_plural(replaced + added, 'row')}"
+        self.status_message.emit(f"Pasted {plural(replaced + added, 'row')}"
                                  + (f" ({', '.join(parts)})." if parts else "."))
-
-    @Slot()
-    def import_file(self) -> bool:
-        path = self._ask_open_path("Import dataset", OPEN_FILTERS)
-        if not path:
-            return False
-        target = None
-        if Path(path).suffix.lower() == ".txt":
-            guess = _txt_pair_paths(path)[1]
-            target = self._ask_open_path(f"Target list for {Path(path).name} (one example per line)",
-                                         "Text lists (*.txt);;All files (*)",
-                                         str(guess) if guess.exists() else str(Path(path).parent))
-            if not target:
-                self.status_message.emit("Import cancelled: a text list needs a target file too.")
-                return False
-        return self.load_file(path, target)
-
-    @Slot()
-    def export_file(self) -> bool:
-        path = self._ask_save_path("Export dataset", self._suggested_path(".jsonl"), EXPORT_FILTERS)
-        if not path:
-            return False
-        return self.export_to(path)
 
     @Slot()
     def select_next_invalid(self) -> None:
@@ -641,44 +320,6 @@ class DatasetPanel(QWidget):
         return sorted({i.row() for i in sel.selectedIndexes()}) if sel is not None else []
 
     # ------------------------------------------------------------------ internals
-    def _replace(self, ds: Dataset, path: str | None, text: str) -> None:
-        """Replace all rows as one undo step and mark the result saved."""
-        self._batch = True
-        try:
-            self._model.set_dataset(ds, path, text)
-            self._stack.setClean()
-        finally:
-            self._batch = False
-        self._sync_modified()
-
-    def _write(self, path: Path) -> bool:
-        suffix = path.suffix.lower()
-        if suffix == ".txt":
-            self.error_occurred.emit("Could not save dataset",
-                                     "Text lists drop the prompts, so they can only be exported: use Export….")
-            return False
-        if suffix not in (".jsonl", ".json", ".ndjson", ".csv"):
-            path = path.with_name(path.name + ".jsonl")
-        ds = self.dataset()
-        try:
-            save_dataset(ds, path)
-        except (SteerdeskError, OSError) as exc:
-            self.error_occurred.emit("Could not save dataset", str(exc))
-            return False
-        self._model.set_path(os.path.abspath(path), path.stem)
-        self._last_dir = str(Path(os.path.abspath(path)).parent)
-        self._stack.setClean()
-        self.discard_recovery()
-        bad = len(self._model.problems())
-        note = f" ({_plural(bad, 'invalid row')})" if bad else ""
-        self.status_message.emit(f"Saved {_plural(len(ds), 'row')} to {path.name}{note}.")
-        return True
-
-    def _suggested_path(self, suffix: str) -> str:
-        current = self.current_path()
-        folder = Path(current).parent if current else Path(self._last_dir or os.getcwd())
-        return str(folder / f"{self.display_name()}{suffix}")
-
     def _select_rows(self, rows: list[int]) -> None:
         sel = self._view.selectionModel()
         last_col = self._model.columnCount() - 1
@@ -700,12 +341,6 @@ class DatasetPanel(QWidget):
         menu.addAction(self.copy_action)
         menu.addAction(self.paste_action)
         menu.exec(self._view.viewport().mapToGlobal(pos))
-
-    @Slot()
-    def _on_bundled_triggered(self) -> None:
-        action = self.sender()
-        if isinstance(action, QAction):
-            self.load_bundled(str(action.data()))
 
     @Slot(int)
     def _on_index_changed(self, _index: int) -> None:
@@ -764,21 +399,10 @@ class DatasetPanel(QWidget):
         n = self._model.rowCount()
         bad = len(self._model.problems())
         noun = "pair" if self._model.paired() else "row"
-        self._summary.setText(f"{_plural(n, noun)} · {bad} invalid")
+        self._summary.setText(f"{plural(n, noun)} · {bad} invalid")
         self._summary.setToolTip("" if self._model.paired() else
                                  "Unpaired lists: a row may hold only a base or only a target reply")
         self._next_invalid.setVisible(bad > 0)
         train, held = self.dataset().split(self.heldout_fraction()) if n else (None, None)
         self._split_label.setText(f"{len(held)} of {n} rows" if held is not None else "")
 
-    @Slot()
-    def _write_recovery(self) -> None:
-        if self._recovery is None:
-            return
-        try:
-            if self.is_modified():
-                self._recovery.save(self.dataset(), self.current_path())
-            else:
-                self._recovery.clear()  # back at the saved state: nothing to recover
-        except (SteerdeskError, OSError) as exc:
-            self.status_message.emit(f"Could not write the recovery copy: {exc}")
