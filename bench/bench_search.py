@@ -1,0 +1,226 @@
+"""Search benchmark (issue 16): acceptance versus the exhaustive grid, and batched trial scoring.
+
+Workload: SmolLM2-135M-Instruct (float32, CPU), a bundled set split 75/25 (``Dataset.split(0.25)``:
+the training part gives the mean-diff vectors, the held-out part is scored), KL on the built-in
+``NEUTRAL_TEXTS``, fluency budget 0.5 nats/token.
+
+``accept``: per dataset, the exhaustive grid (``core.sweep.sweep``, 30 layers x scales 0, 0.5, 1,
+1.5, 2, mode add) and its best margin delta within the fluency budget; then ``--seeds`` searches
+(``core.search.search``, 25 trials = one sixth of the grid, batches of 5, the default space: ranges
+of 1-4 layers, scale 0..2, add/clamp/project, normalize no/yes), each in a fresh study. A seed
+"reaches" the grid when its best margin delta within the budget is >= 95 % of the grid's.
+
+``speed``: the same 25 trial settings (those of a seed-0 search) scored three ways, alternating
+in one run (batched, one-at-a-time, per-trial evaluate, batched again):
+
+* **batched**: what the search does: the texts tokenised and the unsteered baseline computed once,
+  then 5 batches of 5 trials, each batch one ``TextScorer.score`` call (``Evaluator.score``);
+* **one at a time, shared baseline**: the same evaluator, 25 ``score`` calls of one trial each;
+* **per-trial evaluate**: ``core.evaluate.evaluate`` per trial (what an Optuna objective calling
+  the public one-configuration API costs: tokenising and the baseline again for every trial).
+
+Usage::
+
+    nice .venv/bin/python bench/bench_search.py accept --json accept.json
+    nice .venv/bin/python bench/bench_search.py speed --json speed.json
+    .venv/bin/python bench/bench_search.py accept --quick          # 1 dataset, 2 seeds, 6 layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SCALES = [0.0, 0.5, 1.0, 1.5, 2.0]
+BUDGET = 0.5
+
+
+def log(msg: str) -> None:
+    print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine() -> dict[str, Any]:
+    import optuna
+    import torch
+    import transformers
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "optuna": optuna.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def setup(lm: Any, name: str, max_pairs: int | None) -> tuple[Any, Any]:
+    """(vectors from the training part, held-out part) of a bundled set."""
+    from steerdesk.core.datasets import load_bundled
+    from steerdesk.core.extract import compute_vectors
+
+    train, held = load_bundled(name).split(0.25)
+    vs = compute_vectors(lm, train, batch_size=16)
+    if max_pairs:
+        held.examples = held.examples[:max_pairs]
+    return vs, held
+
+
+def cmd_accept(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
+    from steerdesk.core.evaluate import NEUTRAL_TEXTS
+    from steerdesk.core.search import SearchSpace, search
+    from steerdesk.core.sweep import sweep
+
+    layers = list(range(6, 12)) if args.quick else list(range(lm.info.num_layers))
+    out["accept"] = []
+    for name in args.datasets.split(","):
+        vs, held = setup(lm, name, args.max_pairs)
+        t0 = time.perf_counter()
+        la = loadavg()
+        grid = sweep(lm, vs, held, layers=layers, scales=SCALES, fluency_budget=BUDGET)
+        g_s = time.perf_counter() - t0
+        best = grid.best
+        assert best is not None
+        log(f"{name}: grid {len(layers)}x{len(SCALES)} in {g_s:.0f} s, best L{best['layer']} x{best['scale']}: "
+            f"margin {best['margin_delta']:+.4f}, fluency {best['fluency_delta']:+.4f}")
+        entry: dict[str, Any] = {"dataset": name, "heldout_pairs": len(held), "grid_cells": len(layers) * len(SCALES),
+                                 "grid_seconds": round(g_s, 1), "grid_loadavg": la, "grid_best": best, "seeds": []}
+        space = None
+        if args.quick:
+            space = SearchSpace.default(vs, lm.info.num_layers)
+            space = SearchSpace(first_layer=layers[0], last_layer=layers[-1], max_span=space.max_span)
+        for seed in range(args.seeds):
+            with tempfile.TemporaryDirectory() as tmp:
+                la = loadavg()
+                t0 = time.perf_counter()
+                res = search(lm, vs, held, Path(tmp) / "study.db", trials=args.trials, batch=args.batch, seed=seed,
+                             space=space, neutral=list(NEUTRAL_TEXTS), fluency_budget=BUDGET)
+                s_s = time.perf_counter() - t0
+            b = res.best
+            ratio = (b.margin_delta / best["margin_delta"]) if b is not None and b.margin_delta is not None else None
+            row = {"seed": seed, "seconds": round(s_s, 1), "loadavg": la,
+                   "best": b.to_dict() if b is not None else None, "ratio": ratio,
+                   "reached": ratio is not None and ratio >= 0.95, "pareto_size": len(res.pareto)}
+            entry["seeds"].append(row)
+            log(f"{name} seed {seed}: {s_s:.0f} s, best {b.settings.label() if b and b.settings else None} "
+                f"margin {b.margin_delta if b else None}, ratio {ratio}")
+            if args.json:
+                Path(args.json).write_text(json.dumps(out, indent=1))
+        entry["reached"] = sum(1 for r in entry["seeds"] if r["reached"])
+        out["accept"].append(entry)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+def cmd_speed(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
+    from steerdesk.core.evaluate import NEUTRAL_TEXTS, evaluate
+    from steerdesk.core.search import Evaluator, search
+
+    vs, held = setup(lm, "neutral_rude", args.max_pairs)
+    neutral = list(NEUTRAL_TEXTS)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = search(lm, vs, held, Path(tmp) / "study.db", trials=args.trials, batch=args.batch, seed=0,
+                     neutral=neutral)
+    settings = [t.settings for t in res.trials if t.settings is not None][:args.trials]
+    log(f"{len(settings)} trial settings from a seed-0 search ({res.seconds:.0f} s)")
+
+    def batched() -> list[tuple[float, float, float]]:
+        ev = Evaluator.prepare(lm, vs, held, neutral=neutral)
+        got: list[tuple[float, float, float]] = []
+        for i in range(0, len(settings), args.batch):
+            got.extend(ev.score(settings[i:i + args.batch]))
+        return got
+
+    def one_at_a_time() -> list[tuple[float, float, float]]:
+        ev = Evaluator.prepare(lm, vs, held, neutral=neutral)
+        return [ev.score([s])[0] for s in settings]
+
+    def per_trial_evaluate() -> list[tuple[float, float, float]]:
+        got = []
+        for s in settings:
+            e = evaluate(lm, held, s.steers(vs), neutral=neutral)
+            got.append((e.margin_delta, e.kl if e.kl is not None else float("nan"), e.fluency_delta))
+        return got
+
+    runs: list[dict[str, Any]] = []
+    results: dict[str, list[tuple[float, float, float]]] = {}
+    for name, fn in (("batched", batched), ("one_at_a_time", one_at_a_time), ("per_trial_evaluate", per_trial_evaluate),
+                     ("batched", batched)):
+        la = loadavg()
+        c0, t0 = time.process_time(), time.perf_counter()
+        results[name] = fn()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        runs.append({"what": name, "wall": round(wall, 2), "cpu": round(cpu, 2), "loadavg": la})
+        log(f"{name}: {wall:.1f} s wall, {cpu:.1f} s CPU (load {la})")
+        if args.json:
+            Path(args.json).write_text(json.dumps({**out, "speed_runs": runs}, indent=1))
+    b = [r["wall"] for r in runs if r["what"] == "batched"]
+    mean_b = sum(b) / len(b)
+    one = next(r["wall"] for r in runs if r["what"] == "one_at_a_time")
+    per = next(r["wall"] for r in runs if r["what"] == "per_trial_evaluate")
+    diff = max(abs(x - y) for a, c in zip(results["batched"], results["per_trial_evaluate"]) for x, y in zip(a, c))
+    out["speed"] = {"runs": runs, "trials": len(settings), "batch": args.batch, "batched_mean": round(mean_b, 2),
+                    "ratio_one_at_a_time": round(one / mean_b, 3), "ratio_per_trial_evaluate": round(per / mean_b, 3),
+                    "max_abs_diff_batched_vs_evaluate": diff}
+    log(f"one-at-a-time / batched = {one / mean_b:.2f}x; per-trial evaluate / batched = {per / mean_b:.2f}x; "
+        f"max |diff| {diff:.2g}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["accept", "speed"])
+    ap.add_argument("--datasets", default="neutral_rude,formal_casual")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--trials", type=int, default=25)
+    ap.add_argument("--batch", type=int, default=5)
+    ap.add_argument("--max-pairs", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--quick", action="store_true", help="one dataset, 2 seeds, 6 layers, 8 pairs (smoke run)")
+    ap.add_argument("--json", help="write every number here (updated as it goes)")
+    args = ap.parse_args()
+    if args.quick:
+        args.datasets, args.seeds, args.max_pairs = args.datasets.split(",")[0], min(args.seeds, 2), 8
+
+    import torch
+
+    from steerdesk.core.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(device="cpu", dtype="float32")
+    out: dict[str, Any] = {"machine": machine(), "model": lm.info.name, "args": vars(args)}
+    log(f"machine: {out['machine']}")
+    if args.what == "accept":
+        cmd_accept(args, lm, out)
+    else:
+        cmd_speed(args, lm, out)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
