@@ -1,6 +1,7 @@
 """``steerdesk --self-test``: a headless check that this install (package or frozen binary) works.
 
-It loads the embedded model, computes a steering vector on a small slice of a bundled dataset,
+It runs the same jobs as the window and the CLI (``steerdesk.jobs``: load, compute, generate): it
+loads the embedded model, computes a steering vector on a small slice of a bundled dataset,
 generates a few greedy tokens unsteered and steered in one batch, and checks that steering
 changed them. One line per step (``ok  load model (3.1 s)``); exit code 0, or 1 with the
 failing step named (``FAIL compute vector: ...`` and a last line ``self-test FAILED at ...``).
@@ -68,10 +69,13 @@ class SelfTest:
 
     def step_load_model(self) -> str:
         if self.lm is None:
-            from .core.models import load_model
+            from . import jobs
 
-            self.lm = load_model(self.model, device=self.device,
-                                 progress=lambda msg: print(f"     {msg}", file=sys.stderr, flush=True))
+            def say(done: int, total: int, msg: str) -> None:
+                print(f"     {msg}", file=sys.stderr, flush=True)
+
+            self.lm = jobs.load.run(None, jobs.LoadSpec(spec=self.model, device=self.device),
+                                    jobs.JobContext(on_progress=say))
         info = self.lm.info
         if info.num_layers <= LAYER:
             raise StepFailed(f"{info.name} has {info.num_layers} layers; the self-test steers layer {LAYER}")
@@ -90,9 +94,10 @@ class SelfTest:
     def step_compute_vector(self) -> str:
         import torch
 
-        from .core.extract import compute_vectors
+        from . import jobs
 
-        vs = compute_vectors(self.lm, self.dataset, method="mean-diff", read="last", batch_size=8)
+        spec = jobs.ComputeSpec(dataset=self.dataset, method="mean-diff", read="last", batch_size=8)
+        vs = jobs.compute.run(self.lm, spec, jobs.JobContext()).vectors
         info = self.lm.info
         shape = tuple(vs.directions.shape)
         if shape != (info.num_layers, info.hidden_size):
@@ -106,11 +111,13 @@ class SelfTest:
         return f"|v| at layer {LAYER} = {norm:.2f}"
 
     def step_generate(self) -> str:
-        from .core.generate import SamplingSettings, generate
+        from . import jobs
+        from .core.generate import SamplingSettings
 
-        steers = self.vectors.steers([LAYER], scale=SCALE, mode="add")
-        sampling = SamplingSettings(max_new_tokens=TOKENS, temperature=0.0)
-        self.results = generate(self.lm, [PROMPT, PROMPT], [[], steers], sampling=sampling)
+        steering = jobs.SteeringSpec(vectors=self.vectors, layers=(LAYER,), scale=SCALE, mode="add")
+        spec = jobs.GenerateSpec.single(PROMPT, steering, compare=True,
+                                        sampling=SamplingSettings(max_new_tokens=TOKENS, temperature=0.0))
+        self.results = jobs.generate.run(self.lm, spec, jobs.JobContext()).rows
         if len(self.results) != 2:
             raise StepFailed(f"expected 2 rows, got {len(self.results)}")
         for name, r in zip(("unsteered", "steered"), self.results):

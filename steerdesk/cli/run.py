@@ -25,9 +25,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Re-run the recipe, print its outputs and whether they reproduce the recorded ones; exit code 0."""
-    from ..core.records import RunRecord, rerun
-    from ..core.sweep import format_table
+    """Re-run the recipe (the ``rerun`` job), print its outputs and whether they reproduce the
+    recorded ones; exit code 0."""
+    from .. import jobs
+    from ..core.records import RunRecord
+    from ..core.sweep_result import format_table
 
     recipe = RunRecord.load(args.recipe)
     if args.model:
@@ -38,11 +40,12 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(chunk)
         sys.stdout.flush()
 
-    def progress(msg: str) -> None:
-        print(msg, file=sys.stderr)
+    def progress(done: int, total: int, msg: str) -> None:
+        if total == 0:  # model loading says what it does; the re-run job's own counts are not shown
+            print(msg, file=sys.stderr)
 
-    out = rerun(recipe, device=args.device, allow_changes=args.allow_changes, output=args.output,
-                progress=progress, on_text=on_text if streaming else None)
+    spec = jobs.RerunSpec(recipe=recipe, device=args.device, allow_changes=args.allow_changes, output=args.output)
+    out = jobs.rerun.run(None, spec, jobs.JobContext(on_progress=progress, on_text=on_text if streaming else None))
     if args.json:
         print(json.dumps({"kind": recipe.kind, "reproduced": out.reproduced, "differences": out.differences,
                           "record": out.record.to_dict()}, ensure_ascii=False))
@@ -55,6 +58,15 @@ def run(args: argparse.Namespace) -> int:
                 print(f"--- row {i} ---\n{row['text']}")
     elif recipe.kind == "sweep":
         print(format_table(out.result))
+    elif recipe.kind == "diagnose":
+        print(out.result.format_table())
+    elif recipe.kind == "versus":
+        for c in out.result.conditions:
+            print(f"--- {c.name}: margin {c.margin_delta:+.3f}, fluency {c.fluency_delta:+.3f} ---\n{c.text}")
+    elif recipe.kind == "grid":
+        for row in out.result:
+            where = "unsteered" if row.layer is None else f"layer {row.layer} x{row.scale:g}"
+            print(f"--- {where}: {row.prompt} ---\n{'(no vector)' if row.text is None else row.text}")
     else:
         print(f"recomputed {out.result.num_layers} layers" + (f", wrote {args.output}" if args.output else ""))
     verdict = "reproduced the recorded outputs" if out.reproduced else "did NOT reproduce the recorded outputs"

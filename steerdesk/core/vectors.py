@@ -102,14 +102,13 @@ class VectorSet:
 
     def check_compatible(self, info: Any) -> None:
         """Refuse vectors made for another model, with a sentence that says what differs."""
-        differences = []
-        if self.hidden_size != info.hidden_size:
-            differences.append(f"hidden size {self.hidden_size} vs {info.hidden_size}")
-        if self.num_layers != info.num_layers:
-            differences.append(f"{self.num_layers} layers vs {info.num_layers}")
-        arch = self.metadata.get("architecture")
-        if arch and arch != info.architecture:
-            differences.append(f"architecture {arch} vs {info.architecture}")
+        from .identity import model_mismatches
+
+        wrong = model_mismatches(info, architecture=self.metadata.get("architecture"), num_layers=self.num_layers,
+                                 hidden_size=self.hidden_size)
+        words = {"hidden_size": "hidden size {} vs {}", "num_layers": "{} layers vs {}",
+                 "architecture": "architecture {} vs {}"}
+        differences = [words[key].format(*wrong[key]) for key in words if key in wrong]
         if differences:
             made_for = self.metadata.get("model", "another model")
             raise SteerdeskError(

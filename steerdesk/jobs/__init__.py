@@ -13,7 +13,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import bake, compute, diagnose, generate, grid, load, search, sweep, versus
+from . import bake, compute, diagnose, generate, grid, load, rerun, search, sweep, versus
 from .bake import BakeSpec
 from .compute import ComputeSpec
 from .context import JobContext
@@ -21,6 +21,7 @@ from .diagnose import DiagnoseSpec
 from .generate import GenerateSpec
 from .grid import GridSpec
 from .load import LoadSpec
+from .rerun import Rerun, RerunSpec
 from .search import SearchSpec
 from .steering_spec import SteeringSpec
 from .sweep import SweepSpec
@@ -36,6 +37,7 @@ JOBS: dict[type, ModuleType] = {
     GridSpec: grid,
     BakeSpec: bake,
     SearchSpec: search,
+    RerunSpec: rerun,
 }
 
 
@@ -52,10 +54,14 @@ def run(lm: Any, spec: Any, ctx: JobContext | None = None) -> Any:
     return job_for(spec).run(lm, spec, ctx or JobContext())
 
 
-def record(lm: Any, spec: Any, result: Any) -> Any:
-    """The job's :class:`~steerdesk.core.records.RunRecord` of a finished run, or None if the job records none."""
+def record(lm: Any, spec: Any, result: Any, **kwargs: Any) -> Any:
+    """The job's :class:`~steerdesk.core.records.RunRecord` of a finished run, or None if the job records none.
+
+    ``kwargs`` go to the job's ``record`` (``seconds=`` for diagnose / versus / grid, whose results
+    carry no time).
+    """
     make = getattr(job_for(spec), "record", None)
-    return None if make is None else make(lm, spec, result)
+    return None if make is None else make(lm, spec, result, **kwargs)
 
 
 __all__ = [
@@ -67,6 +73,8 @@ __all__ = [
     "GridSpec",
     "JobContext",
     "LoadSpec",
+    "Rerun",
+    "RerunSpec",
     "SearchSpec",
     "SteeringSpec",
     "SweepSpec",

@@ -85,5 +85,6 @@ def record(lm: LoadedModel, spec: GenerateSpec, result: GenerateResult) -> RunRe
     st = spec.steering
     return record_generation(lm, list(spec.prompts), result.rows, steers=result.steers,
                              steered_rows=result.steered_rows, sampling=spec.sampling, system=spec.system,
-                             vector_path=st.vector_path if st else None, vectors=st.vectors if st else None,
+                             vector_path=st.vector_path if st else None,
+                             vectors=st.vectors if st and st.identify else None,
                              model=spec.model, seconds=result.seconds)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..core.generate import SamplingSettings
 from ..core.models import LoadedModel
+from ..core.records import RunRecord
 from ..core.textgrid import GridRow
 from ..core.vectors import VectorSet
 from .context import JobContext
@@ -16,6 +17,12 @@ TITLE = "Generation grid failed"
 
 @dataclass(frozen=True)
 class GridSpec:
+    """Generate every (layer, scale, prompt) with ``vectors`` (unsteered references first).
+
+    ``vector_path`` names the file in records (None: the used layers' vectors are embedded);
+    ``model`` how a record names the model.
+    """
+
     vectors: VectorSet = field(compare=False)
     layers: tuple[int, ...]
     scales: tuple[float, ...]
@@ -26,6 +33,8 @@ class GridSpec:
     pattern: str | None = None  # keywords (comma-separated) or a regular expression with ``regex``
     regex: bool = False
     batch_rows: int = 16
+    vector_path: str | None = None
+    model: str | None = None
 
 
 def run(lm: LoadedModel, spec: GridSpec, ctx: JobContext) -> list[GridRow]:
@@ -37,3 +46,12 @@ def run(lm: LoadedModel, spec: GridSpec, ctx: JobContext) -> list[GridRow]:
                            mode=spec.mode, normalize=spec.normalize, sampling=spec.sampling,
                            pattern=compile_pattern(spec.pattern, spec.regex), batch_rows=spec.batch_rows,
                            on_row=ctx.partial, cancel=ctx.cancel)
+
+
+def record(lm: LoadedModel, spec: GridSpec, result: list[GridRow], seconds: float = 0.0) -> RunRecord:
+    """The run record (``seconds``: the wall time the caller measured)."""
+    from ..core.records import record_grid
+
+    return record_grid(lm, result, spec.vectors, spec.layers, spec.scales, spec.prompts, mode=spec.mode,
+                       normalize=spec.normalize, sampling=spec.sampling, pattern=spec.pattern, regex=spec.regex,
+                       batch_rows=spec.batch_rows, vector_path=spec.vector_path, model=spec.model, seconds=seconds)

@@ -45,7 +45,8 @@ def test_generate_job_equals_core_generate_and_streams_through_the_context(lm, v
 
 
 def test_generate_record_reruns_through_the_same_job(lm, vs, tmp_path):
-    from steerdesk.core.records import RunRecord, rerun
+    from steerdesk.core.records import RunRecord
+    from steerdesk.jobs.rerun import rerun
 
     spec = jobs.GenerateSpec.single(PROMPT, jobs.SteeringSpec(vectors=vs, layers=(0, 2), scale=1.5),
                                     sampling=SamplingSettings(max_new_tokens=6))
@@ -125,7 +126,107 @@ def test_diagnose_grid_and_versus_jobs(lm, vs):
                                           instruction="Reply rudely.", prompt=PROMPT,
                                           sampling=SamplingSettings(max_new_tokens=4)))
     assert [c.name for c in versus.conditions] == ["unsteered", "prompt", "vector", "both"]
-    assert jobs.record(lm, jobs.DiagnoseSpec(vectors=vs, dataset=rude4()), d) is None
+
+
+def _rerun_from_file(lm, record, tmp_path, **kwargs):
+    from steerdesk.core.records import RunRecord
+
+    record.save(tmp_path / f"{record.kind}.json")
+    loaded = RunRecord.load(tmp_path / f"{record.kind}.json")
+    assert loaded == record
+    return jobs.run(lm, jobs.RerunSpec(recipe=loaded, **kwargs))
+
+
+def test_diagnose_record_reruns_through_the_same_job(lm, vs, tmp_path):
+    ds = rude4()
+    spec = jobs.DiagnoseSpec(vectors=vs, dataset=ds.split(0.5)[1], source=ds, heldout_fraction=0.5, batch_size=2)
+    result = jobs.run(lm, spec)
+    record = jobs.record(lm, spec, result, seconds=0.5)
+    assert record.kind == "diagnose" and record.seconds == 0.5 and record.dataset["part"] == "heldout"
+    assert record.outputs["diagnostics"]["auc"] == result.auc and "embedded" in record.vector
+    assert record.title.startswith("diagnose")
+    again = _rerun_from_file(lm, record, tmp_path)
+    assert again.reproduced, again.differences
+    assert again.result.auc == result.auc and isinstance(again.spec, jobs.DiagnoseSpec)
+
+
+def test_versus_record_reruns_through_the_same_job(lm, vs, tmp_path):
+    spec = jobs.VersusSpec(heldout=rude4(), steering=jobs.SteeringSpec(vectors=vs, layers=(1, 2), scale=1.5),
+                           instruction="Reply rudely.", prompt=PROMPT, sampling=SamplingSettings(max_new_tokens=5),
+                           max_pairs=3)
+    result = jobs.run(lm, spec)
+    record = jobs.record(lm, spec, result)
+    assert record.kind == "versus" and record.layers == [1, 2] and record.scales == [1.5, 1.5]
+    assert record.settings["instruction"] == "Reply rudely." and record.dataset["max_pairs"] == 3
+    again = _rerun_from_file(lm, record, tmp_path)
+    assert again.reproduced, again.differences
+    assert [c.token_ids for c in again.result.conditions] == [c.token_ids for c in result.conditions]
+    record.outputs["versus"]["conditions"][2]["token_ids"][0] += 1
+    assert "condition vector: tokens differ" in jobs.run(lm, jobs.RerunSpec(recipe=record)).differences[0]
+
+
+def test_grid_record_reruns_through_the_same_job(lm, vs, tmp_path):
+    spec = jobs.GridSpec(vectors=vs, layers=(0, 2), scales=(1.0, 3.0), prompts=(PROMPT, "Hi."),
+                         sampling=SamplingSettings(max_new_tokens=4), pattern="the")
+    result = jobs.run(lm, spec)
+    record = jobs.record(lm, spec, result, seconds=1.0)
+    assert record.kind == "grid" and len(record.outputs["rows"]) == len(result) == 2 + 2 * 2 * 2
+    assert set(record.vector["embedded"]) == {"0", "2"}  # no file: the used layers travel with the recipe
+    again = _rerun_from_file(lm, record, tmp_path)
+    assert again.reproduced, again.differences
+    assert [r.text for r in again.result] == [r.text for r in result]
+
+
+def test_rerun_refuses_changed_inputs_and_reports_other_outputs(lm, vs, tmp_path):
+    from steerdesk.core.datasets import save_dataset
+
+    save_dataset(rude4(), tmp_path / "d.jsonl")
+    from steerdesk.core.datasets import resolve_dataset
+
+    ds = resolve_dataset(str(tmp_path / "d.jsonl"))
+    spec = jobs.SweepSpec(vectors=vs, heldout=ds, layers=(1,), scales=(0.0, 2.0), dataset=ds,
+                          dataset_spec=str(tmp_path / "d.jsonl"))
+    result = jobs.run(lm, spec)
+    record = jobs.record(lm, spec, result)
+    again = jobs.run(lm, jobs.RerunSpec(recipe=record, output=str(tmp_path / "again.json")))
+    assert again.reproduced and (tmp_path / "again.json").is_file()
+    assert again.result.margin_delta == result.margin_delta
+    (tmp_path / "d.jsonl").write_text((tmp_path / "d.jsonl").read_text().replace("six", "seven"))
+    with pytest.raises(SteerdeskError, match="dataset .* has changed"):
+        jobs.run(lm, jobs.RerunSpec(recipe=record))
+    changed = jobs.run(lm, jobs.RerunSpec(recipe=record, allow_changes=True))
+    assert changed.differences[0].startswith("dataset")
+    record.num_layers = 99
+    with pytest.raises(SteerdeskError, match="not the recipe's"):
+        jobs.run(lm, jobs.RerunSpec(recipe=record))
+
+
+def test_generate_rerun_with_different_settings_per_layer(lm, vs):
+    """A hand-written recipe may steer each layer differently: the re-run keeps each layer's settings."""
+    from steerdesk.core.generate import generate
+
+    spec = jobs.GenerateSpec.single(PROMPT, jobs.SteeringSpec(vectors=vs, layers=(1, 2), scale=1.0),
+                                    sampling=SamplingSettings(max_new_tokens=6))
+    record = jobs.record(lm, spec, jobs.run(lm, spec))
+    record.settings["steers"][1]["scale"] = 3.0
+    again = jobs.run(lm, jobs.RerunSpec(recipe=record))
+    direct = generate(lm, [PROMPT], [vs.steers([1], scale=1.0) + vs.steers([2], scale=3.0)],
+                      sampling=SamplingSettings(max_new_tokens=6))
+    assert again.result[0].token_ids == direct[0].token_ids
+    assert [s.scale for s in again.spec.steering.steers(lm)] == [1.0, 3.0]
+    assert again.record.scales == [1.0, 3.0] and "method" not in again.record.vector  # embedded: no set identity
+
+
+def test_load_job_loads_a_saved_model_and_reports_progress(lm, tmp_path):
+    lm.model.save_pretrained(tmp_path / "m")
+    lm.tokenizer.save_pretrained(tmp_path / "m")
+    messages: list[str] = []
+    loaded = jobs.run(None, jobs.LoadSpec(spec=str(tmp_path / "m"), device="cpu", dtype="float32"),
+                      jobs.JobContext(on_progress=lambda done, total, msg: messages.append(msg)))
+    assert loaded.info.num_layers == lm.info.num_layers and loaded.info.hidden_size == lm.info.hidden_size
+    assert messages
+    with pytest.raises(SteerdeskError):
+        jobs.run(None, jobs.LoadSpec(spec=str(tmp_path / "nothing-here")))
 
 
 def test_every_spec_has_a_job_and_specs_are_frozen(vs):

@@ -1,0 +1,233 @@
+"""Job: re-run a recorded run (a JSON recipe): record -> the job's Spec -> the same job's ``run``.
+
+The recorded model is loaded (``load`` job) unless one is given, checked against the record, the
+recorded inputs read back and checked by hash (:mod:`steerdesk.core.recipes`), and the job's Spec
+rebuilt from the record; the job runs through ``steerdesk.jobs`` exactly as it did the first time
+and records again. The outputs are compared with the recorded ones: tokens must be equal
+(generate, versus, grid), the directions hash equal (compute), scores within 1e-4 (sweep, diagnose).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.errors import SteerdeskError
+from ..core.generate import SamplingSettings
+from ..core.models import LoadedModel
+from ..core.records import RunRecord
+from .context import JobContext
+
+NAME = "rerun"
+TITLE = "Could not re-run the recipe"
+
+
+@dataclass(frozen=True)
+class RerunSpec:
+    """Re-run ``recipe`` (with its ``model`` field, or ``lm`` when the job is given one).
+
+    ``device`` defaults to the recorded one when that was the CPU, else ``auto``. Inputs that
+    changed since the run are refused unless ``allow_changes``. ``output`` writes the recomputed
+    vectors (compute) or the sweep result (sweep) there.
+    """
+
+    recipe: RunRecord = field(compare=False)
+    device: str | None = None
+    allow_changes: bool = False
+    output: str | None = None
+
+
+@dataclass
+class Rerun:
+    """What a re-run gave: a fresh record, whether the outputs match the recipe's, and how not.
+
+    ``result`` is what the CLI shows: the rows' ``GenerationResult`` list (generate), the
+    ``VectorSet`` (compute), the ``SweepResult`` (sweep), ``Diagnostics``, ``Versus`` or the grid rows.
+    """
+
+    record: RunRecord
+    reproduced: bool
+    differences: list[str]
+    result: Any = None
+    spec: Any = None  # the job Spec the record was turned into
+
+
+def _sampling(recipe: RunRecord) -> SamplingSettings:
+    return SamplingSettings(**{k: v for k, v in (recipe.sampling or {}).items()
+                               if k in ("max_new_tokens", "temperature", "top_p", "seed")})
+
+
+def _steering(recipe: RunRecord, lm: LoadedModel, changes: list[str]) -> Any:
+    """The recipe's steering as a SteeringSpec (None when the recipe steers nothing)."""
+    from ..core.recipes import vectors_of
+    from .steering_spec import LayerSteer, SteeringSpec
+
+    specs = recipe.settings.get("steers")
+    if specs is None:  # a hand-written recipe: one setting for every layer
+        specs = [{"layer": layer, "scale": scale, "mode": recipe.mode or "add", "normalize": recipe.normalize,
+                  "positions": recipe.positions or "all"} for layer, scale in zip(recipe.layers, recipe.scales)]
+    if not specs:
+        return None
+    vs, from_file, path = vectors_of(recipe, lm, changes)
+    per_layer = tuple(LayerSteer(scale=float(s["scale"]), mode=str(s.get("mode", "add")),
+                                 normalize=bool(s.get("normalize", False)), positions=str(s.get("positions", "all")))
+                      for s in specs)
+    return SteeringSpec(vectors=vs, layers=tuple(int(s["layer"]) for s in specs), vector_path=path,
+                        per_layer=per_layer, identify=from_file)
+
+
+def spec_for(recipe: RunRecord, lm: LoadedModel, changes: list[str], output: str | None = None) -> Any:
+    """The job Spec that runs ``recipe`` again on ``lm`` (inputs read back, changes noted)."""
+    from ..core.recipes import dataset_of, vectors_of
+    from . import compute, diagnose, generate, grid, sweep, versus
+
+    kind, s, d = recipe.kind, recipe.settings, recipe.dataset or {}
+    if kind == "generate":
+        if not recipe.prompts:
+            raise SteerdeskError("The recipe has no prompt.")
+        steering = _steering(recipe, lm, changes)
+        flags = recipe.steered_rows or [steering is not None] * len(recipe.prompts)
+        return generate.GenerateSpec(prompts=tuple(recipe.prompts), steering=steering, steered_rows=tuple(flags),
+                                     sampling=_sampling(recipe), system=recipe.system, model=recipe.model)
+    if kind == "versus":
+        loaded, used = dataset_of(recipe, changes)
+        steering = _steering(recipe, lm, changes)
+        if steering is None or not recipe.prompts:
+            raise SteerdeskError("The recipe has no steering or no prompt to compare.")
+        return versus.VersusSpec(heldout=used, steering=steering, instruction=str(s.get("instruction", "")),
+                                 prompt=recipe.prompts[0], sampling=_sampling(recipe), max_pairs=d.get("max_pairs"),
+                                 source=loaded, dataset_spec=d.get("spec"),
+                                 heldout_fraction=float(d.get("heldout") or 0.0), model=recipe.model)
+    if kind == "compute":
+        loaded, _ = dataset_of(recipe, changes)
+        return compute.ComputeSpec(dataset=loaded, method=recipe.method or "mean-diff",
+                                   read=recipe.read_position or "last", batch_size=int(s.get("batch_size") or 8),
+                                   system=recipe.system, heldout=float(d.get("heldout") or 0.0),
+                                   seed=int(d.get("seed") or 0), dataset_spec=d.get("spec"), output=output,
+                                   model=recipe.model)
+    if kind == "diagnose":
+        loaded, used = dataset_of(recipe, changes)
+        vs, _, path = vectors_of(recipe, lm, changes)
+        return diagnose.DiagnoseSpec(vectors=vs, dataset=used, read=s.get("read"), system=recipe.system,
+                                     batch_size=int(s.get("batch_size") or 8), source=loaded,
+                                     dataset_spec=d.get("spec"), heldout_fraction=float(d.get("heldout") or 0.0),
+                                     vector_path=path, model=recipe.model)
+    if kind == "grid":
+        vs, _, path = vectors_of(recipe, lm, changes)
+        return grid.GridSpec(vectors=vs, layers=tuple(recipe.layers), scales=tuple(recipe.scales),
+                             prompts=tuple(recipe.prompts), mode=recipe.mode or "add", normalize=recipe.normalize,
+                             sampling=_sampling(recipe), pattern=s.get("pattern"), regex=bool(s.get("regex")),
+                             batch_rows=int(s.get("batch_rows") or 16), vector_path=path, model=recipe.model)
+    loaded, used = dataset_of(recipe, changes)  # sweep
+    vs, _, path = vectors_of(recipe, lm, changes)
+    sets = s.get("sets") or None
+    return sweep.SweepSpec(vectors=vs, heldout=used, layers=tuple(recipe.layers), scales=tuple(recipe.scales),
+                           sets={k: tuple(v) for k, v in sets.items()} if sets else None,
+                           mode=recipe.mode or "add", normalize=recipe.normalize,
+                           positions=recipe.positions or "all", fluency_budget=float(s.get("fluency_budget", 0.5)),
+                           neutral=tuple(s["neutral_texts"]) if s.get("neutral_texts") else None,
+                           system=recipe.system, max_pairs=d.get("max_pairs"),
+                           batch_size=int(s.get("batch_size") or 16), max_rows=int(s.get("max_rows") or 64),
+                           prefix_reuse=bool(s.get("prefix_reuse", True)), vector_path=path, dataset=loaded,
+                           dataset_spec=d.get("spec"), heldout_fraction=float(d.get("heldout") or 0.0),
+                           model=recipe.model)
+
+
+def _load(recipe: RunRecord, device: str | None, ctx: JobContext) -> LoadedModel:
+    from . import load
+
+    if device is None:
+        recorded = (recipe.device or "").split(":")[0]
+        device = "cpu" if recorded == "cpu" else "auto"
+    return load.run(None, load.LoadSpec(spec=recipe.model, device=device, dtype=recipe.dtype or "auto"), ctx)
+
+
+def run(lm: LoadedModel | None, spec: RerunSpec, ctx: JobContext) -> Rerun:
+    """Re-run ``spec.recipe`` (loading its model when ``lm`` is None); see the module docstring.
+
+    Raises ``SteerdeskError`` for a model of another shape, inputs that cannot be read, or inputs
+    that changed since the run (unless ``allow_changes``).
+    """
+    from ..core.recipes import check_model, refuse_changes
+    from . import job_for
+
+    recipe = spec.recipe
+    changes: list[str] = []
+    if lm is None:
+        lm = _load(recipe, spec.device, ctx)
+    check_model(recipe, lm, changes)
+    job_spec = spec_for(recipe, lm, changes, spec.output)
+    refuse_changes(changes, spec.allow_changes)
+    job = job_for(job_spec)
+    t0 = time.perf_counter()
+    result = job.run(lm, job_spec, ctx)
+    seconds = time.perf_counter() - t0
+    if recipe.kind in ("diagnose", "versus", "grid"):
+        record = job.record(lm, job_spec, result, seconds=seconds)
+    else:
+        record = job.record(lm, job_spec, result)
+    shown = result.rows if recipe.kind == "generate" else result.vectors if recipe.kind == "compute" else result
+    _write(recipe.kind, shown, spec.output)
+    return Rerun(record, not (differences := compare(recipe, record)), changes + differences, shown, job_spec)
+
+
+def _write(kind: str, shown: Any, output: str | None) -> None:
+    if not output:
+        return
+    if kind == "compute":
+        from ..core.vectors import export_gguf, save_vectors
+
+        if str(output).lower().endswith(".gguf"):
+            export_gguf(shown, output)
+        else:
+            save_vectors(shown, output)
+    elif kind == "sweep":
+        shown.save(output)
+
+
+def compare(recipe: RunRecord, record: RunRecord) -> list[str]:
+    """How the re-run's outputs differ from the recorded ones (empty: reproduced)."""
+    from ..core.recipes import close
+
+    old, new = recipe.outputs, record.outputs
+    if recipe.kind == "generate":
+        a = [r.get("token_ids") for r in old.get("rows", [])]
+        b = [r["token_ids"] for r in new["rows"]]
+        out = [f"row {i}: tokens differ from the record (first at token "
+               f"{next((k for k, (x, y) in enumerate(zip(o, n)) if x != y), min(len(o), len(n)))})"
+               for i, (o, n) in enumerate(zip(a, b)) if o != n]
+        if len(a) != len(b):
+            out.append(f"the record has {len(a)} output rows, the re-run {len(b)}")
+        return out
+    if recipe.kind == "compute":
+        want = old.get("directions_sha256")
+        same = want is None or new["directions_sha256"] == want
+        return [] if same else ["the vectors differ from the recorded ones (directions hash)"]
+    if recipe.kind == "sweep":
+        return [f"{key.replace('_', ' ')} differs from the record by more than 1e-4"
+                for key in ("margin_delta", "fluency_delta") if not close(old.get(key), new.get(key), 1e-4)]
+    if recipe.kind == "diagnose":
+        a, b = old.get("diagnostics") or {}, new["diagnostics"]
+        return [f"{key.replace('_', ' ')} differs from the record by more than 1e-4"
+                for key in ("auc", "d_prime", "consistency", "alignment") if not close(a.get(key), b.get(key), 1e-4)]
+    if recipe.kind == "versus":
+        a_c = (old.get("versus") or {}).get("conditions", [])
+        b_c = new["versus"]["conditions"]
+        out = [f"condition {c['name']}: tokens differ from the record" for c, o in zip(b_c, a_c)
+               if c.get("token_ids") != o.get("token_ids")]
+        out += [f"condition {c['name']}: scores differ from the record by more than 1e-4" for c, o in zip(b_c, a_c)
+                if not close([c["margin_delta"], c["fluency_delta"]], [o.get("margin_delta"), o.get("fluency_delta")],
+                             1e-4)]
+        return out + ([f"the record has {len(a_c)} conditions, the re-run {len(b_c)}"] if len(a_c) != len(b_c) else [])
+    a_r, b_r = old.get("rows", []), new["rows"]  # grid
+    out = [f"grid row {i}: text differs from the record" for i, (o, n) in enumerate(zip(a_r, b_r))
+           if o.get("text") != n.get("text")]
+    return out + ([f"the record has {len(a_r)} rows, the re-run {len(b_r)}"] if len(a_r) != len(b_r) else [])
+
+
+def rerun(recipe: RunRecord, *, lm: LoadedModel | None = None, device: str | None = None,
+          allow_changes: bool = False, output: str | None = None, ctx: JobContext | None = None) -> Rerun:
+    """Convenience: :func:`run` with a :class:`RerunSpec` built from the arguments."""
+    return run(lm, RerunSpec(recipe=recipe, device=device, allow_changes=allow_changes, output=output),
+               ctx or JobContext())
