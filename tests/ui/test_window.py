@@ -120,6 +120,20 @@ def test_stop_mid_stream_emits_nothing_after(qtbot, ready):
     assert after_stop == []
     assert gp.steered_view.toPlainText() == shown
     assert gp.generate_button.isEnabled() and not ready.controller.busy
+    # the stopped run is still recorded, with its real duration, and marked stopped in the history
+    history = ready.analysis_panel.history
+    qtbot.waitUntil(lambda: any(r.kind == "generate" for r in history.records), timeout=5000)
+    rec = next(r for r in history.records if r.kind == "generate")
+    assert rec.seconds > 0 and {row["finish_reason"] for row in rec.outputs["rows"]} == {"stopped"}
+    assert history.list.item(history.records.index(rec)).text().endswith("(stopped)")
+
+
+def test_runs_are_recorded_with_their_real_duration(qtbot, ready):
+    generate(qtbot, ready, tokens=4)
+    history = ready.analysis_panel.history
+    qtbot.waitUntil(lambda: [r.kind for r in history.records] == ["compute", "generate"], timeout=5000)
+    assert all(r.seconds > 0 for r in history.records)
+    assert not history.list.item(1).text().endswith("(stopped)")
 
 
 def test_new_request_drops_the_stale_one(qtbot, ready):
