@@ -25,11 +25,14 @@ Builds tiny random Llama models (no downloads), then checks on the device:
 9. baking (issue 14; ``--only-bake`` runs it alone): a real model (``--bake-model``, default the
    embedded SmolLM2; skipped with a message when none can be loaded -- a random model's flat logits
    make bf16 greedy ties) is loaded in bf16 on the device, ``add`` steering at two layers is baked
-   with ``steerdesk.core.bake``, and the baked folder, loaded by plain ``from_pretrained`` in bf16,
-   gives the same greedy tokens (KV cache on) as steerdesk's hooked model; the same in float32
-   with logits within 1e-3; and, when ``vllm`` imports, vLLM (offline engine, tensor-parallel over
-   every visible GPU) generating from the baked folder returns the same greedy tokens.
-   Written for issue 14 but NOT run yet (no GPU in that session).
+   with ``steerdesk.core.bake``; the baked folder, loaded by plain ``from_pretrained``, gives in
+   float32 the same 48 greedy tokens (KV cache on) as steerdesk's hooked model and logits within
+   1e-4 x (1 + max |logit|); in bfloat16 its logits are as close to the float32 steered logits as
+   the hooked bf16 model's (bf16 greedy equality is reported as info: two bf16 roundings of one
+   function can part at a near-tie); when ``vllm`` imports, vLLM (offline engine, tensor-parallel
+   over the visible GPUs that divide the heads) on the baked folder: same greedy tokens in float32
+   (a check), bf16 reported. Written for issue 14 and run on the CPU (``--cpu --only-bake``); NOT
+   run on a GPU yet (no GPU in that session).
 Prints one line per check and exits non-zero when any failed.
 """
 
@@ -198,7 +201,15 @@ def _first_difference(a: list[int], b: list[int]) -> str:
 
 
 def bake_checks(model_spec: str, device: str, check: Callable[..., None]) -> None:
-    """Check 9: the baked checkpoint's greedy tokens equal steerdesk's hooked generation (bf16, fp32), and vLLM's."""
+    """Check 9: baked checkpoint vs steerdesk's hooked model, float32 then bfloat16, and vLLM when installed.
+
+    float32: greedy tokens equal, logits within 1e-4 x (1 + max |logit|). bfloat16: the baked model
+    and the hooked model are two different bf16 roundings of the same function (the hook adds
+    ``c`` in float32 to the block output and rounds once; the baked bias is rounded to bf16 and
+    added inside the MLP), so the check is that the baked model's logits are as close to the
+    float32 steered logits as the hooked bf16 model's are (at most 1.5x its error); whether the
+    bf16 greedy tokens are equal is reported as an ``info`` line with the first difference.
+    """
     import gc
     import shutil
 
@@ -211,8 +222,11 @@ def bake_checks(model_spec: str, device: str, check: Callable[..., None]) -> Non
     from steerdesk.core.steering import Steering, steers_for
 
     work = Path(tempfile.mkdtemp(prefix="steerdesk-bake-check-"))
+    ref_logits: torch.Tensor | None = None
+    ref_tokens: list[int] = []
+    steer_v: torch.Tensor | None = None
     try:
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in (torch.float32, torch.bfloat16):
             name = str(dtype).replace("torch.", "")
             try:
                 lm = load_model(model_spec, device=device, dtype=dtype)
@@ -221,23 +235,25 @@ def bake_checks(model_spec: str, device: str, check: Callable[..., None]) -> Non
                 return
             n = lm.info.num_layers
             layers = [n // 3, n // 2]
-            # Directions at half the typical activation norm of each layer: a visible but fluent steering.
-            _, norms = collect(lm, encode(lm, [("How are you?", "I am fine, thanks.")]))
-            g = torch.Generator().manual_seed(7)
-            v = torch.randn(n, lm.info.hidden_size, generator=g)
-            v = v / v.norm(dim=-1, keepdim=True) * (0.5 * norms[0]).unsqueeze(-1)
-            steers = steers_for(v, layers, scale=1.0)
+            if steer_v is None:
+                # Directions at half the typical activation norm of each layer: a visible but fluent steering.
+                _, norms = collect(lm, encode(lm, [("How are you?", "I am fine, thanks.")]))
+                g = torch.Generator().manual_seed(7)
+                steer_v = torch.randn(n, lm.info.hidden_size, generator=g)
+                steer_v = steer_v / steer_v.norm(dim=-1, keepdim=True) * (0.5 * norms[0].float()).unsqueeze(-1)
+            steers = steers_for(steer_v, layers, scale=1.0)
             text = lm.tokenizer.apply_chat_template([{"role": "user", "content": BAKE_PROMPT}],
                                                     add_generation_prompt=True, tokenize=False) \
                 if lm.info.has_chat_template else BAKE_PROMPT
             ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(lm.input_device)
+            mask = torch.ones_like(ids)
             gen_kw = {"do_sample": False, "max_new_tokens": BAKE_TOKENS, "min_new_tokens": BAKE_TOKENS,
                       "use_cache": True, "pad_token_id": lm.tokenizer.pad_token_id}
             with torch.inference_mode():
-                plain = lm.model.generate(ids, attention_mask=torch.ones_like(ids), **gen_kw)[0, ids.shape[1]:].tolist()
+                plain = lm.model.generate(ids, attention_mask=mask, **gen_kw)[0, ids.shape[1]:].tolist()
                 with Steering(lm, steers):
                     want_logits = lm.model(input_ids=ids).logits.float()
-                    want = lm.model.generate(ids, attention_mask=torch.ones_like(ids), **gen_kw)[0, ids.shape[1]:].tolist()
+                    want = lm.model.generate(ids, attention_mask=mask, **gen_kw)[0, ids.shape[1]:].tolist()
             out = work / f"baked-{name}"
             t0 = time.perf_counter()
             result = bake(lm, steers, out)
@@ -250,42 +266,64 @@ def bake_checks(model_spec: str, device: str, check: Callable[..., None]) -> Non
             baked = wrap_model(model, AutoTokenizer.from_pretrained(str(out)), name="baked")
             with torch.inference_mode():
                 got_logits = baked.model(input_ids=ids).logits.float()
-                got = baked.model.generate(ids, attention_mask=torch.ones_like(ids), **gen_kw)[0, ids.shape[1]:].tolist()
+                got = baked.model.generate(ids, attention_mask=mask, **gen_kw)[0, ids.shape[1]:].tolist()
             diff = float((got_logits - want_logits).abs().max())
+            scale = float(want_logits.abs().max())
             check(f"bake ({name}): steering changes the greedy tokens", plain != want, _first_difference(plain, want))
-            check(f"bake ({name}): baked checkpoint greedy tokens == hooked steerdesk", got == want,
-                  f"{_first_difference(got, want)}; max logit diff {diff:.3g}; bake {baked_s:.1f} s; "
-                  f"{result.plan.source_model_type} -> {result.plan.target_model_type}")
+            detail = (f"{_first_difference(got, want)}; max logit diff {diff:.3g} (logits up to {scale:.3g}); "
+                      f"bake {baked_s:.1f} s; {result.plan.source_model_type} -> {result.plan.target_model_type}")
             if dtype == torch.float32:
-                check("bake (float32): baked logits within 1e-3 of hooked", diff < 1e-3, f"{diff:.3g}")
+                ref_logits, ref_tokens = want_logits, want
+                check("bake (float32): baked checkpoint greedy tokens == hooked steerdesk", got == want, detail)
+                check("bake (float32): baked logits within 1e-4 x (1 + max |logit|) of hooked",
+                      diff <= 1e-4 * (1 + scale), f"{diff:.3g}")
+            else:
+                assert ref_logits is not None
+                err_hooked = float((want_logits - ref_logits).abs().max())
+                err_baked = float((got_logits - ref_logits).abs().max())
+                check("bake (bfloat16): baked logits as close to the float32 steered logits as hooked bf16 (<= 1.5x)",
+                      err_baked <= 1.5 * err_hooked + 1e-3,
+                      f"baked {err_baked:.3g}, hooked {err_hooked:.3g} from float32")
+                print(f"info bake (bfloat16): baked greedy tokens vs hooked bf16: {detail}; vs float32 steered: "
+                      f"baked {_first_difference(got, ref_tokens)}, hooked {_first_difference(want, ref_tokens)}",
+                      flush=True)
             del baked, model
             gc.collect()
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            if dtype == torch.bfloat16:
-                _vllm_check(out, ids[0].tolist(), want, check)
+            _vllm_check(out, ids[0].tolist(), want, name, check)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _vllm_check(folder: Path, prompt_ids: list[int], want: list[int], check: Callable[..., None]) -> None:
-    """vLLM (offline engine = the server's engine) on the baked bf16 folder: same greedy tokens."""
+def _vllm_check(folder: Path, prompt_ids: list[int], want: list[int], dtype: str,
+                check: Callable[..., None]) -> None:
+    """vLLM (offline engine = the server's engine) on the baked folder: same greedy tokens as hooked steerdesk.
+
+    A check in float32; in bfloat16 (other kernels, other roundings) an ``info`` line with the first difference.
+    """
     try:
         import vllm  # type: ignore[import-not-found]
         from vllm import LLM, SamplingParams  # type: ignore[import-not-found]
     except ImportError:
-        print("skip vLLM check: vllm is not installed here", flush=True)
+        print(f"skip vLLM check ({dtype}): vllm is not installed here", flush=True)
         return
-    tp = max(1, torch.cuda.device_count())
-    while tp > 1 and tp & (tp - 1):
-        tp -= 1  # a power of two of the visible GPUs
-    llm = LLM(model=str(folder), dtype="bfloat16", tensor_parallel_size=tp, enforce_eager=True,
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    # The largest tensor-parallel size the GPUs allow that divides the heads (SmolLM2-135M: 9 and 3 -> 1 or 3).
+    tp = max(t for t in range(1, max(1, torch.cuda.device_count()) + 1) if heads % t == 0 and kv % t == 0)
+    llm = LLM(model=str(folder), dtype=dtype, tensor_parallel_size=tp, enforce_eager=True,
               gpu_memory_utilization=0.5, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=len(want), min_tokens=len(want))
     outputs = llm.generate([{"prompt_token_ids": prompt_ids}], params)
     got = list(outputs[0].outputs[0].token_ids)
-    check(f"bake: vLLM {vllm.__version__} (tensor_parallel_size={tp}) greedy tokens == hooked steerdesk",
-          got == want, _first_difference(got, want))
+    label = f"bake ({dtype}): vLLM {vllm.__version__} (tensor_parallel_size={tp}) greedy tokens == hooked steerdesk"
+    if dtype == "float32":
+        check(label, got == want, _first_difference(got, want))
+    else:
+        print(f"info {label}: {_first_difference(got, want)}", flush=True)
     del llm
 
 
