@@ -240,3 +240,28 @@ def test_smollm2_baked_equals_hooked(smol, tmp_path):
     config = json.loads((tmp_path / "smol-baked" / "config.json").read_text())
     assert config["mlp_bias"] is True and config["tie_word_embeddings"] is True
 
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+                                   "rope_theta": 50000.0}])
+def test_llama_with_scaled_rope_round_trips(tokenizer, tmp_path, rope):
+    """A non-default RoPE survives the legacy keys written next to rope_parameters (reloaded, same logits)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=128,
+                        num_hidden_layers=NUM_LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=512, rope_parameters=dict(rope))
+    lm = randomise(wrap_model(T.AutoModelForCausalLM.from_config(cfg).eval(), tokenizer, name="tiny-rope"))
+    steers = steers_for(strong_vectors(lm), [2])
+    bake(lm, steers, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["rope_theta"] == rope["rope_theta"] and config["rope_scaling"]["rope_type"] == rope["rope_type"]
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert reloaded.config.rope_parameters == lm.model.config.rope_parameters
+    ids = list(range(5, 205))  # longer than original_max_position_embeddings
+    got = hooked(wrap_model(reloaded, tokenizer), [], ids, new=2)
+    want = hooked(lm, steers, ids, new=2)
+    assert float((got["logits"] - want["logits"]).abs().max()) < 1e-4
