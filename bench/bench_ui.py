@@ -163,7 +163,8 @@ def main() -> int:
         "first_paint_s": {"median": statistics.median(paint), "max": max(paint), "runs": len(paint)},
         "compute": compute_stats,
         "generate": gen_stats,
-        "token_to_screen_ms": {"p50": latencies[len(latencies) // 2], "p95": latencies[int(0.95 * (len(latencies) - 1))],
+        "token_to_screen_ms": {"p50": latencies[len(latencies) // 2],
+                               "p95": latencies[int(0.95 * (len(latencies) - 1))],
                                "max": latencies[-1], "chunks": len(latencies)},
     }
     print(json.dumps(result, indent=2))

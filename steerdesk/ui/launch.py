@@ -9,7 +9,7 @@ import time
 _T0 = time.perf_counter()
 
 
-def make_app(argv: list[str] | None = None):  # noqa: ANN201 - QApplication import is local
+def make_app(argv: list[str] | None = None):
     from PySide6.QtCore import QCoreApplication
     from PySide6.QtWidgets import QApplication
 

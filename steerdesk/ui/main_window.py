@@ -281,7 +281,7 @@ class MainWindow(QMainWindow):
         self.dataset_panel.discard_recovery()
         return True
 
-    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802 - Qt naming
+    def closeEvent(self, event: QCloseEvent) -> None:
         if not self._closing and not self._confirm_close():
             event.ignore()
             return

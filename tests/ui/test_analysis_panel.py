@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 from PySide6.QtCore import Qt
-
 from test_window import compute, generate, load
 
 

@@ -301,7 +301,8 @@ def test_txt_export_and_import(qtbot, panel, jsonl_file, tmp_path, monkeypatch):
     monkeypatch.setattr(panel, "_ask_save_path", lambda *a: str(tmp_path / "lists.txt"))
     click(qtbot, panel, panel.export_action)
     base, target = tmp_path / "lists.base.txt", tmp_path / "lists.target.txt"
-    assert base.read_text(encoding="utf-8").splitlines() == ["Hello there!", "Sure, happy to help.", "line one line two"]
+    assert base.read_text(encoding="utf-8").splitlines() == ["Hello there!", "Sure, happy to help.",
+                                                             "line one line two"]
     assert target.read_text(encoding="utf-8").splitlines()[1] == "Fine, whatever."
 
     fresh = DatasetPanel()

@@ -158,7 +158,8 @@ def test_edits_survive_sigkill(qtbot, tmp_path, original):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline().strip()  # the child prints once its autosave file exists
-        assert line == "AUTOSAVED", f"child said {line!r}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
+        stderr = proc.stderr.read() if proc.poll() is not None else ""
+        assert line == "AUTOSAVED", f"child said {line!r}; stderr: {stderr}"
         assert (folder / FILE_NAME).exists()
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=10) == -signal.SIGKILL

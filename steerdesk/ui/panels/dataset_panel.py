@@ -403,6 +403,6 @@ class DatasetPanel(QWidget, DatasetFiles):
         self._summary.setToolTip("" if self._model.paired() else
                                  "Unpaired lists: a row may hold only a base or only a target reply")
         self._next_invalid.setVisible(bad > 0)
-        train, held = self.dataset().split(self.heldout_fraction()) if n else (None, None)
+        _train, held = self.dataset().split(self.heldout_fraction()) if n else (None, None)
         self._split_label.setText(f"{len(held)} of {n} rows" if held is not None else "")
 
