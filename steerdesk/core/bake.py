@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from .errors import Cancelled, SteerdeskError
+from .models import LoadedModel
 from .steering import Steer
 
 FORMAT = "steerdesk.bake/1"
@@ -221,7 +222,7 @@ def _check_rope(config: Any, family: str) -> None:
                              f"{factor}), which a Llama checkpoint cannot express.")
 
 
-def plan_bake(lm: Any, steers: Sequence[Steer] | Sequence[Sequence[Steer]]) -> BakePlan:
+def plan_bake(lm: LoadedModel, steers: Sequence[Steer] | Sequence[Sequence[Steer]]) -> BakePlan:
     """Decide how ``steers`` are folded into ``lm``'s weights, or refuse with the reason.
 
     Cheap (no weights are copied): a panel can call it to say up front whether a steering can be
@@ -305,7 +306,7 @@ def _llama_config(config: Any, *, attention_bias: bool, mlp_bias: bool) -> Any:
         raise SteerdeskError(f"Cannot re-express {config.model_type} as Llama: {str(exc).splitlines()[0]}") from None
 
 
-def _target_config(lm: Any, plan: BakePlan) -> Any:
+def _target_config(lm: LoadedModel, plan: BakePlan) -> Any:
     config = lm.model.config
     family = plan.source_model_type
     if family == "llama":
@@ -321,7 +322,7 @@ def _target_config(lm: Any, plan: BakePlan) -> Any:
     return new
 
 
-def _target_state(lm: Any, plan: BakePlan, new_model: Any) -> dict[str, torch.Tensor]:
+def _target_state(lm: LoadedModel, plan: BakePlan, new_model: Any) -> dict[str, torch.Tensor]:
     """The source's tensors under the target's names, new biases zero, ``c`` added at the slots.
 
     Unchanged tensors are shared with the source model (no copy); the source is never modified.
@@ -380,7 +381,7 @@ def _target_state(lm: Any, plan: BakePlan, new_model: Any) -> dict[str, torch.Te
     return state
 
 
-def build_baked_model(lm: Any, plan: BakePlan) -> Any:
+def build_baked_model(lm: LoadedModel, plan: BakePlan) -> Any:
     """The baked model in memory (eval mode), its unchanged tensors shared with ``lm.model``.
 
     Built on the meta device and filled with ``load_state_dict(assign=True)``, so a large model
@@ -426,7 +427,7 @@ def build_baked_model(lm: Any, plan: BakePlan) -> Any:
 
 # ================================================================================ the check
 
-def check_ids(lm: Any, length: int = 24) -> torch.Tensor:
+def check_ids(lm: LoadedModel, length: int = 24) -> torch.Tensor:
     """``[1, length]`` token ids of :data:`CHECK_TEXT` (repeated as needed), on the input device."""
     ids = lm.tokenizer(CHECK_TEXT, add_special_tokens=False)["input_ids"]
     while len(ids) < length:
@@ -434,7 +435,7 @@ def check_ids(lm: Any, length: int = 24) -> torch.Tensor:
     return torch.tensor([ids[:length]], device=lm.input_device)
 
 
-def compare_logits(lm: Any, steers: Sequence[Steer], baked: Any, ids: torch.Tensor) -> tuple[float, float]:
+def compare_logits(lm: LoadedModel, steers: Sequence[Steer], baked: Any, ids: torch.Tensor) -> tuple[float, float]:
     """``(max |baked - hooked| logit difference, max |hooked logit|)`` on ``ids`` ``[1, S]``."""
     from .steering import Steering
 
@@ -457,13 +458,13 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def bake_metadata(lm: Any, steers: Sequence[Steer], plan: BakePlan, *, vectors: Any = None,
+def bake_metadata(lm: LoadedModel, steers: Sequence[Steer], plan: BakePlan, *, vectors: Any = None,
                   vector_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """What the checkpoint records about its making (JSON-ready): format, source model, vector
     identity (``directions_sha256`` as in records and sweeps, plus the file's SHA-256), the
     steers (layer, scale, mode, normalize, positions), the target family, slot and limits."""
     from .. import __version__
-    from .sweep import model_identity, vector_identity
+    from .identity import model_identity, vector_identity
 
     vec: dict[str, Any] = {}
     if vectors is not None:
@@ -535,7 +536,7 @@ def _legacy_rope_keys(config_file: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _write(baked: Any, lm: Any, tmp: Path, metadata: dict[str, Any]) -> None:
+def _write(baked: Any, lm: LoadedModel, tmp: Path, metadata: dict[str, Any]) -> None:
     baked.config.steerdesk_bake = metadata
     baked.save_pretrained(tmp)
     _legacy_rope_keys(tmp / "config.json")
@@ -566,7 +567,7 @@ def _replace_folder(tmp: Path, out: Path) -> None:
 
 
 def bake(
-    lm: Any,
+    lm: LoadedModel,
     steers: Sequence[Steer],
     out_dir: str | os.PathLike[str],
     *,
