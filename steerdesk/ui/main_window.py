@@ -215,10 +215,12 @@ class MainWindow(QMainWindow):
 
     @Slot(str)
     def on_model_loading(self, spec: str) -> None:
+        """A load started: say so in the status bar."""
         self.model_label.setText(f"loading {spec if spec != EMBEDDED else 'SmolLM2-135M-Instruct'}…")
 
     @Slot(object)
     def on_model_ready(self, info: Any) -> None:
+        """Remember the model (last / recent) and describe it in the status bar."""
         self._model_spec = self._pending_model or info.name
         self._settings.setValue("models/last", self._model_spec)
         push_recent(self._settings, self._model_spec)
@@ -233,16 +235,19 @@ class MainWindow(QMainWindow):
 
     @Slot(str, int, int, str)
     def on_progress(self, kind: str, done: int, total: int, message: str) -> None:
+        """Any job's progress in the status bar."""
         self.show_status(message if total <= 0 else f"{message} {done}/{total}")
 
     @Slot(object)
     def on_failed(self, error: ErrorInfo) -> None:
+        """A job failed: its error in a dialog."""
         if self.controller.model_info is None:
             self.model_label.setText("no model")
         self._dialogs.append(show_error(self, error))
 
     @Slot(bool)
     def on_busy_changed(self, busy: bool) -> None:
+        """The busy bar and Stop follow whether any job runs."""
         self.busy_bar.setVisible(busy)
         self.act_stop.setEnabled(busy)
 
@@ -255,9 +260,10 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(text, 8000)
 
     def on_export_heatmap(self) -> None:
+        """File > Export heatmap: a failed write is shown, not dropped."""
         path = QFileDialog.getSaveFileName(self, "Export heatmap", "heatmap.png", "PNG images (*.png)")[0]
-        if path:
-            self.generation_panel.heatmap.export_png(path)
+        if path and not self.generation_panel.heatmap.export_png(path):
+            self.show_user_error("Could not export the heatmap", f"Could not write {path}.")
 
     def _update_title(self) -> None:
         name = self.dataset_panel.display_name()

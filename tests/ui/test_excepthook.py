@@ -67,3 +67,12 @@ def test_failed_grid_and_recipe_exports_are_shown(qtbot, tmp_path, monkeypatch):
     panel.history.export_button.click()
     assert [t for t, _ in errors] == ["Could not export the grid", "Could not export the recipe"]
     assert all(target in m for _, m in errors)
+
+
+def test_failed_heatmap_export_is_shown(qtbot, window, tmp_path, monkeypatch):
+    from steerdesk.ui import main_window
+
+    target = str(tmp_path / "no" / "such" / "dir" / "heat.png")
+    monkeypatch.setattr(main_window.QFileDialog, "getSaveFileName", lambda *a, **k: (target, ""))
+    window.act_export_heat.trigger()
+    assert "Could not write" in window._dialogs[-1].text() and target in window._dialogs[-1].text()

@@ -39,10 +39,17 @@ WRITE_ERRORS = (OSError,)  # with SteerdeskError (imported lazily): a failed wri
 class SteeringSource(Protocol):
     """The generation pane's prompt, steering and sampling (versus and the grid reuse them)."""
 
-    def build_spec(self) -> Any: ...
-    def sampling(self) -> Any: ...
-    def selected_layers(self) -> list[int]: ...
-    def steering_options(self) -> tuple[str, bool]: ...
+    def build_spec(self) -> Any:
+        """The pane's ``GenerateSpec`` (``SteerdeskError`` with a sentence)."""
+
+    def sampling(self) -> Any:
+        """The pane's ``SamplingSettings``."""
+
+    def selected_layers(self) -> list[int]:
+        """The layers picked in the pane."""
+
+    def steering_options(self) -> tuple[str, bool]:
+        """``(mode, normalize)``."""
 
 
 class DiagnosticsTab(QWidget):

@@ -14,10 +14,17 @@ from ..vector_sets import NamedVectors, VectorSets
 class PairsSource(Protocol):
     """Where the contrast pairs come from (the dataset panel)."""
 
-    def dataset(self) -> Any: ...
-    def heldout_fraction(self) -> float: ...
-    def train_and_heldout(self) -> tuple[Any, Any]: ...
-    def display_name(self) -> str: ...
+    def dataset(self) -> Any:
+        """All rows (a ``Dataset``)."""
+
+    def heldout_fraction(self) -> float:
+        """The held-out fraction of the deterministic split."""
+
+    def train_and_heldout(self) -> tuple[Any, Any]:
+        """``(train, held-out)`` after validation (``SteerdeskError`` with a sentence)."""
+
+    def display_name(self) -> str:
+        """The dataset's name as shown."""
 
 
 class Refused(SteerdeskError):

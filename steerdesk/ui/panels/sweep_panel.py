@@ -232,6 +232,7 @@ class SweepPanel(QWidget):
         self._redraw()
 
     def set_progress(self, done: int, total: int) -> None:
+        """Show ``done`` of ``total`` sweep steps."""
         self.progress.setRange(0, max(total, 1))
         self.progress.setValue(done)
 
@@ -347,6 +348,7 @@ class SweepPanel(QWidget):
                                              self.mode.currentData()))
 
     def margin(self) -> np.ndarray:
+        """The margin deltas shown, ``[rows, scales]`` (NaN where not scored)."""
         return self._margin
 
     def _on_save(self) -> None:

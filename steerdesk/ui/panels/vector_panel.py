@@ -204,12 +204,14 @@ class VectorPanel(QWidget):
             b.setEnabled(has)
 
     def set_busy(self, busy: bool) -> None:
+        """Compute disabled and Cancel enabled while busy."""
         self.compute_button.setEnabled(not busy)
         self.cancel_button.setEnabled(busy)
         if not busy:
             self.progress.setRange(0, 100)
 
     def set_progress(self, done: int, total: int, message: str) -> None:
+        """Show ``done`` of ``total`` (a busy bar when ``total`` is 0) with ``message``."""
         if total <= 0:
             self.progress.setRange(0, 0)
         else:
