@@ -265,3 +265,44 @@ def test_llama_with_scaled_rope_round_trips(tokenizer, tmp_path, rope):
     got = hooked(wrap_model(reloaded, tokenizer), [], ids, new=2)
     want = hooked(lm, steers, ids, new=2)
     assert float((got["logits"] - want["logits"]).abs().max()) < 1e-4
+
+
+def test_sliding_window_limit_is_where_exactness_ends(tokenizer, plain_tokenizer, tmp_path):
+    """Mistral with a 12-token window, re-expressed as Llama: exact for 12 tokens, not for 13."""
+    import transformers as T
+
+    lm = build_tiny("mistral", tokenizer, plain_tokenizer)
+    lm.model.config.sliding_window = 12
+    try:
+        randomise(lm)
+        steers = steers_for(strong_vectors(lm), [1, 2])
+        result = bake(lm, steers, tmp_path / "out")
+        assert result.plan.max_tokens == 12 and result.metadata["exact_up_to_tokens"] == 12
+        reloaded = wrap_model(T.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval(),
+                              tokenizer)
+        for length, exact in ((12, True), (13, False)):
+            ids = IDS[:length] if length <= len(IDS) else (IDS * 2)[:length]
+            diff = float((hooked(reloaded, [], ids, new=1)["logits"] - hooked(lm, steers, ids, new=1)["logits"])
+                         .abs().max())
+            assert (diff < 1e-4) == exact, f"{length} tokens: {diff:.3g}"
+    finally:
+        lm.model.config.sliding_window = None
+
+
+def test_tied_qwen2_is_re_expressed_with_tied_embeddings(tokenizer, tmp_path):
+    """Small Qwen2 models tie the LM head to the embedding: the Llama form keeps the tie."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.Qwen2Config(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=128,
+                        num_hidden_layers=NUM_LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=512, tie_word_embeddings=True)
+    lm = randomise(wrap_model(T.AutoModelForCausalLM.from_config(cfg).eval(), tokenizer, name="tiny-qwen2-tied"))
+    steers = steers_for(strong_vectors(lm), [0, 3], scale=-1.0)
+    bake(lm, steers, tmp_path / "out")
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(reloaded).__name__ == "LlamaForCausalLM" and reloaded.config.tie_word_embeddings
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    got = hooked(wrap_model(reloaded, tokenizer), [])
+    want = hooked(lm, steers)
+    assert float((got["logits"] - want["logits"]).abs().max()) < 1e-4 and got["tokens"] == want["tokens"]
