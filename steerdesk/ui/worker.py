@@ -58,6 +58,7 @@ class ModelWorker(QObject):
             on_text=lambda row, chunk: self.text.emit(rid, row, chunk),
             on_step=self._step_emitter(rid),
         )
+        lm: Any = None  # the model a recorded run ran on (None for a load)
         try:
             if isinstance(request.spec, jobs.LoadSpec):
                 self._drop_model()
@@ -67,7 +68,6 @@ class ModelWorker(QObject):
             else:
                 lm = self._need_model()
                 result = jobs.run(lm, request.spec, ctx)
-                self._record(lm, request.spec, result)
         except Cancelled:
             self.cancelled.emit(rid)
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the GUI
@@ -78,6 +78,8 @@ class ModelWorker(QObject):
                 self.cancelled.emit(rid)
             else:
                 self.finished.emit(rid, result)
+            if lm is not None:
+                self._record(lm, request.spec, result)  # after the result, as before: it never delays it
 
     def _step_emitter(self, rid: int) -> Any:
         def on_step(step: int, ids: list[int], proj: Any) -> None:

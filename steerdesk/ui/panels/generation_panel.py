@@ -409,7 +409,8 @@ class GenerationPanel(QWidget):
 
     def try_steering(self, name: str, layers: list[int], scale: float, mode: str) -> None:
         """Steer with set ``name`` at ``layers`` x ``scale`` in ``mode`` and generate a comparison (a sweep cell)."""
-        self.select_vectors(name)
+        if name:
+            self.select_vectors(name)
         self.set_layers(layers)
         self.set_scale(scale)
         self.mode.setCurrentIndex(max(0, self.mode.findData(mode)))
