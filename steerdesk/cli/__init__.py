@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from ..core.errors import SteerdeskError
+from ..core.errors import Cancelled, SteerdeskError
 from .common import dataset_spec, load_model, load_vectors_for, model_arg, progress_bar
 
 log = logging.getLogger("steerdesk")
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         return commands()[args.command](args)
-    except SteerdeskError as exc:
+    except (SteerdeskError, Cancelled) as exc:  # a stop (never set by the CLI) stays one line
         if debug:
             traceback.print_exc()
         print(f"steerdesk: error: {exc}", file=sys.stderr)
