@@ -816,6 +816,18 @@ def open_for_search(path: str | Path, identity: StudyIdentity, *, space: SearchS
     return study, stored, space, seed, sampler, fluency_budget
 
 
+def close_study(study: Any) -> None:
+    """Release the study's SQLite connections now, in this thread (not whenever it is collected)."""
+    storage = getattr(study, "_storage", None)
+    backend = getattr(storage, "_backend", storage)
+    remove = getattr(backend, "remove_session", None)
+    if callable(remove):
+        remove()
+    engine = getattr(backend, "engine", None)
+    if engine is not None:
+        engine.dispose()
+
+
 def recover_interrupted(study: Any) -> list[int]:
     """Mark trials left RUNNING by a dead process ``FAIL`` (``interrupted``) and enqueue their
     parameters again (``retry_of``). Returns the numbers of the trials marked."""
@@ -894,76 +906,79 @@ def search(
         study_path, identity, space=space, seed=seed, sampler=sampler, fluency_budget=fluency_budget,
         default_space=default_space)
     assert space is not None and seed is not None and sampler is not None and fluency_budget is not None
-    space.check(vectors, info.num_layers)
-    recovered = recover_interrupted(study)
-    if recovered:
-        log.info("trials %s were interrupted; retrying them", recovered)
-    dists = space.distributions()
+    try:
+        space.check(vectors, info.num_layers)
+        recovered = recover_interrupted(study)
+        if recovered:
+            log.info("trials %s were interrupted; retrying them", recovered)
+        dists = space.distributions()
 
-    def n_evaluated() -> int:
-        return sum(1 for t in study.get_trials(deepcopy=False) if _evaluated(t))
+        def n_evaluated() -> int:
+            return sum(1 for t in study.get_trials(deepcopy=False) if _evaluated(t))
 
-    before = n_evaluated()
-    done_now = 0
-    batches = 0
-    stopped = False
-    evaluator: Evaluator | None = None
-    host, pid = socket.gethostname(), os.getpid()
-    if progress:
-        progress(min(before, trials), trials)
-    while n_evaluated() < trials:
-        if cancel is not None and cancel.is_set():
-            stopped = True
-            break
-        if evaluator is None:
-            evaluator = Evaluator.prepare(lm, vectors, heldout, neutral=neutral, system=system, max_pairs=max_pairs,
-                                          batch_size=batch_size, max_rows=max_rows, cancel=cancel)
-            study.set_user_attr("baseline", {"margin": evaluator.base.margin, "fluency": evaluator.base.fluency})
-        k = min(batch, trials - n_evaluated())
-        study.sampler = make_sampler(sampler, batch_seed(seed, len(study.get_trials(deepcopy=False))), fluency_budget)
-        asked = []
-        for _ in range(k):
-            trial = study.ask(dists)
-            trial.set_user_attr("pid", pid)
-            trial.set_user_attr("host", host)
-            asked.append(trial)
-        settings = [settings_for(t.params, space, vectors) for t in asked]
-        try:
-            scored = evaluator.score(settings, cancel=cancel)
-        except Cancelled:
+        before = n_evaluated()
+        done_now = 0
+        batches = 0
+        stopped = False
+        evaluator: Evaluator | None = None
+        host, pid = socket.gethostname(), os.getpid()
+        if progress:
+            progress(min(before, trials), trials)
+        while n_evaluated() < trials:
+            if cancel is not None and cancel.is_set():
+                stopped = True
+                break
+            if evaluator is None:
+                evaluator = Evaluator.prepare(lm, vectors, heldout, neutral=neutral, system=system, max_pairs=max_pairs,
+                                              batch_size=batch_size, max_rows=max_rows, cancel=cancel)
+                study.set_user_attr("baseline", {"margin": evaluator.base.margin, "fluency": evaluator.base.fluency})
+            k = min(batch, trials - n_evaluated())
+            n_stored = len(study.get_trials(deepcopy=False))
+            study.sampler = make_sampler(sampler, batch_seed(seed, n_stored), fluency_budget)
+            asked = []
+            for _ in range(k):
+                trial = study.ask(dists)
+                trial.set_user_attr("pid", pid)
+                trial.set_user_attr("host", host)
+                asked.append(trial)
+            settings = [settings_for(t.params, space, vectors) for t in asked]
+            try:
+                scored = evaluator.score(settings, cancel=cancel)
+            except Cancelled:
+                from optuna.trial import TrialState
+
+                for t in asked:
+                    t.set_user_attr("interrupted", True)
+                    study.tell(t, state=TrialState.FAIL)
+                    study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number}, skip_if_exists=False)
+                stopped = True
+                break
+            batches += 1
             from optuna.trial import TrialState
 
-            for t in asked:
-                t.set_user_attr("interrupted", True)
-                study.tell(t, state=TrialState.FAIL)
-                study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number}, skip_if_exists=False)
-            stopped = True
-            break
-        batches += 1
-        from optuna.trial import TrialState
-
-        for t, s, (m, kl, f) in zip(asked, settings, scored):
-            t.set_user_attr("fluency_delta", f if math.isfinite(f) else None)
-            t.set_user_attr("settings", s.to_dict())
-            if math.isfinite(m) and math.isfinite(kl) and math.isfinite(f):
-                if _HAS_SET_CONSTRAINT():
-                    t.set_constraint("fluency", -f - fluency_budget)
-                study.tell(t, [m, kl])
-            else:
-                t.set_user_attr("failed", "non-finite score (the steering blew the model up)")
-                study.tell(t, state=TrialState.FAIL)
-            done_now += 1
-            if on_trial is not None:
-                r = TrialResult(number=t.number, state="complete" if math.isfinite(m + kl + f) else "failed",
-                                params=dict(t.params), settings=s, margin_delta=m, kl=kl, fluency_delta=f,
-                                retry_of=t.user_attrs.get("retry_of"))
-                r.within_budget = r.state == "complete" and -f <= fluency_budget
-                on_trial(r)
-        if progress:
-            progress(min(n_evaluated(), trials), trials)
-    all_trials = trial_results(study.get_trials(deepcopy=False), space, vectors, fluency_budget)
-    attrs = study.user_attrs
-    study._storage.remove_session()
+            for t, s, (m, kl, f) in zip(asked, settings, scored):
+                t.set_user_attr("fluency_delta", f if math.isfinite(f) else None)
+                t.set_user_attr("settings", s.to_dict())
+                if math.isfinite(m) and math.isfinite(kl) and math.isfinite(f):
+                    if _HAS_SET_CONSTRAINT():
+                        t.set_constraint("fluency", -f - fluency_budget)
+                    study.tell(t, [m, kl])
+                else:
+                    t.set_user_attr("failed", "non-finite score (the steering blew the model up)")
+                    study.tell(t, state=TrialState.FAIL)
+                done_now += 1
+                if on_trial is not None:
+                    r = TrialResult(number=t.number, state="complete" if math.isfinite(m + kl + f) else "failed",
+                                    params=dict(t.params), settings=s, margin_delta=m, kl=kl, fluency_delta=f,
+                                    retry_of=t.user_attrs.get("retry_of"))
+                    r.within_budget = r.state == "complete" and -f <= fluency_budget
+                    on_trial(r)
+            if progress:
+                progress(min(n_evaluated(), trials), trials)
+        all_trials = trial_results(study.get_trials(deepcopy=False), space, vectors, fluency_budget)
+        attrs = study.user_attrs
+    finally:
+        close_study(study)
     return SearchResult(study=str(study_path), trials=all_trials, space=space, seed=seed, sampler=sampler,
                         fluency_budget=fluency_budget, model=identity.model, vector=identity.vector,
                         evaluation=identity.evaluation, baseline=dict(attrs.get("baseline") or {}),
@@ -1009,6 +1024,7 @@ __all__ = [
     "TrialResult",
     "TrialSettings",
     "batch_seed",
+    "close_study",
     "best_within_budget",
     "export_vectors",
     "identity_for",
