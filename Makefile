@@ -21,8 +21,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/steerdesk
 
+# Paths ruff checks (the window joins later); mypy's paths are in pyproject.toml ([tool.mypy] files).
+RUFF_PATHS := steerdesk/core steerdesk/jobs steerdesk/cli steerdesk/selftest.py tests/core tests/cli
+
 test: $(STAMP)
 	$(BIN)/lint-imports
+	$(BIN)/mypy
+	$(BIN)/ruff check $(RUFF_PATHS)
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest -q
 
 bench: $(STAMP)

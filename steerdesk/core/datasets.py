@@ -93,7 +93,7 @@ class Dataset:
             h.update(b"\n")
         return h.hexdigest()
 
-    def split(self, heldout_fraction: float = 0.2, seed: int = 0) -> tuple["Dataset", "Dataset"]:
+    def split(self, heldout_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
         """Deterministic shuffled split into (train, held-out); each keeps at least one row."""
         if not 0.0 <= heldout_fraction < 1.0:
             raise SteerdeskError("The held-out fraction must be in [0, 1).")
@@ -188,7 +188,8 @@ def parse_csv(text: str, name: str = "<text>") -> Dataset:
         )
     unknown = [c for c in cols if c not in FIELDS]
     if unknown:
-        raise SteerdeskError(f"{name}, line {header_line}: unknown column {unknown[0]!r}; expected prompt, base, target.")
+        raise SteerdeskError(
+            f"{name}, line {header_line}: unknown column {unknown[0]!r}; expected prompt, base, target.")
     examples = []
     for lineno, row in rows_numbered[1:]:
         if len(row) > len(cols):
@@ -227,7 +228,8 @@ def load_dataset(path: str | Path, target_path: str | Path | None = None) -> Dat
             f"{path}: a plain-text list holds one side only; give the base and target files together."
         )
     else:
-        raise SteerdeskError(f"{path}: unknown dataset format {suffix or '(no extension)'}; use .jsonl, .csv or two .txt files.")
+        raise SteerdeskError(
+            f"{path}: unknown dataset format {suffix or '(no extension)'}; use .jsonl, .csv or two .txt files.")
     ds.name = path.stem
     return ds
 
@@ -252,7 +254,8 @@ def save_dataset(ds: Dataset, path: str | Path, target_path: str | Path | None =
     path = Path(path)
     if target_path is not None:
         atomic_write_text(path, "".join(e.base.replace("\n", " ") + "\n" for e in ds.examples if e.base.strip()))
-        atomic_write_text(target_path, "".join(e.target.replace("\n", " ") + "\n" for e in ds.examples if e.target.strip()))
+        atomic_write_text(target_path,
+                          "".join(e.target.replace("\n", " ") + "\n" for e in ds.examples if e.target.strip()))
         return
     if path.suffix.lower() == ".csv":
         atomic_write_text(path, to_csv(ds))

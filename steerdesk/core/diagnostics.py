@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from .datasets import Dataset
 from .errors import SteerdeskError
+from .models import LoadedModel
+from .vectors import VectorSet
 
 Progress = Callable[[int, int], None]
 
@@ -158,7 +161,11 @@ def diagnose_reads(
     else:
         typical = torch.cat([base, target]).double().norm(dim=-1).mean(0)
     mean_diff = target.double().mean(0) - base.double().mean(0)  # [L, H]
-    auc, dp, cons, align, rel = [], [], [], [], []
+    auc: list[float | None] = []
+    dp: list[float | None] = []
+    cons: list[float | None] = []
+    align: list[float | None] = []
+    rel: list[float | None] = []
     has = [bool(x) for x in (torch.as_tensor(present).reshape(-1) if present is not None else vnorm > 0)]
     if len(has) != n_layers:
         raise SteerdeskError(f"'present' has {len(has)} entries for {n_layers} layers.")
@@ -195,7 +202,7 @@ def diagnose_reads(
     )
 
 
-def diagnose_extraction(vs: Any) -> Diagnostics:
+def diagnose_extraction(vs: VectorSet) -> Diagnostics:
     """Diagnostics on the examples a vector set was computed from (``compute_vectors(keep_reads=True)``)."""
     ext = getattr(vs, "extraction", None)
     if ext is None:
@@ -207,8 +214,8 @@ def diagnose_extraction(vs: Any) -> Diagnostics:
 
 
 def diagnose(
-    lm: Any,
-    vs: Any,
+    lm: LoadedModel,
+    vs: VectorSet,
     dataset: Dataset,
     *,
     read: str | None = None,

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -40,6 +41,7 @@ from .layouts import (
     prepare_texts,
 )
 from .memory import oom_guard
+from .models import LoadedModel
 from .steering import Steer, Steering
 
 Progress = Callable[[int, int], None]
@@ -168,7 +170,7 @@ def reference_logprobs(lay: Layout, logits_at: Callable[[torch.Tensor, torch.Ten
     return torch.cat(parts)
 
 
-def model_logits(lm: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+def model_logits(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  keep: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The model's own logits at columns ``keep`` (``[B, K, V]``) and the first kept column.
 
@@ -185,7 +187,7 @@ def model_logits(lm: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torc
         return out.logits, 0
 
 
-def vocab_size(lm: Any) -> int:
+def vocab_size(lm: LoadedModel) -> int:
     head = lm.model.get_output_embeddings()
     weight = getattr(head, "weight", None)
     if weight is not None:
@@ -204,7 +206,7 @@ class TextScorer:
     (and is the KL reference).
     """
 
-    def __init__(self, lm: Any, texts: EvalTexts, *, batch_size: int = 16, max_rows: int = 64):
+    def __init__(self, lm: LoadedModel, texts: EvalTexts, *, batch_size: int = 16, max_rows: int = 64):
         if max_rows < 1:
             raise SteerdeskError("The number of rows per forward pass must be at least 1.")
         self.lm = lm
@@ -246,7 +248,7 @@ class TextScorer:
             _check(cancel)
             with oom_guard("scoring", _OOM_HINT), torch.inference_mode():
                 logits, lo = model_logits(self.lm, lay.ids, lay.model_mask, lay.positions, lay.keep())
-            at = lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)]  # noqa: E731
+            at = lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)]
             if lay.kind == "neutral":
                 self.refs[li] = reference_logprobs(lay, at, self.vocab)
             row_lp, _ = score_tokens(lay, 1, at, self.vocab)
@@ -304,7 +306,7 @@ def _check(cancel: threading.Event | None) -> None:
 # ============================================================================ entry point
 
 def evaluate(
-    lm: Any,
+    lm: LoadedModel,
     heldout: Dataset,
     steers: Sequence[Steer] = (),
     *,

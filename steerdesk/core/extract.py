@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .datasets import Dataset, format_pair, uses_chat_template
 from .errors import Cancelled, SteerdeskError
 from .memory import oom_guard
+from .models import LoadedModel
 from .steering import block_hidden
+
+if TYPE_CHECKING:  # vectors imports nothing from here; only the annotation needs the name
+    from .vectors import VectorSet
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +37,7 @@ class Encoded:
     truncated: bool = False
 
 
-def context_limit(lm: Any) -> int | None:
+def context_limit(lm: LoadedModel) -> int | None:
     config = lm.model.config
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
@@ -41,7 +46,7 @@ def context_limit(lm: Any) -> int | None:
     return None
 
 
-def encode(lm: Any, pairs: Sequence[tuple[str, str]], system: str | None = None) -> list[Encoded]:
+def encode(lm: LoadedModel, pairs: Sequence[tuple[str, str]], system: str | None = None) -> list[Encoded]:
     """Format ``(prompt, reply)`` pairs with the chat template and tokenize them.
 
     Texts longer than the model's context are cut from the left (the reply end is what
@@ -118,7 +123,7 @@ def _stack_on_cpu(parts: list[torch.Tensor]) -> torch.Tensor:
 
 @torch.inference_mode()
 def collect(
-    lm: Any,
+    lm: LoadedModel,
     encoded: Sequence[Encoded],
     *,
     read: str = "last",
@@ -231,7 +236,7 @@ class Extraction:
 
 
 def compute_vectors(
-    lm: Any,
+    lm: LoadedModel,
     dataset: Dataset,
     *,
     method: str = "mean-diff",
@@ -241,7 +246,7 @@ def compute_vectors(
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
     keep_reads: bool = False,
-) -> Any:
+) -> VectorSet:
     """Compute a :class:`~steerdesk.core.vectors.VectorSet` from a contrast dataset.
 
     ``mean-diff``: ``v_L = mean(h_target) - mean(h_base)``. ``pca``: first principal axis

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .errors import SteerdeskError
 
@@ -47,7 +47,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> None:
+def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[Path], object]) -> None:
     """Let ``writer`` fill a temporary path, then move it over ``path`` atomically."""
     with atomic_path(path) as tmp:
         writer(tmp)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from .datasets import format_prompt, uses_chat_template
 from .errors import SteerdeskError
 from .memory import oom_guard
+from .models import LoadedModel
 from .steering import Steer, Steering
 
 TextCallback = Callable[[int, str], None]
@@ -124,7 +126,7 @@ class _RowStreamer:
                 self._emit(row, text[len(sent):])
 
 
-def _eos_ids(lm: Any) -> set[int]:
+def _eos_ids(lm: LoadedModel) -> set[int]:
     ids: set[int] = set()
     gen_eos = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
     for value in (gen_eos, lm.tokenizer.eos_token_id):
@@ -192,7 +194,7 @@ class _RowSampler:
         return forced.scatter_(1, token, 0.0)
 
 
-def encode_prompts(lm: Any, prompts: Sequence[str], system: str | None = None,
+def encode_prompts(lm: LoadedModel, prompts: Sequence[str], system: str | None = None,
                    raw: bool = False) -> dict[str, torch.Tensor]:
     """Chat-format and left-pad a batch of user prompts."""
     tok = lm.tokenizer
@@ -217,7 +219,7 @@ def describe_steering(rows: Sequence[Sequence[Steer]]) -> str:
 
 
 def generate(
-    lm: Any,
+    lm: LoadedModel,
     prompts: Sequence[str],
     steering: Sequence[Sequence[Steer]] | Sequence[Steer] | None = None,
     *,
@@ -264,8 +266,13 @@ def generate(
     width = inputs["input_ids"].shape[1]
     eos = _eos_ids(lm)
 
-    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, \
-        StoppingCriteria, StoppingCriteriaList
+    from transformers import (
+        GenerationConfig,
+        LogitsProcessor,
+        LogitsProcessorList,
+        StoppingCriteria,
+        StoppingCriteriaList,
+    )
 
     # Projections of the token-producing hidden state per watched layer, filled by hooks.
     step_proj: dict[int, torch.Tensor] = {}
@@ -371,7 +378,7 @@ def generate(
 
 
 def compare(
-    lm: Any,
+    lm: LoadedModel,
     prompt: str,
     steers: Sequence[Steer],
     **kwargs: Any,

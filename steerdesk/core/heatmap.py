@@ -43,7 +43,7 @@ def diverging_rgb(x: float) -> tuple[int, int, int]:
     return tuple(int(round(m + (e - m) * t)) for m, e in zip(_MID, end))  # type: ignore[return-value]
 
 
-def png_bytes(pixels: "Any") -> bytes:
+def png_bytes(pixels: Any) -> bytes:
     """A minimal RGB PNG from a ``[H, W, 3]`` uint8 numpy array."""
     import numpy as np
 
@@ -57,7 +57,7 @@ def png_bytes(pixels: "Any") -> bytes:
             + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
-def draw_text(img: "Any", x: int, y: int, s: str, scale: int = 2) -> None:
+def draw_text(img: Any, x: int, y: int, s: str, scale: int = 2) -> None:
     for ch in s:
         glyph = _GLYPHS.get(ch, _GLYPHS[" "])
         for gy, bits in enumerate(glyph):
@@ -110,7 +110,7 @@ def heatmap_png(result: SweepResult, path: str | Path, *, cell_w: int = 36, cell
             draw_text(img, tx, ty, NO_VECTOR_LABEL, scale)
             continue
         for c in range(n_c):
-            m, f = result.cell(r, c)
+            m, _ = result.cell(r, c)
             x0 = label_w + c * cell_w
             color = np.array(diverging_rgb(m / limit) if m is not None else (128, 128, 128), dtype=np.float64)
             block = np.empty((cell_h - 1, cell_w - 1, 3))

@@ -8,11 +8,14 @@ comparison of a model in hand with the one something was made for.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .models import EMBEDDED_NAME, LoadedModel, ModelInfo
+
+if TYPE_CHECKING:  # vectors imports this module (lazily): only annotations need VectorSet
+    from .vectors import VectorSet
 
 __all__ = ["directions_of", "directions_sha256", "model_identity", "model_mismatches", "model_revision",
            "model_spec", "sha256_text", "template_sha256", "vector_identity"]
@@ -57,7 +60,7 @@ def model_identity(lm: LoadedModel) -> dict[str, Any]:
     }
 
 
-def directions_of(vectors: Any) -> torch.Tensor:
+def directions_of(vectors: VectorSet | torch.Tensor) -> torch.Tensor:
     """The ``[num_layers, hidden]`` directions of a vector set (or the tensor itself).
 
     Raises ``SteerdeskError`` for anything else.
@@ -76,7 +79,7 @@ def directions_sha256(directions: torch.Tensor) -> str:
     return hashlib.sha256(d.numpy().tobytes()).hexdigest()
 
 
-def vector_identity(vectors: Any, path: str | None = None) -> dict[str, Any]:
+def vector_identity(vectors: VectorSet | torch.Tensor, path: str | None = None) -> dict[str, Any]:
     """What identifies a vector set (or a ``[layers, hidden]`` tensor) in a result or a record."""
     meta = dict(getattr(vectors, "metadata", {}) or {})
     out: dict[str, Any] = {k: meta[k] for k in VECTOR_META_KEYS if k in meta}

@@ -32,9 +32,10 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -82,7 +83,8 @@ class KernelChoice:
     def describe(self) -> str:
         """One line for ``steerdesk info``: kernel, how it was chosen and the measured ratio."""
         ratio = f", oneDNN/aten speed {self.ratio:.2f}x" if self.ratio is not None else ""
-        return f"{self.backend} ({self.how}{ratio}): {self.detail}" if self.detail else f"{self.backend} ({self.how}{ratio})"
+        head = f"{self.backend} ({self.how}{ratio})"
+        return f"{head}: {self.detail}" if self.detail else head
 
 
 def decide(aten: Sequence[float], onednn: Sequence[float], *, margin: float = MARGIN,
@@ -270,7 +272,8 @@ def probe(weights: Sequence[torch.Tensor] | None = None, pairs: int = PAIRS,
     backend, ratio, reason = decide(aten, onednn)
     if busy > BUSY:
         return KernelChoice(backend, "probed-busy", ratio,
-                            f"{reason}; other processes used {busy:.0%} of the CPUs: not stored, measured again next time")
+                            f"{reason}; other processes used {busy:.0%} of the CPUs: not stored, "
+                            "measured again next time")
     log.info("CPU linear: aten %.2f ms, oneDNN %.2f ms per probe step (medians) -> %s",
              statistics.median(aten) * 1e3, statistics.median(onednn) * 1e3, backend)
     return KernelChoice(backend, "probed", ratio, reason)
@@ -396,7 +399,7 @@ def use_cpu_linear(model: torch.nn.Module, backend: str | None = None) -> str:
     if backend not in (None, "onednn", "aten"):
         raise ValueError(f"unknown CPU linear backend {backend!r}")
     if backend == "aten":
-        restored = [m for m in model.modules() if type(m) is OneDNNLinear]
+        restored: list[torch.nn.Module] = [m for m in model.modules() if type(m) is OneDNNLinear]
         for m in restored:
             m.__class__ = torch.nn.Linear
         return "aten" if restored or any(_eligible(m) for m in model.modules()) else ""
@@ -404,7 +407,8 @@ def use_cpu_linear(model: torch.nn.Module, backend: str | None = None) -> str:
     switched = any(type(m) is OneDNNLinear for m in model.modules())
     if not modules and not switched:
         return ""
-    backend = backend or linear_choice(_probe_slice([m.weight.detach() for m in modules])).backend
+    weights = [m.weight.detach() for m in modules if isinstance(m.weight, torch.Tensor)]
+    backend = backend or linear_choice(_probe_slice(weights)).backend
     if backend == "aten":
         return use_cpu_linear(model, "aten")
     for m in modules:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from .datasets import Dataset
 from .errors import SteerdeskError
 from .extract import Encoded, encode
+from .models import LoadedModel
 
 KINDS = ("base", "target", "neutral")
 
@@ -47,7 +47,7 @@ class EvalTexts:
 
 
 def prepare_texts(
-    lm: Any,
+    lm: LoadedModel,
     heldout: Dataset,
     *,
     neutral: Sequence[str] | None = None,
@@ -69,7 +69,7 @@ def prepare_texts(
     neutral_pairs = [("", t) for t in (neutral or ()) if t.strip()]
     encoded = encode(lm, base + target + neutral_pairs, system)
     kinds = ["base"] * len(base) + ["target"] * len(target) + ["neutral"] * len(neutral_pairs)
-    for e, (prompt, reply) in zip(encoded, base + target + neutral_pairs):
+    for e, (_, reply) in zip(encoded, base + target + neutral_pairs):
         if n_scored(e) < 1:
             raise SteerdeskError(f"The reply {reply[:40]!r} has no token to score (it is empty after formatting).")
     return EvalTexts(encoded, kinds, n_pairs=min(len(base), len(target)), dataset_name=heldout.name,
@@ -146,12 +146,14 @@ class Layout:
         lo, hi = int(self.src_col.min()), int(self.src_col.max())
         return torch.arange(lo, hi + 1, device=self.ids.device)
 
-    def subset(self, rows: Sequence[int]) -> "Layout":
+    def subset(self, rows: Sequence[int]) -> Layout:
         """These rows (repeats allowed, with all their segments), same width and reply column."""
         idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.ids.device)
         assert self.seg is not None
         src_row, src_col, tok, seg = [], [], [], []
-        counts, texts, seg_row = [], [], []
+        counts: list[float] = []
+        texts: list[int] = []
+        seg_row: list[int] = []
         for new, old in enumerate(rows):
             for s in (s for s, r in enumerate(self.seg_row) if r == old):
                 sel = self.seg == s
@@ -201,13 +203,13 @@ def make_layout(items: Sequence[Encoded], texts: Sequence[int], pad_id: int, dev
             tok.append(e.ids[t])
         counts[i] = n - first
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)
     return Layout(ids=ids.to(device), mask=mask.to(device), positions=positions.to(device), reply_col=p_max,
                   src_row=as_long(src_row), src_col=as_long(src_col), tok=as_long(tok), counts=counts,
                   texts=list(texts), kind=kind)
 
 
-def make_layouts(lm: Any, texts: EvalTexts, batch_size: int) -> list[Layout]:
+def make_layouts(lm: LoadedModel, texts: EvalTexts, batch_size: int) -> list[Layout]:
     """Held-out and neutral texts in separate batches of at most ``batch_size``, longest first."""
     if batch_size < 1:
         raise SteerdeskError("Batch size must be at least 1.")
@@ -223,14 +225,14 @@ def make_layouts(lm: Any, texts: EvalTexts, batch_size: int) -> list[Layout]:
     return out
 
 
-def packed_mask_format(lm: Any) -> str | None:
+def packed_mask_format(lm: LoadedModel) -> str | None:
     """How a custom 4D attention mask must be written for this model: ``"bool"`` (sdpa: True =
     attend), ``"additive"`` (eager: 0 or the dtype's minimum), or None (other kernels: no packing)."""
     impl = getattr(getattr(lm.model, "config", None), "_attn_implementation", None)
     return {"sdpa": "bool", "eager": "additive"}.get(str(impl)) if impl else None
 
 
-def make_packed_layouts(lm: Any, texts: EvalTexts, *, row_tokens: int = 320, max_rows: int = 16,
+def make_packed_layouts(lm: LoadedModel, texts: EvalTexts, *, row_tokens: int = 320, max_rows: int = 16,
                         positions: str = "all") -> list[Layout] | None:
     """Held-out (and neutral) texts packed so that texts sharing a prompt share its tokens.
 
@@ -269,7 +271,7 @@ def make_packed_layouts(lm: Any, texts: EvalTexts, *, row_tokens: int = 320, max
         items = list(groups.items())
         if not items:
             continue
-        size = lambda it: len(it[0]) + sum(len(texts.encoded[i].ids) - starts[i] for i in it[1])  # noqa: E731
+        size = lambda it: len(it[0]) + sum(len(texts.encoded[i].ids) - starts[i] for i in it[1])
         n_rows = max(1, -(-sum(size(it) for it in items) // row_tokens))
         n_rows = min(n_rows, len(items))
         # Longest first onto the lightest row (balanced rows, little padding).
@@ -367,7 +369,7 @@ def _pack_rows(rows: list[list[tuple[tuple[int, ...], list[int]]]], texts: EvalT
         attn = allowed
     else:
         attn = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)
     return Layout(ids=ids.to(device), mask=mask.to(device), positions=positions.to(device), reply_col=p_width,
                   src_row=as_long(src_row), src_col=as_long(src_col), tok=as_long(tok),
                   counts=torch.tensor(counts, dtype=torch.float32), texts=seg_texts, kind=kind,

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .models import LoadedModel
 from .steering import block_hidden
 
 # Final-norm attribute names on the base model, most common first (checked by the sweep's self-check).
@@ -28,7 +29,7 @@ class Unsupported(Exception):
 class Capture:
     """Block inputs and block call arguments recorded during one unsteered forward."""
 
-    def __init__(self, lm: Any, starts: Sequence[int]):
+    def __init__(self, lm: LoadedModel, starts: Sequence[int]):
         self.lm = lm
         self.starts = set(starts)
         self.first = min(starts)
@@ -50,7 +51,7 @@ class Capture:
                 self.inputs[layer] = hidden.detach().clone()
         return pre
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         blocks = self.lm.blocks
         for layer in range(self.first, len(blocks)):
             self._handles.append(blocks[layer].register_forward_pre_hook(self._hook(layer), with_kwargs=True))
@@ -99,17 +100,14 @@ class RowPicker:
 class Tail:
     """Final norm + LM head (+ soft-capping) of a causal LM, found by name; verified by the self-check."""
 
-    def __init__(self, lm: Any):
+    def __init__(self, lm: LoadedModel):
         model = lm.model
         base = getattr(model, "base_model", None) or model
-        self.norm = None
-        for name in FINAL_NORMS:
-            mod = getattr(base, name, None)
-            if isinstance(mod, torch.nn.Module):
-                self.norm = mod
-                break
-        if self.norm is None:
+        norm = next((m for m in (getattr(base, name, None) for name in FINAL_NORMS)
+                     if isinstance(m, torch.nn.Module)), None)
+        if norm is None:
             raise Unsupported("no final norm found")
+        self.norm: torch.nn.Module = norm
         self.head = model.get_output_embeddings()
         if self.head is None:
             raise Unsupported("no LM head")
@@ -127,7 +125,7 @@ class Tail:
         return logits
 
 
-def run_blocks(lm: Any, cap: Capture, start: int, rows: int, idx: torch.Tensor) -> torch.Tensor:
+def run_blocks(lm: LoadedModel, cap: Capture, start: int, rows: int, idx: torch.Tensor) -> torch.Tensor:
     """Blocks ``start..end`` on the recorded input of block ``start``, batch rows ``idx`` of it."""
     pick = RowPicker(rows, idx)
     h = pick(cap.inputs[start])

@@ -10,13 +10,23 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from .datasets import Dataset
 from .diagnostics import Diagnostics
 from .errors import SteerdeskError
 from .generate import GenerationResult, SamplingSettings
 from .identity import directions_sha256, vector_identity
 from .models import LoadedModel
-from .records import RecordHeader, RunRecord, dataset_fields, embed_vectors, sampling_fields, vector_fields, vector_metadata
+from .records import (
+    RecordHeader,
+    RunRecord,
+    dataset_fields,
+    embed_vectors,
+    sampling_fields,
+    vector_fields,
+    vector_metadata,
+)
 from .steering import Steer
 from .sweep_result import SweepResult
 from .textgrid import GridRow
@@ -118,7 +128,7 @@ def record_sweep(
     lm: LoadedModel,
     result: SweepResult,
     dataset: Dataset,
-    vectors: VectorSet | Any,
+    vectors: VectorSet | torch.Tensor,
     *,
     dataset_spec: str | None = None,
     heldout: float = 0.0,
@@ -136,8 +146,8 @@ def record_sweep(
     if vector_path:
         vec["path"] = str(vector_path)
     elif not vec.get("path"):
-        vec["embedded"] = embed_vectors({layer: vectors.directions[layer] if hasattr(vectors, "directions")
-                                         else vectors[layer] for layer in used})
+        d = vectors.directions if isinstance(vectors, VectorSet) else vectors
+        vec["embedded"] = embed_vectors({layer: d[layer] for layer in used})
     meta = vector_metadata(vectors)
     return RunRecord(
         **RecordHeader.fields_for(lm, "sweep", model, result.seconds),

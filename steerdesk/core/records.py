@@ -296,5 +296,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = ["FORMAT", "KINDS", "ComputeOutputs", "DiagnoseOutputs", "GenerateOutputs", "GridOutputs", "RecordHeader",
            "RowOutput", "RunRecord", "SweepOutputs", "VersusOutputs", "dataset_fields", "embed_vectors",
-           "model_spec", "record_compute", "record_diagnose", "record_generation", "record_grid", "record_sweep",
-           "record_versus", "sampling_fields", "sha256_text", "directions_sha256", "vector_fields", "vector_metadata"]
+           "model_spec", "sampling_fields", "sha256_text", "directions_sha256", "vector_fields", "vector_metadata"]
+# record_compute / record_diagnose / record_generation / record_grid / record_sweep / record_versus are
+# importable from here too (module __getattr__); they are defined in steerdesk.core.record_kinds.

@@ -15,12 +15,14 @@ length at each model call, so steering is identical with the KV cache on or off.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, cast
 
 import torch
 
 from .errors import SteerdeskError
+from .models import LoadedModel
 from .parsing import check_layers, parse_layers  # noqa: F401 - parse_layers: the name the window imported
 
 MODES = ("add", "project", "clamp")
@@ -84,7 +86,7 @@ RowSpec = Sequence[Steer]
 class _Op:
     """A steering operation prepared for one (layer, device, dtype)."""
 
-    __slots__ = ("mode", "positions", "rows", "unit", "addend", "scale")
+    __slots__ = ("addend", "mode", "positions", "rows", "scale", "unit")
 
     def __init__(self, mode: str, positions: str, rows: torch.Tensor | None,
                  unit: torch.Tensor | None, addend: torch.Tensor | None, scale: torch.Tensor | None):
@@ -134,7 +136,7 @@ class Steering:
 
     def __init__(
         self,
-        lm: Any,
+        lm: LoadedModel,
         rows: RowSpec | Sequence[RowSpec] = (),
         *,
         prompt_length: int | None = None,
@@ -145,7 +147,8 @@ class Steering:
         self.blocks = lm.blocks
         per_row = bool(rows) and not isinstance(rows[0], Steer)
         self.per_row = per_row
-        self.batch_rows: list[list[Steer]] = [list(r) for r in rows] if per_row else [list(rows)]
+        self.batch_rows: list[list[Steer]] = (
+            [list(r) for r in cast(Sequence[RowSpec], rows)] if per_row else [list(cast(RowSpec, rows))])
         self.prompt_length = prompt_length
         self.observe = observe
         self.watch = set(watch)
@@ -202,7 +205,7 @@ class Steering:
         addend = (scales * u) if mode in ("add", "clamp") else None
         # Float32 for reduced-precision models: the hook computes in float32 (see _make_hook).
         work = torch.promote_types(dtype, torch.float32)
-        conv = lambda t: None if t is None else t.to(device=device, dtype=work).unsqueeze(1)  # noqa: E731
+        conv = lambda t: None if t is None else t.to(device=device, dtype=work).unsqueeze(1)
         return _Op(
             mode=mode,
             positions=steers[0].positions,
@@ -237,31 +240,33 @@ class Steering:
         if mask is not None and not bool(mask.any()):
             return x
         hr = x if op.rows is None else x.index_select(0, op.rows)
+        # What each mode prepared (``_Op``): add -> addend; project -> unit, scale; clamp -> unit, addend.
+        addend, unit, scale = cast(torch.Tensor, op.addend), cast(torch.Tensor, op.unit), cast(torch.Tensor, op.scale)
         if not scaled:  # float32 / float64 models: the original formulas, bit for bit
             if op.mode == "add":
-                delta = op.addend
+                delta = addend
             else:
-                coeff = (hr * op.unit).sum(dim=-1, keepdim=True)  # [R, S, 1]
+                coeff = (hr * unit).sum(dim=-1, keepdim=True)  # [R, S, 1]
                 if op.mode == "project":
-                    delta = -op.scale * coeff * op.unit
+                    delta = -scale * coeff * unit
                 else:  # clamp
-                    delta = op.addend - coeff * op.unit
+                    delta = addend - coeff * unit
             if mask is not None:
                 delta = delta * mask.to(x.dtype)
             new = hr + delta
         else:
             if op.mode == "add":
-                new = hr + op.addend
+                new = hr + addend
             else:
                 # s = 2^k with max|h| < 2s (k >= 0, at most 127): dividing by s is exact.
                 _, exp = torch.frexp(hr.abs().amax(dim=-1, keepdim=True))  # max|h| < 2^exp
                 s = torch.exp2((exp - 1).clamp(0, 127).to(hr.dtype))
                 z = hr / s
-                coeff = (z * op.unit).sum(dim=-1, keepdim=True)  # [R, S, 1], |coeff| < 2 sqrt(H)
+                coeff = (z * unit).sum(dim=-1, keepdim=True)  # [R, S, 1], |coeff| < 2 sqrt(H)
                 if op.mode == "project":
-                    new = (z - op.scale * coeff * op.unit) * s
+                    new = (z - scale * coeff * unit) * s
                 else:  # clamp
-                    new = (z - coeff * op.unit) * s + op.addend
+                    new = (z - coeff * unit) * s + addend
             if mask is not None:
                 new = torch.where(mask.bool(), new, hr)
         if op.rows is None:
@@ -308,7 +313,7 @@ class Steering:
             return _replace_hidden(output, h) if ops else None
         return hook
 
-    def __enter__(self) -> "Steering":
+    def __enter__(self) -> Steering:
         try:
             self._handles.append(
                 self.lm.model.register_forward_pre_hook(self._pre_model, with_kwargs=True))

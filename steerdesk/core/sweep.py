@@ -33,7 +33,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any
+
+import torch
 
 from .datasets import Dataset
 from .errors import SteerdeskError
@@ -46,7 +47,7 @@ from .parsing import check_layers, parse_scales, parse_sets
 from .steering import MODES, POSITIONS, Steer
 from .sweep_engine import CACHE_BUDGET_BYTES, CPU_FORWARD_TOKENS, Cell, Sweeper, is_identity
 from .sweep_result import DEFAULT_BUDGET, DEFAULT_SCALES, FORMAT, SetRow, SweepResult, format_table, pick_best
-from .vectors import layers_without_direction, rows_without_direction
+from .vectors import VectorSet, layers_without_direction, rows_without_direction
 
 #: ``on_cell(row, col, margin_delta, fluency_delta)``: row indexes ``layers`` then ``sets``.
 CellCallback = Callable[[int, int, float, float], None]
@@ -54,8 +55,8 @@ Progress = Callable[[int, int], None]
 
 
 def sweep(
-    lm: Any,
-    vectors: Any,
+    lm: LoadedModel,
+    vectors: VectorSet | torch.Tensor,
     heldout: Dataset,
     *,
     layers: Sequence[int] | None = None,
@@ -157,7 +158,7 @@ def sweep(
                        cache_budget=cache_budget, cancel=cancel, on_cell=cell_done, progress=tick, pack=pack)
     baseline = sweeper.run()
 
-    to_json = lambda rows: [[json_float(x) for x in row] for row in rows]  # noqa: E731
+    to_json = lambda rows: [[json_float(x) for x in row] for row in rows]
     n_layers = len(layer_list)
     has_kl = texts.n_neutral > 0
     set_rows = [SetRow(name, ls, [json_float(x) for x in margin[n_layers + i]],

@@ -8,11 +8,9 @@ passes (the module docstring of :mod:`steerdesk.core.sweep` describes the tricks
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -72,7 +70,7 @@ class Sweeper:
     """Runs the cells of a sweep: the unsteered pass, then steered forwards grouped by first steered layer
     (prefix reuse and packing where the self-checks allow), reporting each finished cell to ``on_cell``."""
 
-    def __init__(self, lm: Any, texts: EvalTexts, cells: list[Cell], *, batch_size: int, max_rows: int,
+    def __init__(self, lm: LoadedModel, texts: EvalTexts, cells: list[Cell], *, batch_size: int, max_rows: int,
                  prefix_reuse: bool, cache_budget: int, cancel: threading.Event | None,
                  on_cell: Callable[[Cell, Scores, Scores], None], progress: Callable[[], None],
                  pack: bool = True, pack_tokens: int = 320):
@@ -149,7 +147,7 @@ class Sweeper:
                                             for li in chunk)))
         else:
             step = min(sc.copies_per_forward(self.layouts[li]) for li in chunk)
-        out = []
+        out: list[tuple[int, list[Cell]]] = []
         for start in self.starts:
             at_start = [c for c in self.work if c.start == start]
             out.extend((start, at_start[g:g + step]) for g in range(0, len(at_start), step))
@@ -170,7 +168,7 @@ class Sweeper:
                     logits, lo = model_logits(self.lm, lay.ids, lay.model_mask, lay.positions, lay.keep())
             else:
                 logits, lo = model_logits(self.lm, lay.ids, lay.model_mask, lay.positions, lay.keep())
-        at = lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)]  # noqa: E731
+        at = lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)]
         if lay.kind == "neutral":
             sc.refs[li] = reference_logprobs(lay, at, sc.vocab)
         row_lp, _ = score_tokens(lay, 1, at, sc.vocab)
@@ -191,7 +189,7 @@ class Sweeper:
         sc, lay = self.scorer, self.scorer.layouts[li]
         with torch.inference_mode(), oom_guard("sweeping", OOM_HINT):
             logits, lo = model_logits(self.lm, lay.ids, lay.mask, lay.positions, lay.keep())
-        at = lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)]  # noqa: E731
+        at = lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)]
         row_lp, _ = score_tokens(lay, 1, at, sc.vocab)
         assert sc.baseline_lp is not None
         sc.baseline_lp[lay.texts] = row_lp
@@ -240,6 +238,7 @@ class Sweeper:
         with Steering(self.lm, rows, prompt_length=lay.reply_col):
             h = run_blocks(self.lm, cap, start, recorded_rows or lay.rows, idx)
         tail = self.tail
+        assert tail is not None  # the direct path runs only with a tail
 
         def at(r: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
             sel = h[r.to(h.device), col.to(h.device)]
@@ -335,6 +334,7 @@ class Sweeper:
             if self.path == "full":
                 caps.clear()  # also frees what was recorded before a failed self-check
             if last_chunk:
+                assert sc.baseline_lp is not None and sc.baseline_kl is not None  # the baseline ran first
                 base = aggregate(self.texts, sc.baseline_lp, sc.baseline_kl)
                 for cell in self.cells:  # identity cells are the baseline itself
                     if cell.identity:

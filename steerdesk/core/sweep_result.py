@@ -113,7 +113,7 @@ class SweepResult:
         }
 
     @classmethod
-    def from_dict(cls, obj: Mapping[str, Any]) -> "SweepResult":
+    def from_dict(cls, obj: Mapping[str, Any]) -> SweepResult:
         if obj.get("format") != FORMAT:
             raise SteerdeskError(f"Not a steerdesk sweep (format {obj.get('format')!r}, expected {FORMAT}).")
         try:
@@ -140,7 +140,7 @@ class SweepResult:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "SweepResult":
+    def load(cls, path: str | Path) -> SweepResult:
         try:
             obj = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:

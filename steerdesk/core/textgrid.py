@@ -8,14 +8,15 @@ import json
 import math
 import re
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
 
 import torch
 
 from .errors import Cancelled, SteerdeskError
-from .parsing import check_layers
 from .generate import SamplingSettings, generate
+from .models import LoadedModel
+from .parsing import check_layers
 from .steering import Steer
 from .vectors import VectorSet
 
@@ -46,7 +47,7 @@ def compile_pattern(pattern: str | None, regex: bool = False) -> re.Pattern[str]
 
 
 def generation_grid(
-    lm: Any,
+    lm: LoadedModel,
     vectors: VectorSet | torch.Tensor,
     layers: Sequence[int],
     scales: Sequence[float],

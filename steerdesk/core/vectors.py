@@ -12,15 +12,17 @@ This is exactly steerdesk's ``block_output`` convention: steerdesk layer L <-> `
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import SteerdeskError
 from .fileio import atomic_write_with
+from .models import ModelInfo
 from .parsing import check_layers, format_ranges
 from .steering import Steer
 
@@ -52,7 +54,8 @@ class VectorSet:
         else:
             self.present = torch.as_tensor(self.present).reshape(-1).bool()
         if self.present.shape[0] != self.directions.shape[0]:
-            raise SteerdeskError(f"'present' has {self.present.shape[0]} entries for {self.directions.shape[0]} layers.")
+            raise SteerdeskError(
+                f"'present' has {self.present.shape[0]} entries for {self.directions.shape[0]} layers.")
 
     def has_direction(self, layer: int) -> bool:
         """True when the set has a non-zero direction for block ``layer`` (0-based)."""
@@ -100,7 +103,7 @@ class VectorSet:
         size = torch.ones_like(v) if normalize else v
         return (abs(scale) * size) / self.norms
 
-    def check_compatible(self, info: Any) -> None:
+    def check_compatible(self, info: ModelInfo) -> None:
         """Refuse vectors made for another model, with a sentence that says what differs."""
         from .identity import model_mismatches
 
@@ -119,7 +122,7 @@ class VectorSet:
             raise SteerdeskError(f"Unknown layer convention {convention!r} in the vector file.")
 
 
-def no_direction_message(missing: Sequence[int], vs: "VectorSet") -> str:
+def no_direction_message(missing: Sequence[int], vs: VectorSet) -> str:
     """One line saying which requested layers the set has no direction for, and which it has."""
     which = "layer" if len(missing) == 1 else "layers"
     have = vs.layers_with_direction
@@ -129,7 +132,7 @@ def no_direction_message(missing: Sequence[int], vs: "VectorSet") -> str:
             f"nothing. It has {'layers ' + format_ranges(have) if have else 'no usable layer'}.")
 
 
-def layers_without_direction(vectors: Any, layers: Sequence[int]) -> list[int]:
+def layers_without_direction(vectors: VectorSet | torch.Tensor, layers: Sequence[int]) -> list[int]:
     """Those of ``layers`` the vectors have no direction for (issue 10: absent is not zero).
 
     A :class:`~steerdesk.core.vectors.VectorSet` answers itself (a GGUF control vector has no
@@ -145,7 +148,7 @@ def layers_without_direction(vectors: Any, layers: Sequence[int]) -> list[int]:
     return [int(x) for x in layers if 0 <= x < d.shape[0] and not bool(d[x].detach().ne(0).any())]
 
 
-def rows_without_direction(vectors: Any, rows: Sequence[Sequence[int]]) -> list[list[int]]:
+def rows_without_direction(vectors: VectorSet | torch.Tensor, rows: Sequence[Sequence[int]]) -> list[list[int]]:
     """Per sweep row (its layers), the layers without a direction; an empty list = the row can run."""
     return [layers_without_direction(vectors, ls) for ls in rows]
 
@@ -209,7 +212,8 @@ def load_vectors(path: str | Path, model_layers: int | None = None) -> VectorSet
     except SteerdeskError:
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
-        raise SteerdeskError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}).") from None
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SteerdeskError(f"{path}: not a readable safetensors file ({why}).") from None
     fmt = metadata.get("format")
     if fmt != FORMAT:
         raise SteerdeskError(f"{path}: unknown vector format {fmt!r} (expected {FORMAT}).")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from .datasets import Dataset
 from .errors import SteerdeskError
 from .evaluate import evaluate
 from .generate import GenerationResult, SamplingSettings, generate
+from .models import LoadedModel
 from .steering import Steer
 
 CONDITIONS = ("unsteered", "prompt", "vector", "both")
@@ -41,7 +43,7 @@ class Versus:
 
 
 def prompt_vs_vector(
-    lm: Any,
+    lm: LoadedModel,
     heldout: Dataset,
     steers: Sequence[Steer],
     instruction: str,

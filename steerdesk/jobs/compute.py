@@ -55,7 +55,7 @@ def run(lm: LoadedModel, spec: ComputeSpec, ctx: JobContext) -> ComputeResult:
 
 
 def record(lm: LoadedModel, spec: ComputeSpec, result: ComputeResult) -> RunRecord:
-    from ..core.records import record_compute
+    from ..core.record_kinds import record_compute
 
     return record_compute(lm, spec.dataset, result.vectors, dataset_spec=spec.dataset_spec, heldout=spec.heldout,
                           seed=spec.seed, batch_size=spec.batch_size, system=spec.system, output=spec.output,

@@ -46,7 +46,7 @@ def run(lm: LoadedModel, spec: DiagnoseSpec, ctx: JobContext) -> Diagnostics:
 
 def record(lm: LoadedModel, spec: DiagnoseSpec, result: Diagnostics, seconds: float = 0.0) -> RunRecord:
     """The run record (``seconds``: the wall time the caller measured)."""
-    from ..core.records import record_diagnose
+    from ..core.record_kinds import record_diagnose
 
     return record_diagnose(lm, result, spec.source if spec.source is not None else spec.dataset, spec.vectors,
                            dataset_spec=spec.dataset_spec, heldout=spec.heldout_fraction if spec.source else 0.0,

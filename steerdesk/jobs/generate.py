@@ -80,7 +80,7 @@ def run(lm: LoadedModel, spec: GenerateSpec, ctx: JobContext) -> GenerateResult:
 
 def record(lm: LoadedModel, spec: GenerateSpec, result: GenerateResult) -> RunRecord:
     """The run record (a recipe ``steerdesk run`` re-runs token for token when greedy)."""
-    from ..core.records import record_generation
+    from ..core.record_kinds import record_generation
 
     st = spec.steering
     return record_generation(lm, list(spec.prompts), result.rows, steers=result.steers,

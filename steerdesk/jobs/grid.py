@@ -50,7 +50,7 @@ def run(lm: LoadedModel, spec: GridSpec, ctx: JobContext) -> list[GridRow]:
 
 def record(lm: LoadedModel, spec: GridSpec, result: list[GridRow], seconds: float = 0.0) -> RunRecord:
     """The run record (``seconds``: the wall time the caller measured)."""
-    from ..core.records import record_grid
+    from ..core.record_kinds import record_grid
 
     return record_grid(lm, result, spec.vectors, spec.layers, spec.scales, spec.prompts, mode=spec.mode,
                        normalize=spec.normalize, sampling=spec.sampling, pattern=spec.pattern, regex=spec.regex,

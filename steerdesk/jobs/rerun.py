@@ -17,7 +17,17 @@ from ..core.errors import SteerdeskError
 from ..core.generate import SamplingSettings
 from ..core.models import LoadedModel
 from ..core.records import RunRecord
+from .compute import ComputeSpec
 from .context import JobContext
+from .diagnose import DiagnoseSpec
+from .generate import GenerateSpec
+from .grid import GridSpec
+from .steering_spec import SteeringSpec
+from .sweep import SweepSpec
+from .versus import VersusSpec
+
+JobSpec = GenerateSpec | ComputeSpec | SweepSpec | DiagnoseSpec | VersusSpec | GridSpec
+"""The Specs a record can be turned back into."""
 
 NAME = "rerun"
 TITLE = "Could not re-run the recipe"
@@ -50,7 +60,7 @@ class Rerun:
     reproduced: bool
     differences: list[str]
     result: Any = None
-    spec: Any = None  # the job Spec the record was turned into
+    spec: JobSpec | None = None  # the job Spec the record was turned into
 
 
 def _sampling(recipe: RunRecord) -> SamplingSettings:
@@ -58,10 +68,10 @@ def _sampling(recipe: RunRecord) -> SamplingSettings:
                                if k in ("max_new_tokens", "temperature", "top_p", "seed")})
 
 
-def _steering(recipe: RunRecord, lm: LoadedModel, changes: list[str]) -> Any:
+def _steering(recipe: RunRecord, lm: LoadedModel, changes: list[str]) -> SteeringSpec | None:
     """The recipe's steering as a SteeringSpec (None when the recipe steers nothing)."""
     from ..core.recipes import vectors_of
-    from .steering_spec import LayerSteer, SteeringSpec
+    from .steering_spec import LayerSteer
 
     specs = recipe.settings.get("steers")
     if specs is None:  # a hand-written recipe: one setting for every layer
@@ -77,7 +87,7 @@ def _steering(recipe: RunRecord, lm: LoadedModel, changes: list[str]) -> Any:
                         per_layer=per_layer, identify=from_file)
 
 
-def spec_for(recipe: RunRecord, lm: LoadedModel, changes: list[str], output: str | None = None) -> Any:
+def spec_for(recipe: RunRecord, lm: LoadedModel, changes: list[str], output: str | None = None) -> JobSpec:
     """The job Spec that runs ``recipe`` again on ``lm`` (inputs read back, changes noted)."""
     from ..core.recipes import dataset_of, vectors_of
     from . import compute, diagnose, generate, grid, sweep, versus
@@ -208,9 +218,10 @@ def compare(recipe: RunRecord, record: RunRecord) -> list[str]:
         return [f"{key.replace('_', ' ')} differs from the record by more than 1e-4"
                 for key in ("margin_delta", "fluency_delta") if not close(old.get(key), new.get(key), 1e-4)]
     if recipe.kind == "diagnose":
-        a, b = old.get("diagnostics") or {}, new["diagnostics"]
+        was, now = old.get("diagnostics") or {}, new["diagnostics"]
         return [f"{key.replace('_', ' ')} differs from the record by more than 1e-4"
-                for key in ("auc", "d_prime", "consistency", "alignment") if not close(a.get(key), b.get(key), 1e-4)]
+                for key in ("auc", "d_prime", "consistency", "alignment")
+                if not close(was.get(key), now.get(key), 1e-4)]
     if recipe.kind == "versus":
         a_c = (old.get("versus") or {}).get("conditions", [])
         b_c = new["versus"]["conditions"]

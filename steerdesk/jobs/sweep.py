@@ -75,7 +75,7 @@ def run(lm: LoadedModel, spec: SweepSpec, ctx: JobContext) -> SweepResult:
 
 
 def record(lm: LoadedModel, spec: SweepSpec, result: SweepResult) -> RunRecord:
-    from ..core.records import record_sweep
+    from ..core.record_kinds import record_sweep
 
     return record_sweep(lm, result, spec.dataset if spec.dataset is not None else spec.heldout, spec.vectors,
                         dataset_spec=spec.dataset_spec, heldout=spec.heldout_fraction,

@@ -47,7 +47,7 @@ def run(lm: LoadedModel, spec: VersusSpec, ctx: JobContext) -> Versus:
 
 def record(lm: LoadedModel, spec: VersusSpec, result: Versus, seconds: float = 0.0) -> RunRecord:
     """The run record (``seconds``: the wall time the caller measured)."""
-    from ..core.records import record_versus
+    from ..core.record_kinds import record_versus
 
     st = spec.steering
     return record_versus(lm, result, spec.source if spec.source is not None else spec.heldout, st.steers(lm),

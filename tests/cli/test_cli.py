@@ -102,7 +102,7 @@ def test_export_gguf_and_generate_from_it(capsys, fast_model, vector_file, tmp_p
 ])
 def test_errors_are_one_line_exit_2(capsys, fast_model, vector_file, argv, fragment):
     argv = [str(vector_file) if a == "VEC" else a for a in argv]
-    code, out, err = run(capsys, *argv)
+    code, _, err = run(capsys, *argv)
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Loading")]
     assert len(lines) == 1, err

@@ -154,7 +154,7 @@ def test_sweep_of_a_gguf_vector_marks_layer_0_no_vector(capsys, fast_model, vect
     results = {}
     for name, vec in (("st", vector_file), ("gguf", gguf)):
         out = tmp_path / f"{name}.json"
-        code, stdout, err = run(capsys, "sweep", "--vector", vec, "--dataset", "neutral_rude", "--heldout", 0.25,
+        code, _, err = run(capsys, "sweep", "--vector", vec, "--dataset", "neutral_rude", "--heldout", 0.25,
                                 "--max-pairs", 2, "--layers", "0,12", "--scales", "0,1", "-o", out)
         assert code == 0, err
         results[name] = json.loads(out.read_text())

@@ -24,11 +24,9 @@ PROMPT = "Write one sentence about the sea."
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, smol):
     """The issue's commands: compute -> safetensors, export -> GGUF (no block 0)."""
-    from steerdesk.core.datasets import load_bundled
+    from steerdesk.core.datasets import load_bundled, save_dataset
     from steerdesk.core.extract import compute_vectors
     from steerdesk.core.vectors import export_gguf, save_vectors
-
-    from steerdesk.core.datasets import save_dataset
 
     train, held = load_bundled("neutral_rude").split(0.25)
     train.examples, held.examples = train.examples[:8], held.examples[:4]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
-
 from tinylm import ARCHS, build_tiny, steerdesk_hooks
 
 

@@ -7,8 +7,17 @@ import json
 import pytest
 
 from steerdesk.core import fileio
-from steerdesk.core.datasets import (Dataset, Example, bundled_datasets, format_pair, format_prompt,
-                                     load_bundled, load_dataset, resolve_dataset, save_dataset)
+from steerdesk.core.datasets import (
+    Dataset,
+    Example,
+    bundled_datasets,
+    format_pair,
+    format_prompt,
+    load_bundled,
+    load_dataset,
+    resolve_dataset,
+    save_dataset,
+)
 from steerdesk.core.errors import SteerdeskError
 
 ROWS = [

@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
+from tinylm import rude4
 
 from steerdesk.core.datasets import Dataset
-from steerdesk.core.diagnostics import (cosine_matrix, d_prime, diagnose, diagnose_extraction, diagnose_reads,
-                                        roc_auc)
+from steerdesk.core.diagnostics import cosine_matrix, d_prime, diagnose, diagnose_extraction, diagnose_reads, roc_auc
 from steerdesk.core.errors import SteerdeskError
 from steerdesk.core.extract import compute_vectors
-from tinylm import rude4
 
 
 def test_auc_and_d_prime_on_known_samples():

@@ -6,13 +6,13 @@ import threading
 
 import pytest
 import torch
+from tinylm import random_vectors, rude4
 
 from steerdesk.core.datasets import Dataset, Example
 from steerdesk.core.errors import Cancelled, SteerdeskError
 from steerdesk.core.evaluate import NEUTRAL_TEXTS, evaluate, make_layouts, prepare_texts
 from steerdesk.core.extract import encode
 from steerdesk.core.steering import Steering, steers_for
-from tinylm import random_vectors, rude4
 
 PAIRS = Dataset(rude4().examples[:3] + [Example("", "A reply with no prompt at all.", "Whatever, no prompt either.")],
                 name="unit")
@@ -184,7 +184,8 @@ def test_packed_layout_scores_each_text_as_if_alone(tiny, generated):
     held = [lay for lay in lays if lay.kind == "heldout"]
     # Several rows, and rows holding several pairs (shared prompt tokens, shared system prefix).
     assert sum(lay.rows for lay in held) >= 2 and max(lay.n_segments / lay.rows for lay in held) >= 3
-    assert sum(int(lay.mask.sum()) for lay in held) < sum(len(texts.encoded[i].ids) for i in texts.indices("base", "target"))
+    scored = texts.indices("base", "target")
+    assert sum(int(lay.mask.sum()) for lay in held) < sum(len(texts.encoded[i].ids) for i in scored)
     pairs = [(e.prompt, e.base) for e in ds.examples] + [(e.prompt, e.target) for e in ds.examples] \
         + [("", t) for t in neutral]
     for i, (prompt, reply) in enumerate(pairs):

@@ -6,11 +6,11 @@ import threading
 
 import pytest
 import torch
+from tinylm import NUM_LAYERS, PROMPT, REPLY
 
 from steerdesk.core.datasets import Dataset, Example
 from steerdesk.core.errors import Cancelled, SteerdeskError
 from steerdesk.core.extract import collect, compute_vectors, encode
-from tinylm import NUM_LAYERS, PROMPT, REPLY
 
 PAIRS = [
     ("What is the capital of France?", "Paris is the capital of France."),
@@ -77,7 +77,7 @@ def test_reply_start_marks_the_reply_tokens(tiny):
 def test_collect_layer_subset(tiny):
     enc = encode(tiny, PAIRS[:2])
     full, _ = collect(tiny, enc)
-    part, part_norms = collect(tiny, enc, layers=[2, 0])
+    part, _ = collect(tiny, enc, layers=[2, 0])
     assert part.shape == (2, 2, tiny.info.hidden_size)
     torch.testing.assert_close(part[:, 0], full[:, 2], atol=1e-6, rtol=0)
     torch.testing.assert_close(part[:, 1], full[:, 0], atol=1e-6, rtol=0)

@@ -6,11 +6,11 @@ import threading
 
 import pytest
 import torch
+from tinylm import PROMPT, strong_vectors
 
 from steerdesk.core.errors import SteerdeskError
 from steerdesk.core.generate import SamplingSettings, compare, encode_prompts, generate
 from steerdesk.core.steering import Steer, Steering, steers_for
-from tinylm import PROMPT, strong_vectors
 
 GREEDY = SamplingSettings(max_new_tokens=12)
 LAYER = 1

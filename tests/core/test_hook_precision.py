@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinylm import HIDDEN, PROMPT, ids_of
 
 from steerdesk.core.errors import SteerdeskError
 from steerdesk.core.generate import SamplingSettings, compare, generate
 from steerdesk.core.steering import Steer, Steering
-from tinylm import HIDDEN, PROMPT, ids_of
 
 LAYER = 1
 DTYPES = [torch.float16, torch.bfloat16]

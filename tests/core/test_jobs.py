@@ -7,11 +7,11 @@ import threading
 
 import pytest
 import torch
+from tinylm import PROMPT, build_tiny, rude4, strong_vectors
 
 from steerdesk import jobs
 from steerdesk.core.errors import Cancelled, SteerdeskError
 from steerdesk.core.generate import SamplingSettings
-from tinylm import PROMPT, build_tiny, rude4, strong_vectors
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,8 @@ def test_generate_job_equals_core_generate_and_streams_through_the_context(lm, v
     ctx = jobs.JobContext(on_text=lambda row, c: chunks.__setitem__(row, chunks.get(row, "") + c),
                           on_step=lambda step, ids, proj: steps.append(step))
     result = jobs.run(lm, spec, ctx)
-    direct = generate(lm, [PROMPT, PROMPT], [[], vs.steers([1], scale=2.0)], sampling=SamplingSettings(max_new_tokens=8))
+    direct = generate(lm, [PROMPT, PROMPT], [[], vs.steers([1], scale=2.0)],
+                      sampling=SamplingSettings(max_new_tokens=8))
     assert [r.token_ids for r in result.rows] == [r.token_ids for r in direct]
     assert result.steered_rows == [False, True] and [s.layer for s in result.steers] == [1]
     assert chunks == {0: direct[0].text, 1: direct[1].text} and steps == list(range(len(steps))) and steps

@@ -97,7 +97,7 @@ def test_resolve_source_ok_cases(tmp_path):
     assert resolve_source(str(gg)) == (str(gg.resolve()), "m.gguf")
     assert resolve_source(str(gg / "m.gguf")) == (str(gg.resolve()), "m.gguf")
     assert resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
-    folder, name = resolve_source("default")
+    _, name = resolve_source("default")
     assert name.endswith(".gguf")
 
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from tinylm import PROMPT, rude4, strong_vectors
 
 from steerdesk.core.datasets import Dataset, save_dataset
 from steerdesk.core.errors import SteerdeskError
 from steerdesk.core.extract import compute_vectors
 from steerdesk.core.generate import SamplingSettings, generate
 from steerdesk.core.records import FORMAT, RunRecord, record_compute, record_generation, record_sweep
-from steerdesk.jobs.rerun import rerun
 from steerdesk.core.steering import steers_for
 from steerdesk.core.sweep import sweep
 from steerdesk.core.vectors import save_vectors
-from tinylm import PROMPT, rude4, strong_vectors
+from steerdesk.jobs.rerun import rerun
 
 PAIRS = rude4()
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tinylm import steerdesk_hooks
 
 from steerdesk.core.datasets import Dataset, Example, load_bundled
 from steerdesk.core.errors import SteerdeskError
@@ -14,8 +15,6 @@ from steerdesk.core.extract import compute_vectors
 from steerdesk.core.generate import SamplingSettings, generate
 from steerdesk.core.models import load_model
 from steerdesk.core.steering import Steer, steers_for
-
-from tinylm import steerdesk_hooks
 
 SMALL = Dataset([Example("Hi?", "Hello, how can I help?", "Ugh, what now?"),
                  Example("Time?", "It is noon.", "Look at a clock, genius.")], name="small")

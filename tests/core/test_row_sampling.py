@@ -11,11 +11,11 @@ import math
 
 import pytest
 import torch
+from tinylm import PROMPT, strong_vectors
 
 from steerdesk.core.errors import SteerdeskError
 from steerdesk.core.generate import SamplingSettings, _RowSampler, compare, default_row_keys, generate, row_seeds
 from steerdesk.core.steering import Steer, steers_for
-from tinylm import PROMPT, strong_vectors
 
 HOT = SamplingSettings(max_new_tokens=12, temperature=1.0, seed=7)
 OTHERS = ["Hi", "Tell me something about rivers and the sea.", "Why is the sky blue?",

@@ -22,7 +22,6 @@ from steerdesk import jobs
 from steerdesk.core.errors import Cancelled, SteerdeskError
 from steerdesk.core.evaluate import NEUTRAL_TEXTS, evaluate
 from steerdesk.core.records import RunRecord
-from steerdesk.jobs.rerun import rerun
 from steerdesk.core.search import (
     Evaluator,
     SearchSpace,
@@ -36,6 +35,7 @@ from steerdesk.core.search import (
 )
 from steerdesk.core.sweep import sweep
 from steerdesk.core.vectors import VectorSet, load_vectors
+from steerdesk.jobs.rerun import rerun
 
 NEUTRAL = tuple(NEUTRAL_TEXTS[:3])
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinylm import ARCHS, NUM_LAYERS, PROMPT, ids_of, random_vectors, steerdesk_hooks
 
 from steerdesk.core.errors import SteerdeskError
 from steerdesk.core.steering import Steer, Steering, steers_for
-from tinylm import ARCHS, NUM_LAYERS, PROMPT, ids_of, random_vectors, steerdesk_hooks
 
 
 def _logits(lm, ids):
@@ -177,11 +177,10 @@ def test_hooks_removed_after_exception_in_block(fresh_tiny):
     lm = fresh_tiny("llama")
     v = random_vectors(lm)
     assert all(not b._forward_hooks for b in lm.blocks)
-    with pytest.raises(RuntimeError, match="boom"):
-        with Steering(lm, steers_for(v, [0, 1, 3])):
-            assert lm.blocks[1]._forward_hooks
-            lm.model(input_ids=ids_of(lm, PROMPT))
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), Steering(lm, steers_for(v, [0, 1, 3])):
+        assert lm.blocks[1]._forward_hooks
+        lm.model(input_ids=ids_of(lm, PROMPT))
+        raise RuntimeError("boom")
     for block in lm.blocks:
         assert not block._forward_hooks
     assert not lm.model._forward_pre_hooks
@@ -192,9 +191,8 @@ def test_hooks_removed_after_error_raised_by_a_hook(fresh_tiny):
     lm = fresh_tiny("gpt2")
     v = random_vectors(lm)
     ids = ids_of(lm, PROMPT).repeat(3, 1)  # 3 rows, but steering set up for 2
-    with pytest.raises(SteerdeskError, match="2 rows but the batch has 3"):
-        with Steering(lm, [steers_for(v, [1]), []]):
-            lm.model(input_ids=ids)
+    with pytest.raises(SteerdeskError, match="2 rows but the batch has 3"), Steering(lm, [steers_for(v, [1]), []]):
+        lm.model(input_ids=ids)
     assert not any(steerdesk_hooks(m) for m in [lm.model, *lm.blocks])
     # The model still works unsteered afterwards.
     lm.model(input_ids=ids)

@@ -10,6 +10,7 @@ import zlib
 
 import pytest
 import torch
+from tinylm import ARCHS, NUM_LAYERS, random_vectors
 
 from steerdesk.core import heatmap as heatmap_mod
 from steerdesk.core import prefix as prefix_mod
@@ -19,7 +20,6 @@ from steerdesk.core.errors import Cancelled, SteerdeskError
 from steerdesk.core.evaluate import NEUTRAL_TEXTS, evaluate
 from steerdesk.core.steering import steers_for
 from steerdesk.core.sweep import SweepResult, heatmap_png, pick_best, sweep
-from tinylm import ARCHS, NUM_LAYERS, random_vectors
 
 HELD = Dataset([
     Example("How do I boil an egg?", "Boil it for six minutes.", "Ugh. Six minutes. Obviously."),
@@ -298,10 +298,11 @@ def _pixels(path):
 @pytest.mark.parametrize("arch", ["llama"])
 def test_gguf_vector_marks_layer_0_no_vector_and_equals_the_safetensors_sweep_elsewhere(tiny, tmp_path):
     """A GGUF control vector has no block 0: that row is null + "no vector", never 0, never best, not run."""
+    from tinylm import rude4
+
     from steerdesk.core.extract import compute_vectors
     from steerdesk.core.sweep import NO_VECTOR_BG, NO_VECTOR_HATCH, format_table
     from steerdesk.core.vectors import export_gguf, import_gguf, load_vectors, save_vectors
-    from tinylm import rude4
 
     vs = compute_vectors(tiny, rude4())
     save_vectors(vs, tmp_path / "v.safetensors")

@@ -7,7 +7,7 @@ import io
 import json
 
 import pytest
-import torch
+from tinylm import random_vectors
 
 from steerdesk.core.datasets import Dataset, Example
 from steerdesk.core.errors import SteerdeskError
@@ -15,8 +15,6 @@ from steerdesk.core.generate import SamplingSettings, generate
 from steerdesk.core.steering import Steer
 from steerdesk.core.textgrid import compile_pattern, generation_grid, grid_to_csv, grid_to_json
 from steerdesk.core.versus import prompt_vs_vector
-
-from tinylm import random_vectors
 
 
 @pytest.fixture
