@@ -235,12 +235,14 @@ def load_dataset(path: str | Path, target_path: str | Path | None = None) -> Dat
 
 
 def to_jsonl(ds: Dataset) -> str:
+    """The dataset as JSON Lines text (one object per pair)."""
     lines = [json.dumps({"prompt": e.prompt, "base": e.base, "target": e.target}, ensure_ascii=False)
              for e in ds.examples]
     return "\n".join(lines) + ("\n" if lines else "")
 
 
 def to_csv(ds: Dataset) -> str:
+    """The dataset as CSV text with a prompt,base,target header."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(FIELDS)
@@ -298,6 +300,7 @@ def resolve_dataset(spec: str, target_path: str | None = None) -> Dataset:
 # ---------------------------------------------------------------------------- formatting
 
 def uses_chat_template(tokenizer: Any) -> bool:
+    """True when the tokenizer has a chat template (else plain ``prompt\\n`` + reply)."""
     return bool(getattr(tokenizer, "chat_template", None))
 
 

@@ -58,6 +58,7 @@ class Diagnostics:
     no_vector: list[int] = field(default_factory=list)  # layers the set has no direction for
 
     def to_dict(self) -> dict[str, Any]:
+        """Every number as JSON-ready Python values (what ``inspect --json`` prints)."""
         return asdict(self)
 
     def best_layer(self) -> int | None:

@@ -75,6 +75,7 @@ class Scores:
     kl: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The scores as JSON-ready values (non-finite -> None)."""
         return {k: json_float(v) for k, v in asdict(self).items()}
 
 
@@ -89,17 +90,21 @@ class Evaluation:
 
     @property
     def margin_delta(self) -> float:
+        """Steered minus unsteered behaviour margin (nats/token)."""
         return self.steered.margin - self.unsteered.margin
 
     @property
     def fluency_delta(self) -> float:
+        """Steered minus unsteered mean log-probability per token (negative: less fluent)."""
         return self.steered.fluency - self.unsteered.fluency
 
     @property
     def kl(self) -> float | None:
+        """Mean KL(unsteered || steered) on the neutral texts, or None without them."""
         return self.steered.kl
 
     def to_dict(self) -> dict[str, Any]:
+        """The evaluation as JSON-ready values (non-finite -> None)."""
         return {"margin_delta": json_float(self.margin_delta), "fluency_delta": json_float(self.fluency_delta),
                 "kl": json_float(self.kl), "unsteered": self.unsteered.to_dict(),
                 "steered": self.steered.to_dict(), "n_pairs": self.n_pairs, "n_neutral": self.n_neutral}
@@ -116,6 +121,7 @@ def json_float(x: float | None) -> float | None:
 # ============================================================================= scoring
 
 def logits_chunk_tokens(vocab: int, budget: int = LOGITS_BUDGET_BYTES) -> int:
+    """Tokens per float32 logits block ``[tokens, vocab]`` that fit in ``budget`` bytes (at least 1)."""
     return max(1, budget // max(1, vocab * 4))
 
 
@@ -188,6 +194,7 @@ def model_logits(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, positio
 
 
 def vocab_size(lm: LoadedModel) -> int:
+    """Size of the model's output vocabulary (LM head rows)."""
     head = lm.model.get_output_embeddings()
     weight = getattr(head, "weight", None)
     if weight is not None:
@@ -285,6 +292,7 @@ class TextScorer:
         return [aggregate(self.texts, lp[c], kl[c]) for c in range(len(configs))]
 
     def forwards_needed(self, n_configs: int) -> int:
+        """Forward passes :meth:`score` needs for ``n_configs`` configurations."""
         return sum(-(-n_configs // self.copies_per_forward(lay)) for lay in self.layouts)
 
 

@@ -38,6 +38,7 @@ class Encoded:
 
 
 def context_limit(lm: LoadedModel) -> int | None:
+    """The longest sequence the model takes (``max_position_embeddings``), or None if unknown."""
     config = lm.model.config
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)

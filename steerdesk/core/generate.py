@@ -35,6 +35,7 @@ class SamplingSettings:
     seed: int | None = None
 
     def check(self) -> None:
+        """Raise ``SteerdeskError`` for settings generation cannot use."""
         if not 1 <= self.max_new_tokens <= 100_000:
             raise SteerdeskError("max new tokens must be between 1 and 100000.")
         if not (self.temperature >= 0 and self.temperature < 1e3):
@@ -44,6 +45,7 @@ class SamplingSettings:
 
     @property
     def greedy(self) -> bool:
+        """True when decoding picks the most likely token (temperature 0)."""
         return self.temperature == 0
 
 
@@ -214,6 +216,7 @@ def encode_prompts(lm: LoadedModel, prompts: Sequence[str], system: str | None =
 
 
 def describe_steering(rows: Sequence[Sequence[Steer]]) -> str:
+    """One line naming each row's steering (layers, scales, mode) for logs and errors."""
     parts = sorted({f"layer {s.layer} x{s.scale:g} ({s.mode})" for row in rows for s in row})
     return ", ".join(parts) if parts else "no steering"
 

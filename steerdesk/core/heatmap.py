@@ -58,6 +58,7 @@ def png_bytes(pixels: Any) -> bytes:
 
 
 def draw_text(img: Any, x: int, y: int, s: str, scale: int = 2) -> None:
+    """Draw ``s`` with the 3x5 digit font into ``img`` ``[H, W, 3]`` at ``(x, y)``, ``scale`` pixels per dot."""
     for ch in s:
         glyph = _GLYPHS.get(ch, _GLYPHS[" "])
         for gy, bits in enumerate(glyph):

@@ -359,6 +359,7 @@ class OneDNNLinear(torch.nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` through oneDNN (same result as ``nn.Linear``)."""
         w, b = self.weight, self.bias
         if (x.dim() == 0 or not x.shape[-1] or w.device.type != "cpu" or w.dtype is not torch.float32
                 or x.dtype is not torch.float32 or x.device != w.device

@@ -39,10 +39,12 @@ class EvalTexts:
         return len(self.encoded)
 
     def indices(self, *kinds: str) -> list[int]:
+        """Indices of the texts of these kinds (base / target / neutral)."""
         return [i for i, k in enumerate(self.kinds) if k in kinds]
 
     @property
     def n_neutral(self) -> int:
+        """Number of neutral texts (KL is measured on them)."""
         return self.kinds.count("neutral")
 
 
@@ -122,18 +124,22 @@ class Layout:
 
     @property
     def rows(self) -> int:
+        """Batch rows."""
         return int(self.ids.shape[0])
 
     @property
     def n_segments(self) -> int:
+        """Texts laid out in this batch (several per row when packed)."""
         return len(self.texts)
 
     @property
     def width(self) -> int:
+        """Columns (tokens) per row."""
         return int(self.ids.shape[1])
 
     @property
     def n_tokens(self) -> int:
+        """Real (unpadded) tokens in the batch."""
         return int(self.tok.shape[0])
 
     @property

@@ -55,6 +55,7 @@ class ModelInfo:
     cpu_linear: str = ""  # "onednn" / "aten" when CPU linear layers were set up (core.kernels)
 
     def to_dict(self) -> dict[str, Any]:
+        """The info as a JSON-ready dict (what ``steerdesk info --json`` prints)."""
         return asdict(self)
 
 

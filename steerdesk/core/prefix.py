@@ -63,6 +63,7 @@ class Capture:
         self._handles.clear()
 
     def nbytes(self) -> int:
+        """Bytes held by the recorded block inputs."""
         return sum(t.numel() * t.element_size() for t in self.inputs.values())
 
 
@@ -116,6 +117,7 @@ class Tail:
         self.logit_scale = getattr(config, "logit_scale", None)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., vocab]`` of final hidden states ``h`` (norm already applied)."""
         h = h.to(self.head.weight.device)
         logits = self.head(h)
         if self.logit_scale is not None:

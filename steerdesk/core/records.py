@@ -40,6 +40,7 @@ KINDS = ("generate", "compute", "sweep", "diagnose", "versus", "grid")
 # ================================================================================ payloads
 
 class RowOutput(TypedDict):
+    """One generated row of a ``generate`` record."""
     token_ids: list[int]
     text: str
     finish_reason: str

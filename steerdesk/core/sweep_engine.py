@@ -154,6 +154,7 @@ class Sweeper:
         return out
 
     def total_steps(self) -> int:
+        """Forward passes the steered cells need (for progress)."""
         return sum(len(chunk) * (1 + len(self.groups(chunk))) for chunk in self.chunks())
 
     # -- baseline ------------------------------------------------------------------------
@@ -246,6 +247,7 @@ class Sweeper:
         return score_tokens(lay, c, at, self.scorer.vocab, ref)
 
     def run_group(self, li: int, cap: Capture | None, start: int, group: list[Cell]) -> None:
+        """Score the cells of ``group`` (first steered layer ``start``) on layout ``li``."""
         self._check()
         configs = [c.steers for c in group]
         lay = self.layouts[li]
@@ -307,10 +309,12 @@ class Sweeper:
         return self._run_layouts()
 
     def tick(self) -> None:
+        """Count one forward pass and report progress."""
         self._ticks += 1
         self._progress()
 
     def tick_count(self) -> int:
+        """Forward passes counted so far."""
         return self._ticks
 
     def _run_layouts(self) -> Scores:

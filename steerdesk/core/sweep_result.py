@@ -61,12 +61,15 @@ class SweepResult:
     # -- cells -----------------------------------------------------------------------
     @property
     def n_rows(self) -> int:
+        """Rows: single layers, then layer sets."""
         return len(self.layers) + len(self.sets)
 
     def row_label(self, row: int) -> str:
+        """``layer N`` or the set's name."""
         return f"layer {self.layers[row]}" if row < len(self.layers) else self.sets[row - len(self.layers)].name
 
     def row_layers(self, row: int) -> list[int]:
+        """The layers a row steers."""
         return [self.layers[row]] if row < len(self.layers) else list(self.sets[row - len(self.layers)].layers)
 
     def row_has_vector(self, row: int) -> bool:
@@ -83,11 +86,13 @@ class SweepResult:
         return s.margin_delta[col], s.fluency_delta[col]
 
     def within_budget(self, row: int, col: int) -> bool:
+        """True when the cell's fluency loss is at most the budget."""
         _, fluency = self.cell(row, col)
         return fluency is not None and -fluency <= self.fluency_budget
 
     # -- files -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The result as the sweep file's JSON object (format ``steerdesk.sweep/1``)."""
         return {
             "format": FORMAT,
             "layers": self.layers,
@@ -114,6 +119,7 @@ class SweepResult:
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> SweepResult:
+        """Read a sweep file's object; ``SteerdeskError`` for another format or a bad field."""
         if obj.get("format") != FORMAT:
             raise SteerdeskError(f"Not a steerdesk sweep (format {obj.get('format')!r}, expected {FORMAT}).")
         try:
@@ -141,6 +147,7 @@ class SweepResult:
 
     @classmethod
     def load(cls, path: str | Path) -> SweepResult:
+        """Read a sweep file; ``SteerdeskError`` naming the file when it cannot be read."""
         try:
             obj = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:

@@ -110,6 +110,7 @@ def generation_grid(
 
 
 def grid_to_csv(rows: Sequence[GridRow]) -> str:
+    """Grid rows as CSV text (layer, scale, prompt, matches, text)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["layer", "scale", "prompt", "text", "matches", "note"])
@@ -120,4 +121,5 @@ def grid_to_csv(rows: Sequence[GridRow]) -> str:
 
 
 def grid_to_json(rows: Sequence[GridRow]) -> str:
+    """Grid rows as a JSON array."""
     return json.dumps([asdict(r) for r in rows], ensure_ascii=False, indent=1)

@@ -91,10 +91,12 @@ class VectorSet:
 
     @property
     def num_layers(self) -> int:
+        """Layers (rows of ``directions``)."""
         return int(self.directions.shape[0])
 
     @property
     def hidden_size(self) -> int:
+        """Hidden size (columns of ``directions``)."""
         return int(self.directions.shape[1])
 
     def relative_strength(self, scale: float = 1.0, normalize: bool = False) -> torch.Tensor:

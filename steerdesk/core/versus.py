@@ -38,6 +38,7 @@ class Versus:
     n_pairs: int
 
     def to_dict(self) -> dict[str, Any]:
+        """The comparison as JSON-ready values."""
         return {"instruction": self.instruction, "prompt": self.prompt, "n_pairs": self.n_pairs,
                 "conditions": [c.__dict__ for c in self.conditions]}
 

@@ -35,6 +35,7 @@ class ComputeSpec:
 
 @dataclass
 class ComputeResult:
+    """The computed set, the pairs used and the wall time (s)."""
     vectors: VectorSet
     examples: int  # pairs used
     seconds: float
@@ -55,6 +56,7 @@ def run(lm: LoadedModel, spec: ComputeSpec, ctx: JobContext) -> ComputeResult:
 
 
 def record(lm: LoadedModel, spec: ComputeSpec, result: ComputeResult) -> RunRecord:
+    """The run record (a recipe ``steerdesk run`` re-runs; same vectors when deterministic)."""
     from ..core.record_kinds import record_compute
 
     return record_compute(lm, spec.dataset, result.vectors, dataset_spec=spec.dataset_spec, heldout=spec.heldout,

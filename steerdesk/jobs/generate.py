@@ -43,6 +43,7 @@ class GenerateSpec:
         return cls(prompts=(prompt,) * len(rows), steering=steering, steered_rows=rows, **kwargs)  # type: ignore[arg-type]
 
     def flags(self) -> list[bool]:
+        """Per prompt row: steered or not (``steered_rows``, default every row when steering)."""
         if self.steered_rows is None:
             return [self.steering is not None] * len(self.prompts)
         if len(self.steered_rows) != len(self.prompts):

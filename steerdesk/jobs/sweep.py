@@ -75,6 +75,7 @@ def run(lm: LoadedModel, spec: SweepSpec, ctx: JobContext) -> SweepResult:
 
 
 def record(lm: LoadedModel, spec: SweepSpec, result: SweepResult) -> RunRecord:
+    """The run record (``dataset`` as loaded; the held-out part was swept)."""
     from ..core.record_kinds import record_sweep
 
     return record_sweep(lm, result, spec.dataset if spec.dataset is not None else spec.heldout, spec.vectors,
