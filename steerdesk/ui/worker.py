@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
+import time
 from typing import Any
 
 from PySide6.QtCore import QObject, Signal, Slot
@@ -59,6 +61,7 @@ class ModelWorker(QObject):
             on_step=self._step_emitter(rid),
         )
         lm: Any = None  # the model a recorded run ran on (None for a load)
+        t0 = time.perf_counter()
         try:
             if isinstance(request.spec, jobs.LoadSpec):
                 self._drop_model()
@@ -78,8 +81,8 @@ class ModelWorker(QObject):
                 self.cancelled.emit(rid)
             else:
                 self.finished.emit(rid, result)
-            if lm is not None:
-                self._record(lm, request.spec, result)  # after the result, as before: it never delays it
+            if lm is not None:  # after the result, as before: the record never delays it
+                self._record(lm, request.spec, result, time.perf_counter() - t0)
 
     def _step_emitter(self, rid: int) -> Any:
         def on_step(step: int, ids: list[int], proj: Any) -> None:
@@ -103,12 +106,18 @@ class ModelWorker(QObject):
             del old
             self._free_memory()  # (this used to pass a MemoryError the check ignored: nothing was freed)
 
-    def _record(self, lm: Any, spec: Any, result: Any) -> None:
-        """Emit the run's record (also of a stopped run that returned a result); never fails the run."""
+    def _record(self, lm: Any, spec: Any, result: Any, seconds: float) -> None:
+        """Emit the run's record (also of a stopped run that returned a result); never fails the run.
+
+        ``seconds`` (the wall time of the run) goes to jobs whose result carries no time of its own
+        (their ``record`` takes ``seconds=``); the others record the time their result measured.
+        """
         from .. import jobs
 
         try:
-            record = jobs.record(lm, spec, result)
+            make = getattr(jobs.job_for(spec), "record", None)
+            wants_time = make is not None and "seconds" in inspect.signature(make).parameters
+            record = jobs.record(lm, spec, result, **({"seconds": seconds} if wants_time else {}))
         except Exception:  # noqa: BLE001
             log.exception("Could not record the run")
             return

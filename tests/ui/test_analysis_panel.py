@@ -42,6 +42,8 @@ def test_diagnostics_versus_grid_and_history(qtbot, window, tiny_model_dirs, tmp
     qtbot.waitUntil(lambda: any(r.kind == "generate" for r in ap.history.records), timeout=10000)
     kinds = [r.kind for r in ap.history.records]
     assert "compute" in kinds and "generate" in kinds
+    assert {"diagnose", "versus", "grid"} <= set(kinds)  # the analysis jobs are recorded too
+    assert all(r.seconds > 0 for r in ap.history.records)  # with the real duration, never 0.0
     recipe = tmp_path / "recipe.json"
     last_generate = len(kinds) - 1 - kinds[::-1].index("generate")
     ap.history.export_to(str(recipe), row=last_generate)

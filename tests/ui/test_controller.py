@@ -154,6 +154,24 @@ def test_a_newer_job_of_the_same_kind_drops_the_stale_result(qtbot, controller):
     assert not controller.busy
 
 
+def test_a_job_whose_result_has_no_time_is_recorded_with_the_measured_wall_time(qtbot, controller, monkeypatch):
+    @dataclass(frozen=True)
+    class TimedSpec(FakeSpec):
+        pass
+
+    timed = types.ModuleType("timed_job")
+    timed.NAME, timed.TITLE, timed.run = "timed", "Timed failed", fake_run
+    timed.record = lambda lm, spec, result, seconds=0.0: types.SimpleNamespace(seconds=seconds)
+    monkeypatch.setitem(jobs.JOBS, TimedSpec, timed)
+    records = []
+    controller.record_ready.connect(records.append)
+    handle = controller.submit(TimedSpec(steps=4, delay=0.05))
+    with qtbot.waitSignal(handle.ended, timeout=10000):
+        pass
+    qtbot.waitUntil(lambda: bool(records), timeout=5000)
+    assert 0.2 <= records[0].seconds < 5.0  # the worker's wall time, not 0.0
+
+
 def test_other_kinds_do_not_supersede_each_other(qtbot, controller, monkeypatch):
     @dataclass(frozen=True)
     class OtherSpec(FakeSpec):
