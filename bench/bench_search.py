@@ -99,13 +99,19 @@ def cmd_accept(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
         vs, held = setup(lm, name, args.max_pairs)
         t0 = time.perf_counter()
         la = loadavg()
-        grid = sweep(lm, vs, held, layers=layers, scales=SCALES, fluency_budget=BUDGET)
-        g_s = time.perf_counter() - t0
-        best = grid.best
+        prev = _previous_grid(args.grid_from, name, len(layers) * len(SCALES), len(held), vs)
+        if prev is not None:  # the same grid measured by an earlier run (same vectors, same pairs)
+            best, g_s, la = prev["grid_best"], prev["grid_seconds"], prev["grid_loadavg"]
+            log(f"{name}: grid taken from {args.grid_from}")
+        else:
+            grid = sweep(lm, vs, held, layers=layers, scales=SCALES, fluency_budget=BUDGET)
+            g_s = time.perf_counter() - t0
+            best = grid.best
         assert best is not None
         log(f"{name}: grid {len(layers)}x{len(SCALES)} in {g_s:.0f} s, best L{best['layer']} x{best['scale']}: "
             f"margin {best['margin_delta']:+.4f}, fluency {best['fluency_delta']:+.4f}")
-        entry: dict[str, Any] = {"dataset": name, "heldout_pairs": len(held), "grid_cells": len(layers) * len(SCALES),
+        entry: dict[str, Any] = {"dataset": name, "vector_sha256": _vector_sha(vs), "heldout_pairs": len(held),
+                                 "grid_cells": len(layers) * len(SCALES),
                                  "grid_seconds": round(g_s, 1), "grid_loadavg": la, "grid_best": best, "seeds": []}
         space = None
         if args.quick:
@@ -115,7 +121,8 @@ def cmd_accept(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 la = loadavg()
                 t0 = time.perf_counter()
-                res = search(lm, vs, held, Path(tmp) / "study.db", trials=args.trials, batch=args.batch, seed=seed,
+                study = Path(args.keep) / f"{name}-seed{seed}.db" if args.keep else Path(tmp) / "study.db"
+                res = search(lm, vs, held, study, trials=args.trials, batch=args.batch, seed=seed,
                              space=space, neutral=list(NEUTRAL_TEXTS), fluency_budget=BUDGET)
                 s_s = time.perf_counter() - t0
             b = res.best
@@ -127,24 +134,45 @@ def cmd_accept(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
             log(f"{name} seed {seed}: {s_s:.0f} s, best {b.settings.label() if b and b.settings else None} "
                 f"margin {b.margin_delta if b else None}, ratio {ratio}")
             if args.json:
-                Path(args.json).write_text(json.dumps(out, indent=1))
+                Path(args.json).write_text(json.dumps({**out, "partial": [entry]}, indent=1))
         entry["reached"] = sum(1 for r in entry["seeds"] if r["reached"])
         out["accept"].append(entry)
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1))
 
 
+def _vector_sha(vs: Any) -> str:
+    from steerdesk.core.sweep import vector_identity
+
+    return str(vector_identity(vs)["directions_sha256"])
+
+
+def _previous_grid(path: str | None, name: str, cells: int, pairs: int, vs: Any) -> dict[str, Any] | None:
+    """A grid of an earlier ``accept`` run with the same dataset, cells, pairs and vector hash."""
+    if not path:
+        return None
+    for entry in json.loads(Path(path).read_text()).get("accept", []) + json.loads(Path(path).read_text()).get(
+            "partial", []):
+        if (entry.get("dataset") == name and entry.get("grid_cells") == cells and entry.get("heldout_pairs") == pairs
+                and entry.get("vector_sha256") == _vector_sha(vs)):
+            return dict(entry)
+    return None
+
+
 def cmd_speed(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
     from steerdesk.core.evaluate import NEUTRAL_TEXTS, evaluate
-    from steerdesk.core.search import Evaluator, search
+    from steerdesk.core.search import Evaluator, load_result, search
 
     vs, held = setup(lm, "neutral_rude", args.max_pairs)
     neutral = list(NEUTRAL_TEXTS)
-    with tempfile.TemporaryDirectory() as tmp:
-        res = search(lm, vs, held, Path(tmp) / "study.db", trials=args.trials, batch=args.batch, seed=0,
-                     neutral=neutral)
+    if args.study:  # the trials of an earlier search (e.g. accept --keep), read without writing
+        res = load_result(args.study, vs)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = search(lm, vs, held, Path(tmp) / "study.db", trials=args.trials, batch=args.batch, seed=0,
+                         neutral=neutral)
     settings = [t.settings for t in res.trials if t.settings is not None][:args.trials]
-    log(f"{len(settings)} trial settings from a seed-0 search ({res.seconds:.0f} s)")
+    log(f"{len(settings)} trial settings from {args.study or 'a seed-0 search'}")
 
     def batched() -> list[tuple[float, float, float]]:
         ev = Evaluator.prepare(lm, vs, held, neutral=neutral)
@@ -201,6 +229,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="one dataset, 2 seeds, 6 layers, 8 pairs (smoke run)")
     ap.add_argument("--json", help="write every number here (updated as it goes)")
+    ap.add_argument("--keep", metavar="DIR", help="accept: keep each search's study file in DIR")
+    ap.add_argument("--study", help="speed: take the 25 trial settings from this study (read-only)")
+    ap.add_argument("--grid-from", help="reuse the grid of an earlier accept run's JSON (same vectors and pairs)")
     args = ap.parse_args()
     if args.quick:
         args.datasets, args.seeds, args.max_pairs = args.datasets.split(",")[0], min(args.seeds, 2), 8

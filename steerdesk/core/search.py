@@ -684,10 +684,12 @@ def load_result(path: str | Path, vectors: Any | None = None) -> SearchResult:
 
 # ================================================================================ engine
 
-def make_sampler(name: str, seed: int, fluency_budget: float) -> Any:
+def make_sampler(name: str, seed: int, fluency_budget: float, startup: int = DEFAULT_BATCH) -> Any:
     """A seeded Optuna multi-objective sampler that treats the fluency budget as a constraint.
 
-    ``tpe``: ``TPESampler(multivariate=True, constant_liar=True)`` (batch asks spread out);
+    ``tpe``: ``TPESampler(multivariate=True, constant_liar=True, n_startup_trials=startup)`` (batch asks
+    spread out; the search passes its batch size (at least 4), so only the first batch is random: with a budget
+    of 25 Optuna's default of 10 random trials left too few guided ones);
     ``nsga2``: ``NSGAIISampler`` (population 50: random until then, so meant for long searches).
     The constraint ``fluency loss - budget <= 0`` is set on each trial with
     ``Trial.set_constraint`` (Optuna 5); Optuna 4 gets it through ``constraints_func``.
@@ -701,7 +703,8 @@ def make_sampler(name: str, seed: int, fluency_budget: float) -> Any:
             return [(-float(f) - fluency_budget) if isinstance(f, (int, float)) and math.isfinite(f) else 1.0]
         kwargs["constraints_func"] = constraints
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, **kwargs)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                          n_startup_trials=startup, **kwargs)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, **kwargs)
     raise SteerdeskError(f"Unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}.")
@@ -934,7 +937,7 @@ def search(
                 study.set_user_attr("baseline", {"margin": evaluator.base.margin, "fluency": evaluator.base.fluency})
             k = min(batch, trials - n_evaluated())
             n_stored = len(study.get_trials(deepcopy=False))
-            study.sampler = make_sampler(sampler, batch_seed(seed, n_stored), fluency_budget)
+            study.sampler = make_sampler(sampler, batch_seed(seed, n_stored), fluency_budget, startup=max(batch, 4))
             asked = []
             for _ in range(k):
                 trial = study.ask(dists)

@@ -407,18 +407,21 @@ def test_chosen_trial_exports_as_vector_file_and_generation_recipe(tiny, arch, t
 
 @pytest.mark.parametrize("arch", ["llama"])
 def test_reduced_acceptance_search_reaches_the_grid_best_within_budget(tiny, arch, tmp_path):
-    """Issue 16's acceptance at tiny scale: the grid is 4 layers x 5 scales (20 cells); the search
-    gets 10 trials over a wider space (ranges, modes, normalize) and must reach >= 95 % of the grid's
-    best margin delta within the fluency budget in at least 4 of 5 seeds."""
-    vs = _vs(tiny, 0.5)
+    """Issue 16's acceptance, reduced to a tiny model: the exhaustive grid is its 4 layers x 5 scales
+    (20 cells, mode add); the search gets 12 trials in batches of 4 over the default space (ranges of
+    1-4 layers, scale 0..2 like the grid, add/clamp/project, normalize no/yes) and must reach >= 95 %
+    of the grid's best margin delta within the fluency budget in at least 4 of 5 seeds. (The full
+    comparison, 25 trials against 150 cells on SmolLM2, is bench/bench_search.py accept; a 20-cell grid
+    leaves no room for a one-sixth budget.) The vectors are 4x the typical activation norm, so the
+    margin peaks inside the scale range, as it does on real models, not at its edge."""
+    vs = _vs(tiny, 4.0)
     scales = [0.0, 0.5, 1.0, 1.5, 2.0]
     grid = sweep(tiny, vs, rude4(), layers=list(range(NUM_LAYERS)), scales=scales, fluency_budget=0.5)
     assert grid.best is not None and grid.best["margin_delta"] > 0
     target = 0.95 * grid.best["margin_delta"]
-    hits = []
+    reached = []
     for seed in range(5):
-        res = search(tiny, vs, rude4(), tmp_path / f"acc{seed}.db", trials=10, batch=5, seed=seed, neutral=NEUTRAL,
-                     fluency_budget=0.5)
+        res = search(tiny, vs, rude4(), tmp_path / f"acc{seed}.db", trials=12, batch=4, seed=seed, fluency_budget=0.5)
         best = res.best
-        hits.append(best is not None and best.margin_delta >= target)
-    assert sum(hits) >= 4, (hits, grid.best)
+        reached.append(best is not None and best.margin_delta >= target)
+    assert sum(reached) >= 4, (reached, grid.best)
