@@ -65,9 +65,10 @@ import torch
 
 from .datasets import Dataset
 from .errors import Cancelled, SteerdeskError
-from .evaluate import NEUTRAL_TEXTS, Scores, TextScorer, prepare_texts
+from .evaluate import NEUTRAL_TEXTS, Scores, TextScorer
+from .identity import model_identity, vector_identity
+from .layouts import prepare_texts
 from .steering import MODES, POSITIONS, Steer
-from .sweep import model_identity, vector_identity
 
 log = logging.getLogger(__name__)
 

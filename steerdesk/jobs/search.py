@@ -86,7 +86,7 @@ def trial_record(lm: LoadedModel, spec: SearchSpec, result: SearchResult, trial:
     """A trial as a run record: a one-cell sweep (the trial's layer range as a named layer set at its
     scale), which ``steerdesk run`` re-runs and checks like any sweep recipe."""
     from ..core.records import record_sweep
-    from ..core.sweep import SetRow, SweepResult
+    from ..core.sweep_result import SetRow, SweepResult
 
     s = trial.settings
     if s is None or trial.state not in ("complete", "failed"):
