@@ -1,4 +1,4 @@
-"""``steerdesk search`` on a tiny model folder: outputs, resume, exports; bad input: one line, exit 2, study untouched."""
+"""``steerdesk search`` on a tiny model folder: outputs, resume, exports; bad input: one line, exit 2."""
 
 from __future__ import annotations
 
