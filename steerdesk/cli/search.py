@@ -3,7 +3,8 @@
 Margin delta on held-out pairs (up) versus KL to the unsteered model on neutral text (down), over
 layer range x scale x mode x normalize; the study lives in a SQLite file (``--study``) that a later
 call resumes. Writes the Pareto set as JSON (``-o``) and CSV (``--csv``), one run record per trial
-(``--records``), and the chosen trial (``--pick``) as a vector file and/or a generation recipe.
+(``--records``), and the chosen trial (``--pick``) as a vector file, a generation recipe and/or a
+baked checkpoint folder.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--export-vector", metavar="PATH", help="write the vectors with the picked settings in metadata")
     p.add_argument("--export-recipe", metavar="PATH",
                    help="generate --prompt with the picked settings (unsteered row first) and save the recipe")
+    p.add_argument("--export-baked", metavar="DIR",
+                   help="bake the picked settings into a checkpoint folder (add mode only; see 'bake')")
     p.add_argument("--prompt", default="Tell me about your weekend.", help="prompt of --export-recipe")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated for --export-recipe")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -123,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
                           jobs.search.trial_records(lm, spec, result)):
             rec.save(records_dir / f"trial-{t.number:04d}.json")
     picked = result.best if args.pick == "best" else result.trial(int(args.pick))
-    if (args.export_vector or args.export_recipe) and (picked is None or picked.state != "complete"):
+    exporting = args.export_vector or args.export_recipe or args.export_baked
+    if exporting and (picked is None or picked.state != "complete"):
         raise SteerdeskError("No trial to export: " + ("no trial is within the fluency budget (pick one with --pick N)."
                                                       if picked is None else f"trial {picked.number} was not scored."))
     if args.export_vector and picked is not None:
@@ -133,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
 
         jobs.search.export_recipe(lm, spec, picked, args.prompt, args.export_recipe,
                                   sampling=SamplingSettings(max_new_tokens=args.max_new_tokens))
+    if args.export_baked and picked is not None:
+        jobs.run(lm, jobs.search.bake_spec_for(spec, picked, args.export_baked))
     if args.json:
         best = result.best
         print(json.dumps({"study": str(args.study), "evaluated": len(result.evaluated),
@@ -142,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
                           "records": str(records_dir) if records_dir else None, "seconds": result.seconds}))
     else:
         print(result.summary())
-        wrote = [p for p in (args.output, args.csv, args.export_vector, args.export_recipe) if p]
+        wrote = [p for p in (args.output, args.csv, args.export_vector, args.export_recipe, args.export_baked) if p]
         if records_dir is not None:
             wrote.append(f"{records_dir}/ ({len(result.evaluated)} records)")
         if wrote:

@@ -4,7 +4,7 @@ The engine is :func:`steerdesk.core.search.search` (see its module docstring for
 batching, storage and resume). Here: the frozen :class:`SearchSpec`, :func:`run`, one run record
 per trial (:func:`trial_records`; :func:`record` gives the best feasible trial's) and the export of
 a chosen trial as a generation recipe (:func:`generate_spec_for`, :func:`export_recipe`) or a vector
-file (:func:`steerdesk.core.search.export_vectors`).
+file (:func:`steerdesk.core.search.export_vectors`) or a baked checkpoint (:func:`bake_spec_for`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ..core.search import (
     TrialResult,
 )
 from ..core.vectors import VectorSet
+from .bake import BakeSpec
 from .context import JobContext
 from .generate import GenerateSpec
 from .steering_spec import SteeringSpec
@@ -126,14 +127,25 @@ def record(lm: LoadedModel, spec: SearchSpec, result: SearchResult) -> RunRecord
     return None if best is None else trial_record(lm, spec, result, best)
 
 
-def generate_spec_for(spec: SearchSpec, trial: TrialResult, prompt: str, *,
-                      sampling: SamplingSettings | None = None, compare: bool = True) -> GenerateSpec:
-    """A generation with the trial's settings (and an unsteered row first with ``compare``)."""
+def steering_spec_for(spec: SearchSpec, trial: TrialResult) -> SteeringSpec:
+    """The trial's settings as a :class:`SteeringSpec` (the window's generation pane, a bake)."""
     s = trial.settings
     if s is None:
         raise SteerdeskError(f"Trial {trial.number} has no settings.")
-    steering = SteeringSpec(vectors=spec.vectors, layers=tuple(s.layers), scale=s.scale, mode=s.mode,
-                            normalize=s.normalize, positions=s.positions, vector_path=spec.vector_path)
+    return SteeringSpec(vectors=spec.vectors, layers=tuple(s.layers), scale=s.scale, mode=s.mode,
+                        normalize=s.normalize, positions=s.positions, vector_path=spec.vector_path)
+
+
+def bake_spec_for(spec: SearchSpec, trial: TrialResult, out_dir: str, *, force: bool = False) -> BakeSpec:
+    """A bake of the trial's settings into a checkpoint folder (the ``bake`` job refuses what it
+    cannot bake exactly: ``project`` / ``clamp``, see :mod:`steerdesk.jobs.bake`)."""
+    return BakeSpec(steering=steering_spec_for(spec, trial), out_dir=out_dir, force=force)
+
+
+def generate_spec_for(spec: SearchSpec, trial: TrialResult, prompt: str, *,
+                      sampling: SamplingSettings | None = None, compare: bool = True) -> GenerateSpec:
+    """A generation with the trial's settings (and an unsteered row first with ``compare``)."""
+    steering = steering_spec_for(spec, trial)
     return GenerateSpec.single(prompt, steering, compare=compare, sampling=sampling or SamplingSettings(),
                                system=spec.system, model=spec.model)
 

@@ -125,3 +125,25 @@ def test_bad_input_is_one_line_exit_2_and_the_study_is_untouched(capsys, tiny_fo
     code, _, err = run(capsys, *_base(tiny_folder, vec, tmp_path / "new.db"), "--trials", 0)
     _one_error_line(code, err)
     assert not (tmp_path / "new.db").exists()
+
+
+def test_picked_trial_bakes_into_a_checkpoint_folder(capsys, tiny_folder, tmp_path):
+    vec = _vector_file(tmp_path / "v.safetensors", tiny_folder)
+    out = tmp_path / "baked"
+    code, _, err = run(capsys, *_base(tiny_folder, vec, tmp_path / "b.db"), "--trials", 2, "--batch", 2,
+                       "--space", "modes=add;normalize=no", "--pick", 1, "--export-baked", out, "--no-records")
+    assert code == 0, err
+    assert (out / "config.json").is_file()
+    from steerdesk.core.search import load_result
+
+    trial = load_result(tmp_path / "b.db").trial(1)
+    code, stdout, err = run(capsys, "generate", "--model", out, "--device", "cpu", "--dtype", "float32",
+                            "--prompt", "Hi", "--max-new-tokens", 4, "--json")
+    assert code == 0, err
+    baked = json.loads(stdout)["token_ids"]
+    code, stdout, err = run(capsys, "generate", "--model", tiny_folder, "--device", "cpu", "--dtype", "float32",
+                            "--prompt", "Hi", "--max-new-tokens", 4, "--json", "--vector", vec, "--layers",
+                            f"{trial.settings.layers[0]}-{trial.settings.layers[-1]}", "--scale",
+                            repr(trial.settings.scale))
+    assert code == 0, err
+    assert json.loads(stdout)["token_ids"] == baked  # the checkpoint generates what the steering does
