@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from PySide6.QtCore import QByteArray, Qt, Slot
-from PySide6.QtGui import QAction, QCloseEvent, QIcon, QKeySequence
+from PySide6.QtGui import QCloseEvent, QIcon
 from PySide6.QtWidgets import QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar, QWidget
 
+from . import menus
 from .controller import ModelController
-from .dialogs import ask_hub_id, show_error
+from .dialogs import show_error
+from .layout import clamp_to_screen, scrolled
 from .panels.analysis_panel import AnalysisPanel
 from .panels.dataset_panel import DatasetPanel
 from .panels.generation_panel import GenerationPanel
@@ -18,10 +20,10 @@ from .panels.vector_panel import VectorPanel
 from .recovery import RecoveryStore
 from .requests import ErrorInfo
 from .resources import icon_path
-from .settings import get_list, push_recent, settings
+from .settings import push_recent, settings
 from .vector_sets import VectorSets
 
-EMBEDDED = "default"
+EMBEDDED = menus.EMBEDDED
 
 
 class MainWindow(QMainWindow):
@@ -67,7 +69,7 @@ class MainWindow(QMainWindow):
         self.statusBar().addPermanentWidget(self.busy_bar)
         self.statusBar().addPermanentWidget(self.model_label)
 
-        self._build_actions()
+        menus.build(self)
         self._connect()
         self._update_title()
         self._restore()
@@ -77,70 +79,11 @@ class MainWindow(QMainWindow):
               area: Qt.DockWidgetArea = Qt.DockWidgetArea.LeftDockWidgetArea) -> QDockWidget:
         dock = QDockWidget(title, self)
         dock.setObjectName(name)
-        dock.setWidget(widget)
-        dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
-                         | QDockWidget.DockWidgetFeature.DockWidgetFloatable)
+        dock.setWidget(scrolled(widget))  # below its minimum size a panel scrolls; it never resizes the dock
+        f = QDockWidget.DockWidgetFeature
+        dock.setFeatures(f.DockWidgetMovable | f.DockWidgetFloatable | f.DockWidgetClosable)  # View menu toggles
         self.addDockWidget(area, dock)
         return dock
-
-    def _action(self, text: str, slot: Any, shortcut: str | QKeySequence | None = None, tip: str = "") -> QAction:
-        act = QAction(text, self)
-        if shortcut:
-            act.setShortcut(QKeySequence(shortcut))
-            act.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
-        if tip:
-            act.setToolTip(tip)
-            act.setStatusTip(tip)
-        act.triggered.connect(slot)
-        return act
-
-    def _build_actions(self) -> None:
-        self.act_generate = self._action("&Generate", lambda: self.generation_panel.generate(), "Ctrl+Return",
-                                         "Generate steered and unsteered text (Ctrl+Enter)")
-        self.act_stop = self._action("&Stop", lambda: self.controller.stop(), "Esc", "Stop the running job (Esc)")
-        self.act_stop.setEnabled(False)
-        # Ctrl+S saves from anywhere in the window: the panel's own, focus-scoped binding is
-        # removed so the two do not make the shortcut ambiguous.
-        self.dataset_panel.save_action.setShortcut(QKeySequence())
-        self.act_save = self._action("&Save dataset", lambda: self.dataset_panel.save(), QKeySequence.StandardKey.Save,
-                                     "Save the dataset (Ctrl+S)")
-        self.act_compute = self._action("&Compute vectors", self.vector_panel.compute_button.click, "Ctrl+K",
-                                        "Compute steering vectors from the dataset (Ctrl+K)")
-        self.act_copy = self._action("Copy generated text", self.generation_panel.copy_text, "Ctrl+Shift+C")
-        self.act_export_heat = self._action("Export heatmap as PNG…", self.on_export_heatmap)
-        self.act_quit = self._action("&Quit", self.close, QKeySequence.StandardKey.Quit)
-        self.act_default_model = self._action("Embedded SmolLM2-135M-Instruct", lambda: self.load_model(EMBEDDED))
-        self.act_hub_model = self._action("Hugging Face id…", lambda: self._open_model(ask_hub_id(self)))
-        self.act_folder_model = self._action("Local folder…", lambda: self._open_model(
-            QFileDialog.getExistingDirectory(self, "Open model folder")))
-        self.act_gguf_model = self._action(".gguf file…", lambda: self._open_model(
-            QFileDialog.getOpenFileName(self, "Open GGUF model", "", "GGUF models (*.gguf)")[0]))
-
-        menu = self.menuBar()
-        dp = self.dataset_panel
-        for title, actions in (
-                ("&File", [self.act_save, self.act_export_heat, None, self.act_quit]),
-                ("&Edit", [dp.undo_action, dp.redo_action, self.act_copy]),  # undo/redo: scoped to the table
-                ("&Model", [self.act_default_model, self.act_hub_model, self.act_folder_model, self.act_gguf_model]),
-                ("&Run", [self.act_compute, self.act_generate, self.act_stop]),
-                ("&View", [d.toggleViewAction() for d in (self.dataset_dock, self.vector_dock, self.sweep_dock,
-                                                           self.analysis_dock)])):
-            sub = menu.addMenu(title)
-            for act in actions:
-                if act is None:
-                    sub.addSeparator()
-                else:
-                    sub.addAction(act)
-            if title == "&Model":
-                self.recent_menu = sub.addMenu("Recent")
-        tb = self.addToolBar("Main")
-        tb.setObjectName("mainToolbar")
-        tb.addAction(self.act_compute)
-        tb.addAction(self.act_generate)
-        tb.addAction(self.act_stop)
-        tb.addSeparator()
-        tb.addAction(self.act_save)
-        self._refresh_recent()
 
     def _connect(self) -> None:
         c, sets = self.controller, self.vector_sets
@@ -175,6 +118,7 @@ class MainWindow(QMainWindow):
         state = s.value("window/state")
         if isinstance(state, QByteArray):
             self.restoreState(state)
+        clamp_to_screen(self)  # a geometry saved on a larger screen
         self.generation_panel.restore_settings(s)
         self.vector_panel.restore_settings(s)
 
@@ -188,12 +132,7 @@ class MainWindow(QMainWindow):
         s.sync()
 
     def _refresh_recent(self) -> None:
-        self.recent_menu.clear()
-        for spec in get_list(self._settings, "models/recent"):
-            act = QAction(spec, self.recent_menu)
-            act.triggered.connect(lambda _checked=False, sp=spec: self.load_model(sp))
-            self.recent_menu.addAction(act)
-        self.recent_menu.setEnabled(bool(self.recent_menu.actions()))
+        menus.refresh_recent(self)
 
     # -- start / model -----------------------------------------------------------------
     def start(self) -> None:

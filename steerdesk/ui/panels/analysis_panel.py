@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ..layout import Reflow
 from ..vector_sets import VectorSets
 from ..widgets.heatmap import HeatmapView, _match_palette
 from .inputs import PairsSource, Refused, need_heldout, need_model, need_vectors
@@ -81,9 +82,12 @@ class DiagnosticsTab(QWidget):
         self.table.setHorizontalHeaderLabels(["layer", "AUC", "d'", "consistency", "|v|/|h|", "alignment"])
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.table.verticalHeader().hide()
+        self.lines.setMinimumSize(220, 180)
         split = QSplitter(Qt.Orientation.Horizontal)
         split.addWidget(self.lines)
         split.addWidget(self.cosine)
+        split.setChildrenCollapsible(False)
+        self._reflow = Reflow(self, split, 540)  # one above the other in a narrow dock (it scrolls)
         layout = QVBoxLayout(self)
         top = QHBoxLayout()
         top.addWidget(self.run_button)

@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ..layout import Reflow, scrolled
 from ..vector_sets import NamedVectors, VectorSets
 from .generation_output import GenerationOutput
 
@@ -36,6 +37,7 @@ MODE_TIPS = {
     "clamp": "clamp: h - (h.v^)v^ + a*v  (sets the component along v^)",
 }
 SLIDER_STEPS = 20  # slider units per 1.0 of scale
+HEATMAP_MIN_HEIGHT = 170  # px: a layer x token heatmap stays readable
 
 
 class GenerationPanel(QWidget):
@@ -173,12 +175,21 @@ class GenerationPanel(QWidget):
         row.addWidget(steer_box, 3)
         row.addWidget(samp_box, 2)
         cl.addLayout(row)
+        cl.addStretch(1)
+        self._reflow = Reflow(self, row, 860)  # Sampling under Steering in a narrow pane
 
-        split = QSplitter(Qt.Orientation.Vertical)
-        split.addWidget(controls)
+        # The user controls the split; the heatmap never gets squeezed below a readable height, the
+        # controls scroll instead, and extra height goes to the text and the heatmap.
+        self.splitter = split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(scrolled(controls, fit_height=True))
         split.addWidget(out.texts)
         split.addWidget(out.heatmap)
-        split.setSizes([260, 220, 220])
+        split.setChildrenCollapsible(False)
+        out.texts.setMinimumHeight(150)
+        out.heatmap.setMinimumHeight(HEATMAP_MIN_HEIGHT)
+        for i, stretch in enumerate((0, 1, 1)):
+            split.setStretchFactor(i, stretch)
+        split.setSizes([controls.sizeHint().height(), 220, 260])
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(split)

@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
+    QGridLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -25,6 +26,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ..layout import Reflow
 from ..vector_sets import NamedVectors, VectorSets
 from ..widgets.heatmap import HeatmapView
 from .inputs import PairsSource
@@ -97,9 +99,9 @@ class VectorPanel(QWidget):
         self.export_button = QPushButton("Export GGUF…")
         self.export_button.setToolTip("llama.cpp control vector (--control-vector): direction.N = output of block N.")
         self.remove_button = QPushButton("Remove")
-        row = QHBoxLayout()
-        for b in (self.load_button, self.save_button, self.export_button, self.remove_button):
-            row.addWidget(b)
+        row = QGridLayout()  # 2 x 2: the panel stays narrow enough for a laptop's dock
+        for i, b in enumerate((self.load_button, self.save_button, self.export_button, self.remove_button)):
+            row.addWidget(b, i // 2, i % 2)
         sets_box = QGroupBox("Vector sets")
         sl = QVBoxLayout(sets_box)
         sl.addWidget(self.list)
@@ -124,10 +126,14 @@ class VectorPanel(QWidget):
         top = QHBoxLayout()
         top.addWidget(compute_box, 1)
         top.addWidget(sets_box, 1)
+        self._reflow = Reflow(self, top, 560)  # stacked in a narrow dock (it scrolls), side by side otherwise
         plots = QSplitter(Qt.Orientation.Horizontal)
         plots.addWidget(self.diag)
         plots.addWidget(self.norm_plot)
         plots.setSizes([420, 220])
+        plots.setChildrenCollapsible(False)
+        self.norm_plot.setMinimumSize(200, 160)
+        self._reflow_plots = Reflow(self, plots, 560)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(top)

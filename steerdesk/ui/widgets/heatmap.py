@@ -10,6 +10,7 @@ from PySide6.QtCore import QPointF, Qt, Signal
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 pg.setConfigOptions(imageAxisOrder="row-major", antialias=True)
+MIN_PLOT_WIDTH, MIN_PLOT_HEIGHT = 260, 140  # px: below this pyqtgraph clips the title and colour bar
 
 
 def _match_palette() -> None:
@@ -72,6 +73,7 @@ class HeatmapView(QWidget):
         self.colorbar.setImageItem(self.image, insert_in=self.plot.getPlotItem())
         self.readout = QLabel(" ")
         self.readout.setObjectName("heatmapReadout")
+        self.plot.setMinimumSize(MIN_PLOT_WIDTH, MIN_PLOT_HEIGHT)  # title, axes and colour bar never cut off
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.plot, 1)
