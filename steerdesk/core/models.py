@@ -271,13 +271,22 @@ def _check_hub_model_available(spec: str, trust_remote_code: bool) -> None:
 
 
 def _convert_gguf(folder: str, gguf_file: str, target: Path,
-                  progress: Callable[[str], None] | None) -> None:
-    """De-quantise a GGUF model once and keep a safetensors copy in the cache."""
+                  progress: Callable[[str], None] | None,
+                  step: Callable[[str], None] | None = None) -> None:
+    """De-quantise a GGUF model once and keep a safetensors copy in the cache.
+
+    ``step(phase)`` (optional) is called as each phase starts: reading the tokenizer,
+    de-quantising the weights, writing the cached copy.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if progress:
         progress(f"Converting {gguf_file} (first load only)")
+    if step:
+        step("reading the tokenizer")
     tok = _from_pretrained(AutoTokenizer, folder, gguf_file=gguf_file)
+    if step:
+        step("de-quantising the weights")
     model = _from_pretrained(AutoModelForCausalLM, folder, gguf_file=gguf_file, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained ("not serializable") while it still
     # carries its quantizer; the weights are already de-quantised fp32 tensors.
@@ -287,6 +296,8 @@ def _convert_gguf(folder: str, gguf_file: str, target: Path,
     model.is_quantized = False
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    if step:
+        step("writing the converted copy")
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -309,13 +320,16 @@ def load_model(
     trust_remote_code: bool = False,
     device_map: str | None = None,
     progress: Callable[[str], None] | None = None,
+    steps: Callable[[int, int, str], None] | None = None,
 ) -> LoadedModel:
     """Load a causal LM by Hugging Face id, local folder or ``.gguf`` file.
 
     ``default`` (or ``None``) is the embedded SmolLM2-135M-Instruct. A GGUF file is
     converted to safetensors in the user cache on first load; later loads use that copy.
     ``device_map='auto'`` spreads a large model over several GPUs (hooks follow the
-    hidden state's device).
+    hidden state's device). ``steps(done, total, message)`` (optional) reports the phases as
+    they start: a first-load conversion (3 phases) and the load (tokenizer, weights), so a
+    window can show a step count and a percentage.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -327,10 +341,21 @@ def load_model(
     folder, gguf_file = resolve_source(spec)
     name = EMBEDDED_NAME if spec in (None, "", DEFAULT_MODEL) else str(spec)
     source = folder
+    converting = gguf_file is not None and not (_gguf_cache_folder(folder, gguf_file) / "config.json").is_file()
+    total = 5 if converting else 2
+    done = [0]
+
+    def step(phase: str, what: str) -> None:
+        if steps:
+            steps(done[0], total, f"{what}: step {done[0] + 1}/{total}, {phase}")
+        done[0] += 1
+
     if gguf_file is not None:
         cached = _gguf_cache_folder(folder, gguf_file)
-        if not (cached / "config.json").is_file():
-            _convert_gguf(folder, gguf_file, cached, progress)
+        if converting:
+            what = ("Converting the embedded model once; next starts take seconds" if name == EMBEDDED_NAME
+                    else f"Converting {gguf_file} once; next loads take seconds")
+            _convert_gguf(folder, gguf_file, cached, progress, step=lambda phase: step(phase, what))
         source = str(cached)
     if gguf_file is None and not Path(source).exists():
         _check_hub_model_available(source, trust_remote_code)
@@ -341,8 +366,12 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if device_map:
         kwargs["device_map"] = device_map
+    step("reading the tokenizer", f"Loading {name}")
     tokenizer = _from_pretrained(AutoTokenizer, source, trust_remote_code=trust_remote_code)
+    step("reading the weights", f"Loading {name}")
     model = _from_pretrained(AutoModelForCausalLM, source, **kwargs)
+    if steps:
+        steps(total, total, f"Loaded {name}")
     if not device_map:
         model.to(dev)
     model.eval()

@@ -23,8 +23,10 @@ class LoadSpec:
 
 
 def run(lm: LoadedModel | None, spec: LoadSpec, ctx: JobContext) -> LoadedModel:
-    """Load ``spec.spec``; ``lm`` (the model loaded so far) is not used. Progress messages only."""
+    """Load ``spec.spec``; ``lm`` (the model loaded so far) is not used. Progress: the phases
+    (a first-load conversion, tokenizer, weights) as ``done/total`` with what is happening."""
     from ..core.models import load_model
 
     return load_model(spec.spec, device=spec.device, dtype=spec.dtype, device_map=spec.device_map,
-                      trust_remote_code=spec.trust_remote_code, progress=lambda msg: ctx.progress(0, 0, msg))
+                      trust_remote_code=spec.trust_remote_code, progress=lambda msg: ctx.progress(0, 0, msg),
+                      steps=ctx.progress)
