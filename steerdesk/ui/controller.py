@@ -94,6 +94,8 @@ class ModelController(QObject):
     """The current job failed: an ``ErrorInfo``."""
     busy_changed = Signal(bool)
     """True while a job runs."""
+    model_kept = Signal(object)
+    """A model load failed and the model loaded before it is still there and working: its ``ModelInfo``."""
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -103,6 +105,7 @@ class ModelController(QObject):
         self._text: dict[int, dict[int, str]] = {}  # id -> row -> text not yet shown
         self._steps: dict[int, list[dict]] = {}
         self.model_info: Any = None
+        self._kept_info: Any = None  # the model the worker still holds while another one loads
         self._thread = QThread()
         self._thread.setObjectName("steerdesk-model")
         self._worker = ModelWorker()
@@ -149,6 +152,8 @@ class ModelController(QObject):
             for other in self._running.values():
                 other.request.cancel.set()
             self._current.clear()
+            if self.model_info is not None:
+                self._kept_info = self.model_info  # the worker keeps that model until the new one loads
             self.model_info = None
             self.model_loading.emit(spec.spec)
         was_busy = self.busy
@@ -255,9 +260,11 @@ class ModelController(QObject):
     @Slot(int, object)
     def _on_finished(self, req_id: int, result: Any) -> None:
         handle, wanted = self._end(req_id)
+        if handle is not None and handle.loads_model and not wanted:
+            self._kept_info = result  # a superseded load that finished: the worker holds this model now
         if handle is not None and wanted:
             if handle.loads_model:
-                self.model_info = result
+                self.model_info, self._kept_info = result, None
             handle.finished.emit(result)
             self.finished.emit(handle.kind, result)
             if handle.loads_model:
@@ -270,14 +277,22 @@ class ModelController(QObject):
         if handle is not None and wanted:
             handle.cancelled.emit()
             self.job_cancelled.emit(handle.kind)
+            if handle.loads_model and self._kept_info is not None:  # stopped before loading: the old one stays
+                self.model_info, self._kept_info = self._kept_info, None
+                self.model_kept.emit(self.model_info)
         self._close(handle)
 
     @Slot(int, object)
     def _on_failed(self, req_id: int, error: ErrorInfo) -> None:
         handle, wanted = self._end(req_id)
         if handle is not None and wanted:
+            kept = handle.loads_model and self._kept_info is not None
+            if kept:  # the worker still holds the previous model: it is the current one again
+                self.model_info, self._kept_info = self._kept_info, None
             handle.failed.emit(error)
             self.failed.emit(error)
+            if kept:
+                self.model_kept.emit(self.model_info)
         self._close(handle)
 
     # -- shutdown ----------------------------------------------------------------------

@@ -91,6 +91,8 @@ class MainWindow(QMainWindow):
         c.model_ready.connect(self.on_model_ready)
         c.model_loading.connect(lambda _spec: sets.set_model_info(None))
         c.model_ready.connect(sets.set_model_info)
+        c.model_kept.connect(sets.set_model_info)
+        c.model_kept.connect(self.on_model_kept)
         c.progress.connect(self.on_progress)
         c.job_cancelled.connect(lambda kind: self.show_status(f"{kind.capitalize()} stopped."))
         c.failed.connect(self.on_failed)
@@ -164,18 +166,35 @@ class MainWindow(QMainWindow):
         self._settings.setValue("models/last", self._model_spec)
         push_recent(self._settings, self._model_spec)
         self._refresh_recent()
+        self._describe_model(info)
+        self.show_status(f"Model ready: {info.name}")
+
+    def _describe_model(self, info: Any) -> None:
         from pathlib import Path
 
         shown = Path(info.name).name if ("/" in info.name and Path(info.name).exists()) else info.name
         self.model_label.setText(f"{shown} · {info.device} · {info.dtype} · {info.num_layers} layers")
         self.model_label.setToolTip(f"{info.architecture}, hidden size {info.hidden_size}, "
                                     f"chat template: {'yes' if info.has_chat_template else 'no'}")
-        self.show_status(f"Model ready: {info.name}")
+
+    @Slot(object)
+    def on_model_kept(self, info: Any) -> None:
+        """A model switch failed; the model loaded before is still there and working."""
+        self._pending_model = self._model_spec
+        self._describe_model(info)
+        self.show_status(f"Kept {info.name}: the new model could not be loaded.")
 
     @Slot(str, int, int, str)
     def on_progress(self, kind: str, done: int, total: int, message: str) -> None:
-        """Any job's progress in the status bar."""
-        self.show_status(message if total <= 0 else f"{message} {done}/{total}")
+        """Any job's progress in the status bar; a load's steps and % also next to the model."""
+        pct = f" ({100 * done // total}%)" if total > 0 else ""
+        if kind == "load":
+            self.model_label.setText(f"{message}{pct}" if message else self.model_label.text())
+            self.show_status(f"{message}{pct}")
+        else:
+            self.show_status(message if total <= 0 else f"{message} {done}/{total}")
+        self.busy_bar.setRange(0, max(total, 0))  # 0..0: busy without a known amount
+        self.busy_bar.setValue(done if total > 0 else 0)
 
     @Slot(object)
     def on_failed(self, error: ErrorInfo) -> None:
@@ -187,6 +206,7 @@ class MainWindow(QMainWindow):
     @Slot(bool)
     def on_busy_changed(self, busy: bool) -> None:
         """The busy bar and Stop follow whether any job runs."""
+        self.busy_bar.setRange(0, 0)
         self.busy_bar.setVisible(busy)
         self.act_stop.setEnabled(busy)
 

@@ -64,9 +64,12 @@ class ModelWorker(QObject):
         t0 = time.perf_counter()
         try:
             if isinstance(request.spec, jobs.LoadSpec):
-                self._drop_model()
+                # The model loaded so far stays until the new one has loaded: a failed switch (a hub
+                # id without network, a wrong folder) leaves the user with the model that worked.
                 ctx.progress(0, 0, f"Loading {request.spec.spec}")
-                self.lm = jobs.run(None, request.spec, ctx)
+                new = jobs.run(None, request.spec, ctx)
+                self._drop_model()
+                self.lm = new
                 result: Any = self.lm.info
             else:
                 lm = self._need_model()
@@ -77,7 +80,8 @@ class ModelWorker(QObject):
             self._recover_memory(exc)
             self.failed.emit(rid, ErrorInfo.from_exception(exc, request.title))
         else:
-            if request.cancel.is_set():  # a job that returns what it had when stopped (generate)
+            if request.cancel.is_set() and lm is not None:  # a job that returns what it had when stopped
+                # (generate); a finished load always reports its model: the worker now holds it
                 self.cancelled.emit(rid)
             else:
                 self.finished.emit(rid, result)
@@ -100,7 +104,7 @@ class ModelWorker(QObject):
         return self.lm
 
     def _drop_model(self) -> None:
-        """Free the previous model before loading the next."""
+        """Free the previous model (once the next one has loaded)."""
         old, self.lm = self.lm, None
         if old is not None:
             del old
