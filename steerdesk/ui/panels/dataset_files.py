@@ -89,6 +89,7 @@ class DatasetFiles:
         else:
             self._replace(ds, os.path.abspath(p), f"open {p.name}")
             where = p.name
+        self._report_invalid(p)
         extra = "" if ds.paired else " (lists of different lengths: unpaired)"
         self.status_message.emit(f"Loaded {plural(len(ds), 'row')} from {where}{extra}.")
         return True
@@ -212,6 +213,8 @@ class DatasetFiles:
 
     @Slot()
     def import_file(self) -> bool:
+        if not self.confirm_replace("importing another dataset"):
+            return False
         path = self._ask_open_path("Import dataset", OPEN_FILTERS)
         if not path:
             return False
@@ -234,14 +237,57 @@ class DatasetFiles:
         return self.export_to(path)
 
     def _replace(self, ds: Dataset, path: str | None, text: str) -> None:
-        """Replace all rows as one undo step and mark the result saved."""
+        """Replace all rows as one undo step and mark the result saved.
+
+        The first dataset of a session (replacing the empty untitled start) is not undoable:
+        Undo never goes back past the state the app started with.
+        """
+        start = self._stack.count() == 0 and len(self._model.dataset()) == 0
         self._batch = True
         try:
             self._model.set_dataset(ds, path, text)
+            if start:
+                self._stack.clear()
             self._stack.setClean()
         finally:
             self._batch = False
+        self.dataset_changed.emit()  # once, with the modified state settled (title, panel, close prompt)
         self._sync_modified()
+        self._update_title()
+
+    def confirm_replace(self, what: str) -> bool:
+        """With unsaved edits, ask before ``what`` replaces the dataset (Save / Discard / Cancel)."""
+        if not self.is_modified():
+            return True
+        answer = self._ask_unsaved(what)
+        if answer == QMessageBox.StandardButton.Cancel:
+            return False
+        if answer == QMessageBox.StandardButton.Save:
+            return self.save()
+        return True
+
+    def _ask_unsaved(self, what: str) -> QMessageBox.StandardButton:
+        b = QMessageBox.StandardButton
+        return QMessageBox.question(self, "Unsaved dataset",  # type: ignore[arg-type]
+                                    f"The dataset has unsaved edits. Save them before {what}?",
+                                    b.Save | b.Discard | b.Cancel, b.Save)
+
+    def _report_invalid(self, path: Path) -> None:
+        """Say how many rows of a loaded file are invalid and why (a CSV row with too few fields is one)."""
+        problems = self._model.problems()
+        if not problems:
+            return
+        lines = []
+        short = _short_csv_rows(path) if path.suffix.lower() == ".csv" else {}
+        for row, reason in problems[:5]:
+            fields = short.get(row)
+            why = f"{fields[0]} of {fields[1]} fields" if fields else reason
+            lines.append(f"row {row + 1}: {why}")
+        more = f"\n… and {len(problems) - 5} more" if len(problems) > 5 else ""
+        message = (f"{plural(len(problems), 'row')} of {path.name} cannot be used"
+                   + (f" ({plural(len(short), 'row')} with too few fields)" if short else "")
+                   + ":\n" + "\n".join(lines) + more + "\nThey are marked in the table; fix or remove them.")
+        self.error_occurred.emit("Invalid rows", message)
 
     def _write(self, path: Path) -> bool:
         suffix = path.suffix.lower()
@@ -274,7 +320,7 @@ class DatasetFiles:
     @Slot()
     def _on_bundled_triggered(self) -> None:
         action = self.sender()
-        if isinstance(action, QAction):
+        if isinstance(action, QAction) and self.confirm_replace(f"loading {action.data()}"):
             self.load_bundled(str(action.data()))
 
     @Slot()
@@ -288,3 +334,22 @@ class DatasetFiles:
                 self._recovery.clear()  # back at the saved state: nothing to recover
         except (SteerdeskError, OSError) as exc:
             self.status_message.emit(f"Could not write the recovery copy: {exc}")
+
+
+def _short_csv_rows(path: Path) -> dict[int, tuple[int, int]]:
+    """Data rows (0-based, header excluded) of a CSV with fewer fields than its header: row -> (fields, wanted)."""
+    import csv
+
+    out: dict[int, tuple[int, int]] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f)]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return out
+    if not rows:
+        return out
+    wanted = len(rows[0])
+    for i, r in enumerate(r for r in rows[1:] if any(c.strip() for c in r)):
+        if len(r) < wanted:
+            out[i] = (len(r), wanted)
+    return out

@@ -348,8 +348,8 @@ class DatasetPanel(QWidget, DatasetFiles):
         self._update_actions()
         if self._recovery is not None:
             self._autosave.start()  # restarted on every change: writes a second after the last one
-        self.dataset_changed.emit()
-        if not self._batch:
+        if not self._batch:  # a load emits once, after it is marked saved
+            self.dataset_changed.emit()
             self._sync_modified()
 
     @Slot(bool)
