@@ -73,7 +73,8 @@ class SelfTest:
             from . import jobs
 
             def say(done: int, total: int, msg: str) -> None:
-                print(f"     {msg}", file=sys.stderr, flush=True)
+                if total == 0:  # the load's messages; its counted steps are for the window's progress bar
+                    print(f"     {msg}", file=sys.stderr, flush=True)
 
             self.lm = jobs.load.run(None, jobs.LoadSpec(spec=self.model, device=self.device),
                                     jobs.JobContext(on_progress=say))

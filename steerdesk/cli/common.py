@@ -30,7 +30,14 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
 
     spec = jobs.LoadSpec(spec=args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                          trust_remote_code=args.trust_remote_code)
-    return jobs.load.run(None, spec, jobs.JobContext(on_progress=lambda done, total, msg: print(msg, file=sys.stderr)))
+    return jobs.load.run(None, spec, jobs.JobContext(on_progress=say_loading))
+
+
+def say_loading(done: int, total: int, message: str) -> None:
+    """Print a model load's messages on stderr; the counted steps (``total`` > 0, for the window's
+    progress bar) are not printed, so the CLI says what it always said ("Loading ...")."""
+    if total == 0:
+        print(message, file=sys.stderr)
 
 
 def load_vectors_for(path: str, info: ModelInfo) -> VectorSet:

@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import jobs
     from ..core.records import RunRecord
     from ..core.sweep_result import format_table
+    from .common import say_loading  # prints the load's messages; no counts (the re-run's are not shown either)
 
     recipe = RunRecord.load(args.recipe)
     if args.model:
@@ -40,12 +41,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(chunk)
         sys.stdout.flush()
 
-    def progress(done: int, total: int, msg: str) -> None:
-        if total == 0:  # model loading says what it does; the re-run job's own counts are not shown
-            print(msg, file=sys.stderr)
-
     spec = jobs.RerunSpec(recipe=recipe, device=args.device, allow_changes=args.allow_changes, output=args.output)
-    out = jobs.rerun.run(None, spec, jobs.JobContext(on_progress=progress, on_text=on_text if streaming else None))
+    out = jobs.rerun.run(None, spec, jobs.JobContext(on_progress=say_loading, on_text=on_text if streaming else None))
     if args.json:
         print(json.dumps({"kind": recipe.kind, "reproduced": out.reproduced, "differences": out.differences,
                           "record": out.record.to_dict()}, ensure_ascii=False))
