@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import html
+import time
 from typing import Any
 
 import numpy as np
+from PySide6.QtCore import QTimer
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QApplication, QCheckBox, QGridLayout, QHBoxLayout, QLabel, QSpinBox, QTextEdit, QWidget
 
@@ -25,6 +27,12 @@ class GenerationOutput(QWidget):
         self._results: list[Any] | None = None
         self._heat = np.zeros((1, 0), dtype=np.float32)
         self._levels = 0.05
+        self._t0: float | None = None
+        self.stats = QLabel("")  # elapsed time and tokens/s, while and after a run
+        self.stats.setObjectName("runStats")
+        self._clock = QTimer(self)
+        self._clock.setInterval(250)
+        self._clock.timeout.connect(self._tick)
         self.unsteered_view = QTextEdit()
         self.unsteered_view.setObjectName("unsteeredView")
         self.unsteered_view.setReadOnly(True)
@@ -52,6 +60,7 @@ class GenerationOutput(QWidget):
         color_row.addWidget(self.color_layer)
         color_row.addStretch(1)
         ol.addLayout(color_row, 2, 1)
+        ol.addWidget(self.stats, 2, 0)
 
         self.color_by.toggled.connect(self._render_steered)
         self.color_layer.valueChanged.connect(self._render_steered)
@@ -68,6 +77,54 @@ class GenerationOutput(QWidget):
         self.heatmap.set_data(np.full((max(self._num_layers, 1), 1), np.nan))
         self.unsteered_label.setText("<b>Unsteered</b>" if self._compare or self._steered_row == 0 else "")
         self.steered_label.setText("<b>Steered</b>" if steered is not None else "<b>—</b>")
+        self.heatmap.clear_readout()  # no hover value left over from the last run
+        self._t0 = time.perf_counter()
+        self._clock.start()
+        self._tick()
+
+    def elapsed(self) -> float:
+        """Seconds since the run started (0 before any)."""
+        return 0.0 if self._t0 is None else time.perf_counter() - self._t0
+
+    def _tick(self) -> None:
+        secs, n = self.elapsed(), len(self._steps)
+        rate = f" · {n} tokens · {n / secs:.1f} tokens/s" if n and secs > 0 else ""
+        self.stats.setText(f"running · {secs:.1f} s{rate}")
+
+    def _final_stats(self, results: list[Any], seconds: float | None, word: str) -> str:
+        self._clock.stop()
+        secs = seconds if seconds else self.elapsed()
+        n = max((len(r.token_ids) for r in results), default=0)
+        rows = f" x {len(results)} rows" if len(results) > 1 else ""
+        rate = f" · {n * len(results) / secs:.1f} tokens/s" if secs > 0 else ""
+        text = f"{word} · {n} tokens{rows} in {secs:.2f} s{rate}"
+        self.stats.setText(text)
+        return text
+
+    def stop_clock(self, text: str = "failed") -> None:
+        """The run ended without a result (failed): stop the clock, say so with the time it took."""
+        self._clock.stop()
+        self.stats.setText(f"{text} after {self.elapsed():.1f} s")
+
+    def finish_stopped(self) -> str:
+        """A stopped run: what streamed is its result, and every view of a finished run works on it
+        (trimmed heatmap, hover, colour by projection). Returns the status line."""
+        from ...core.generate import GenerationResult
+
+        rows = max((len(st["ids"]) for st in self._steps), default=0)
+        views = [self._view_for_row(r) for r in range(max(rows, 2 if self._compare else 1))]
+        results = []
+        for r, view in enumerate(views):
+            ids = [st["ids"][r] for st in self._steps if r < len(st["ids"])]
+            results.append(GenerationResult(text=view.toPlainText() if view is not None else "", token_ids=ids,
+                                            finish_reason="stopped"))
+        if self._steered_row >= len(results):
+            self._clock.stop()
+            self.stats.setText(f"stopped after {self.elapsed():.1f} s")
+            return "Generation stopped."
+        stats = self._final_stats(results, None, "stopped")
+        self._show_final(results)
+        return f"Generation stopped ({stats})."
 
     def append_text(self, row: int, chunk: str) -> None:
         """Streamed text for batch row ``row``."""
@@ -101,8 +158,17 @@ class GenerationOutput(QWidget):
         self._levels = max(self._levels, float(np.nanmax(np.abs(self._heat))) if self._heat.size else 0.05)
         self.heatmap.set_data(self._heat, levels=(-self._levels, self._levels))
 
-    def finish(self, results: list[Any]) -> str:
-        """Final results: trim the heatmap to real tokens, render coloured text if asked; a status line."""
+    def finish(self, results: list[Any], seconds: float | None = None) -> str:
+        """Final results: trim the heatmap to real tokens, render coloured text if asked; a status line.
+
+        ``seconds`` (the run's own measurement) gives the time and tokens/s shown.
+        """
+        stats = self._final_stats(results, seconds, "done")
+        n = self._show_final(results)
+        reasons = {r.finish_reason for r in results}
+        return f"Generated {n} tokens ({', '.join(sorted(reasons))}; {stats.removeprefix('done · ')})."
+
+    def _show_final(self, results: list[Any]) -> int:
         self._results = results
         steered = results[self._steered_row]
         n = len(steered.token_ids)
@@ -116,8 +182,7 @@ class GenerationOutput(QWidget):
             if view is not None and view.toPlainText() != res.text:
                 view.setPlainText(res.text)
         self._render_steered()
-        reasons = {r.finish_reason for r in results}
-        return f"Generated {n} tokens ({', '.join(sorted(reasons))})."
+        return n
 
     def _token_texts(self) -> list[str]:
         row = self._steered_row

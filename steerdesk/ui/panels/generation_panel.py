@@ -406,6 +406,8 @@ class GenerationPanel(QWidget):
         job.text.connect(self.output.append_text)
         job.steps.connect(self.output.add_steps)
         job.finished.connect(self._on_finished)
+        job.cancelled.connect(lambda: self.status_message.emit(self.output.finish_stopped()))
+        job.failed.connect(lambda _e: self.output.stop_clock())
         job.ended.connect(lambda: self.set_busy(False) if self._job is job else None)
 
     def stop(self) -> None:
@@ -415,7 +417,7 @@ class GenerationPanel(QWidget):
 
     def _on_finished(self, result: Any) -> None:
         self.set_busy(False)
-        self.status_message.emit(self.output.finish(result.rows))
+        self.status_message.emit(self.output.finish(result.rows, result.seconds))
         self.finished.emit(result)
 
     def try_steering(self, name: str, layers: list[int], scale: float, mode: str) -> None:

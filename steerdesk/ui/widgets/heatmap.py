@@ -97,6 +97,11 @@ class HeatmapView(QWidget):
         self.plot.getAxis("left").setTicks([_centred_ticks(rows)])
         self.plot.getAxis("bottom").setTicks([list(col_ticks) if col_ticks is not None else _centred_ticks(cols)])
 
+    def clear_readout(self) -> None:
+        """Forget the hover read-out (a new run starts: no stale value from the last one)."""
+        self.readout.setText(" ")
+        self.plot.setToolTip("")
+
     def set_row_ticks(self, ticks: Sequence[tuple[int, str]] | None) -> None:
         self.plot.getAxis("left").setTicks([list(ticks)] if ticks is not None else None)
 

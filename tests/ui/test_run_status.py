@@ -1,0 +1,59 @@
+"""Run status that tells the truth (issue 13): elapsed time and tokens/s while and after a
+generation; a stopped run gets every view a finished one has; no stale hover read-out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PySide6.QtCore import Qt
+
+
+@pytest.fixture
+def ready(qtbot, window, tiny_model_dirs):
+    with qtbot.waitSignal(window.controller.model_ready, timeout=60000):
+        window.load_model(tiny_model_dirs["tiny-a"])
+    window.dataset_panel.load_bundled("neutral_rude")
+    with qtbot.waitSignal(window.vector_panel.vectors_ready, timeout=60000):
+        qtbot.mouseClick(window.vector_panel.compute_button, Qt.MouseButton.LeftButton)
+    return window
+
+
+def test_elapsed_and_tokens_per_second_while_and_after(qtbot, ready):
+    gp = ready.generation_panel
+    gp.max_tokens.setValue(400)
+    during = []
+    gp.output.heatmap.readout.setText("token 3 'x', layer 1: +0.5 of typical |h|")  # from an earlier run
+    qtbot.mouseClick(gp.generate_button, Qt.MouseButton.LeftButton)
+    assert gp.output.heatmap.readout.text().strip() == ""  # cleared when the new run starts
+    qtbot.waitUntil(lambda: during.append(gp.output.stats.text()) or "tokens/s" in during[-1], timeout=30000)
+    assert during[-1].startswith("running · ") and " s · " in during[-1]
+    with qtbot.waitSignal(gp.finished, timeout=120000) as done:
+        pass
+    result = done.args[0]
+    n = max(len(r.token_ids) for r in result.rows)
+    text = gp.output.stats.text()
+    assert text.startswith(f"done · {n} tokens x 2 rows in {result.seconds:.2f} s · ")
+    assert float(text.split(" · ")[-1].split()[0]) == pytest.approx(2 * n / result.seconds, rel=0.05)
+    assert "tokens/s" in ready.statusBar().currentMessage()
+
+
+def test_a_stopped_run_gets_the_views_of_a_finished_one(qtbot, ready):
+    gp = ready.generation_panel
+    gp.max_tokens.setValue(2000)
+    qtbot.mouseClick(gp.generate_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: gp.output.heatmap.data().shape[1] > 3, timeout=30000)
+    with qtbot.waitSignal(ready.controller.job_cancelled, timeout=5000):
+        qtbot.mouseClick(gp.stop_button, Qt.MouseButton.LeftButton)
+    qtbot.wait(100)
+    out = gp.output
+    assert out.stats.text().startswith("stopped · ") and "tokens/s" in out.stats.text()
+    assert out._results is not None and out._results[1].finish_reason == "stopped"
+    n = len(out._results[1].token_ids)
+    assert n > 3 and out.heatmap.data().shape[1] == n and np.isfinite(out.heatmap.data()).all()
+    # Colour by projection works on the stopped run, token for token.
+    gp.color_by.setChecked(True)
+    html = gp.steered_view.toHtml()
+    assert html.count("background-color:rgba") >= n - 1
+    # The hover read-out names the cell's token.
+    assert out.heatmap.describe_cell(0, 1).startswith("token 1 ")
+    assert "stopped" in ready.statusBar().currentMessage().lower()
