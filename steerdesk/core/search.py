@@ -44,527 +44,59 @@ gone) are marked ``FAIL`` (user attribute ``interrupted``) and their parameters 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
 import math
 import os
 import socket
-import sqlite3
 import threading
 import time
-import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .datasets import Dataset
 from .errors import Cancelled, SteerdeskError
 from .evaluate import NEUTRAL_TEXTS, Scores, TextScorer
-from .identity import model_identity, vector_identity
 from .layouts import prepare_texts
-from .steering import MODES, POSITIONS, Steer
+from .search_space import (
+    DEFAULT_MAX_SPAN,
+    DEFAULT_SCALE,
+    SearchSpace,
+    TrialResult,
+    TrialSettings,
+    best_within_budget,
+    finite_or_none,
+    pareto_mask,
+    settings_for,
+)
+from .search_study import (
+    DEFAULT_BATCH,
+    DEFAULT_BUDGET,
+    FORMAT,
+    SAMPLERS,
+    STUDY_NAME,
+    StoredStudy,
+    StudyIdentity,
+    batch_seed,
+    close_study,
+    has_set_constraint,
+    identity_for,
+    is_evaluated,
+    make_sampler,
+    open_for_search,
+    read_study,
+    recover_interrupted,
+    trial_results,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT = "steerdesk.search/1"
-STUDY_NAME = "steerdesk-search"
-SAMPLERS = ("tpe", "nsga2")
 DEFAULT_TRIALS = 25
-DEFAULT_BATCH = 5
-DEFAULT_MAX_SPAN = 4
-DEFAULT_SCALE = (0.0, 2.0)
-DEFAULT_BUDGET = 0.5
-#: The model identity keys a stored study must match (device may differ).
-MODEL_KEYS = ("name", "architecture", "revision", "num_layers", "hidden_size", "dtype", "chat_template_sha256")
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 
-TrialCallback = Callable[["TrialResult"], None]
-
-
-# ================================================================================== space
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """What a search may choose. Layers are 0-based block outputs (``core/steering.py``).
-
-    ``first_layer .. last_layer`` (inclusive) bound every range; a range starts anywhere in
-    them and spans ``1 .. max_span`` layers (clipped at ``last_layer``). ``scale`` is the
-    continuous interval ``[scale_min, scale_max]`` (see "Scale units" in the module docstring);
-    ``modes`` and ``normalize`` are the categorical choices. A dimension with one value is not
-    searched (no Optuna parameter).
-    """
-
-    first_layer: int
-    last_layer: int
-    max_span: int = DEFAULT_MAX_SPAN
-    scale_min: float = DEFAULT_SCALE[0]
-    scale_max: float = DEFAULT_SCALE[1]
-    modes: tuple[str, ...] = ("add", "clamp", "project")
-    normalize: tuple[bool, ...] = (False, True)
-    positions: str = "all"
-
-    @classmethod
-    def default(cls, vectors: Any, num_layers: int) -> SearchSpace:
-        """The longest run of consecutive layers the vector set has a direction for, spans up to
-        :data:`DEFAULT_MAX_SPAN`, scales 0..2, every mode, with and without normalisation."""
-        have = [layer for layer in range(min(num_layers, _num_vector_layers(vectors)))
-                if _has_direction(vectors, layer)]
-        if not have:
-            raise SteerdeskError("The vector set has no direction for any layer: nothing to search.")
-        runs: list[list[int]] = [[have[0]]]
-        for layer in have[1:]:
-            if layer == runs[-1][-1] + 1:
-                runs[-1].append(layer)
-            else:
-                runs.append([layer])
-        run = max(runs, key=len)
-        return cls(first_layer=run[0], last_layer=run[-1], max_span=min(DEFAULT_MAX_SPAN, len(run)))
-
-    @classmethod
-    def parse(cls, text: str, base: SearchSpace) -> SearchSpace:
-        """Override fields of ``base`` from ``"layers=4-25;span=3;scale=0..2;modes=add,clamp;normalize=no"``.
-
-        Keys: ``layers`` (``A-B``), ``span`` (maximum span), ``scale`` (``LO..HI`` or one value),
-        ``modes`` (comma list), ``normalize`` (``no``, ``yes`` or ``both``), ``positions``.
-        Raises ``SteerdeskError`` for anything unreadable.
-        """
-        out = base
-        for part in str(text).split(";"):
-            if not part.strip():
-                continue
-            if "=" not in part:
-                raise SteerdeskError(f"Cannot read search space part {part.strip()!r}: use KEY=VALUE, "
-                                     "e.g. layers=4-20;span=3;scale=0..2;modes=add,clamp;normalize=both.")
-            key, value = (s.strip() for s in part.split("=", 1))
-            try:
-                if key == "layers":
-                    a, b = value.split("-", 1) if "-" in value else (value, value)
-                    out = replace(out, first_layer=int(a), last_layer=int(b))
-                elif key == "span":
-                    out = replace(out, max_span=int(value))
-                elif key == "scale":
-                    lo, hi = value.split("..", 1) if ".." in value else (value, value)
-                    out = replace(out, scale_min=float(lo), scale_max=float(hi))
-                elif key == "modes":
-                    out = replace(out, modes=tuple(m.strip() for m in value.split(",") if m.strip()))
-                elif key == "normalize":
-                    choice = {"no": (False,), "false": (False,), "yes": (True,), "true": (True,),
-                              "both": (False, True)}.get(value.lower())
-                    if choice is None:
-                        raise ValueError(value)
-                    out = replace(out, normalize=choice)
-                elif key == "positions":
-                    out = replace(out, positions=value)
-                else:
-                    raise SteerdeskError(f"Unknown search space key {key!r}; use layers, span, scale, modes, "
-                                         "normalize or positions.")
-            except ValueError:
-                raise SteerdeskError(f"Cannot read search space value {key}={value!r}.") from None
-        return out
-
-    def check(self, vectors: Any, num_layers: int) -> None:
-        """Raise a one-line ``SteerdeskError`` for an empty or impossible space."""
-        if self.last_layer < self.first_layer:
-            raise SteerdeskError(f"The search space is empty: layers {self.first_layer}-{self.last_layer} "
-                                 "is backwards.")
-        if not (0 <= self.first_layer and self.last_layer < num_layers):
-            raise SteerdeskError(f"Search layers {self.first_layer}-{self.last_layer} are out of range: "
-                                 f"the model has layers 0-{num_layers - 1}.")
-        if self.max_span < 1:
-            raise SteerdeskError("The search space is empty: the span must be at least 1 layer.")
-        if not (math.isfinite(self.scale_min) and math.isfinite(self.scale_max)):
-            raise SteerdeskError("The search scales must be finite numbers.")
-        if self.scale_max < self.scale_min:
-            raise SteerdeskError(f"The search space is empty: scale {self.scale_min:g}..{self.scale_max:g} "
-                                 "is backwards.")
-        if not self.modes:
-            raise SteerdeskError("The search space is empty: no steering mode.")
-        bad = [m for m in self.modes if m not in MODES]
-        if bad:
-            raise SteerdeskError(f"Unknown steering mode {bad[0]!r}; use {', '.join(MODES)}.")
-        if not self.normalize:
-            raise SteerdeskError("The search space is empty: no normalize choice.")
-        if self.positions not in POSITIONS:
-            raise SteerdeskError(f"Unknown positions {self.positions!r}; use one of {', '.join(POSITIONS)}.")
-        if self.scale_min == self.scale_max == 0 and set(self.modes) <= {"add", "project"}:
-            raise SteerdeskError("The search space is empty: scale 0 in add/project mode changes nothing.")
-        missing = [layer for layer in range(self.first_layer, self.last_layer + 1)
-                   if not _has_direction(vectors, layer)]
-        if missing:
-            raise SteerdeskError(f"The vector set has no direction for layer{'s' if len(missing) > 1 else ''} "
-                                 f"{', '.join(map(str, missing[:8]))}: choose search layers it covers.")
-
-    def distributions(self) -> dict[str, Any]:
-        """Optuna distributions of the searched dimensions (name -> distribution)."""
-        from optuna.distributions import (
-            CategoricalDistribution,
-            FloatDistribution,
-            IntDistribution,
-        )
-
-        out: dict[str, Any] = {}
-        if self.last_layer > self.first_layer:
-            out["start"] = IntDistribution(self.first_layer, self.last_layer)
-        if self.max_span > 1:
-            out["span"] = IntDistribution(1, self.max_span)
-        if self.scale_max > self.scale_min:
-            out["scale"] = FloatDistribution(self.scale_min, self.scale_max)
-        if len(self.modes) > 1:
-            out["mode"] = CategoricalDistribution(list(self.modes))
-        if len(self.normalize) > 1:
-            out["normalize"] = CategoricalDistribution(list(self.normalize))
-        return out
-
-    def size_text(self) -> str:
-        """A short description, e.g. ``layers 0-29, span 1-4, scale 0..2, add/clamp/project, normalize no/yes``."""
-        norm = "/".join("yes" if n else "no" for n in self.normalize)
-        return (f"layers {self.first_layer}-{self.last_layer}, span 1-{self.max_span}, "
-                f"scale {self.scale_min:g}..{self.scale_max:g}, {'/'.join(self.modes)}, normalize {norm}"
-                + (f", positions {self.positions}" if self.positions != "all" else ""))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["modes"] = list(self.modes)
-        d["normalize"] = list(self.normalize)
-        return d
-
-    @classmethod
-    def from_dict(cls, obj: Mapping[str, Any]) -> SearchSpace:
-        try:
-            return cls(first_layer=int(obj["first_layer"]), last_layer=int(obj["last_layer"]),
-                       max_span=int(obj["max_span"]), scale_min=float(obj["scale_min"]),
-                       scale_max=float(obj["scale_max"]), modes=tuple(str(m) for m in obj["modes"]),
-                       normalize=tuple(bool(n) for n in obj["normalize"]), positions=str(obj.get("positions", "all")))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SteerdeskError(f"The study's search space is unreadable ({exc}).") from None
-
-
-def _num_vector_layers(vectors: Any) -> int:
-    d = getattr(vectors, "directions", vectors)
-    return int(d.shape[0])
-
-
-def _has_direction(vectors: Any, layer: int) -> bool:
-    ask = getattr(vectors, "has_direction", None)
-    if callable(ask):
-        return bool(ask(layer))
-    d = getattr(vectors, "directions", vectors)
-    return 0 <= layer < d.shape[0] and bool(d[layer].ne(0).any())
-
-
-# ================================================================================ trials
-
-@dataclass(frozen=True)
-class TrialSettings:
-    """The steering a trial applies: the same settings at each layer of ``layers``.
-
-    ``scale`` is the scale applied (what :class:`~steerdesk.core.steering.Steer` gets);
-    ``searched_scale`` is the sampled value (equal unless ``normalize``, see the module docstring).
-    """
-
-    layers: tuple[int, ...]
-    scale: float
-    mode: str
-    normalize: bool
-    positions: str = "all"
-    searched_scale: float = 0.0
-
-    def steers(self, vectors: Any) -> list[Steer]:
-        """One :class:`Steer` per layer (directions from a VectorSet or a ``[layers, hidden]`` tensor)."""
-        d = getattr(vectors, "directions", vectors)
-        return [Steer(layer=layer, vector=d[layer], scale=self.scale, mode=self.mode, normalize=self.normalize,
-                      positions=self.positions) for layer in self.layers]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready settings (what the window's generation pane and a recipe need)."""
-        return {"layers": list(self.layers), "scale": self.scale, "mode": self.mode, "normalize": self.normalize,
-                "positions": self.positions, "searched_scale": self.searched_scale}
-
-    def label(self) -> str:
-        lo, hi = self.layers[0], self.layers[-1]
-        where = f"L{lo}" if lo == hi else f"L{lo}-{hi}"
-        return f"{where} x{self.scale:.3g} {self.mode}{' norm' if self.normalize else ''}"
-
-
-def settings_for(params: Mapping[str, Any], space: SearchSpace, vectors: Any) -> TrialSettings:
-    """Turn a trial's Optuna parameters into steering settings (unsearched dimensions from ``space``)."""
-    start = int(params.get("start", space.first_layer))
-    span = int(params.get("span", space.max_span))  # not searched only when max_span is 1
-    end = min(start + span - 1, space.last_layer)
-    layers = tuple(range(start, end + 1))
-    searched = float(params.get("scale", space.scale_min))
-    mode = str(params.get("mode", space.modes[0]))
-    normalize = bool(params.get("normalize", space.normalize[0]))
-    scale = searched
-    if normalize and mode != "project":
-        d = getattr(vectors, "directions", vectors)
-        scale = searched * float(torch.stack([d[layer].float().norm() for layer in layers]).mean())
-    return TrialSettings(layers=layers, scale=scale, mode=mode, normalize=normalize, positions=space.positions,
-                         searched_scale=searched)
-
-
-@dataclass
-class TrialResult:
-    """One evaluated (or failed) trial of a study. Scores are deltas versus unsteered (nats/token)."""
-
-    number: int
-    state: str  # "complete", "failed" (non-finite score), "interrupted", "running", "waiting"
-    params: dict[str, Any]
-    settings: TrialSettings | None
-    margin_delta: float | None = None
-    kl: float | None = None
-    fluency_delta: float | None = None
-    on_front: bool = False
-    within_budget: bool = False
-    retry_of: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"number": self.number, "state": self.state, "params": self.params,
-                "settings": self.settings.to_dict() if self.settings else None,
-                "margin_delta": _finite(self.margin_delta), "kl": _finite(self.kl),
-                "fluency_delta": _finite(self.fluency_delta), "pareto": self.on_front,
-                "within_budget": self.within_budget, "retry_of": self.retry_of}
-
-
-def _finite(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
-
-
-def pareto_mask(margins: Sequence[float], kls: Sequence[float]) -> list[bool]:
-    """Which points are not dominated (margin maximised, KL minimised).
-
-    A point dominates another when its margin is >= and its KL <= with one of them strict.
-    Non-finite points are never on the front. O(n^2); a study holds at most a few thousand trials.
-    """
-    pts = [(m, k) for m, k in zip(margins, kls)]
-    ok = [math.isfinite(m) and math.isfinite(k) for m, k in pts]
-    out = []
-    for i, (m, k) in enumerate(pts):
-        if not ok[i]:
-            out.append(False)
-            continue
-        dominated = any(ok[j] and m2 >= m and k2 <= k and (m2 > m or k2 < k)
-                        for j, (m2, k2) in enumerate(pts) if j != i)
-        out.append(not dominated)
-    return out
-
-
-def best_within_budget(trials: Sequence[TrialResult], budget: float) -> TrialResult | None:
-    """The complete trial with the largest margin delta whose fluency loss is at most ``budget``
-    (ties: the lower KL), as :func:`steerdesk.core.sweep.pick_best` picks a sweep cell."""
-    best: TrialResult | None = None
-    for t in trials:
-        if t.state != "complete" or t.margin_delta is None or t.fluency_delta is None:
-            continue
-        if not (math.isfinite(t.margin_delta) and math.isfinite(t.fluency_delta)) or -t.fluency_delta > budget:
-            continue
-        if best is None or t.margin_delta > best.margin_delta or (  # type: ignore[operator]
-                t.margin_delta == best.margin_delta and (t.kl or 0.0) < (best.kl or 0.0)):
-            best = t
-    return best
-
-
-# ============================================================================ the study
-
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-@dataclass(frozen=True)
-class StudyIdentity:
-    """What a study was made for; stored as study user attributes and compared on resume."""
-
-    model: dict[str, Any]
-    vector: dict[str, Any]
-    evaluation: dict[str, Any]  # held-out set hash/name, pairs, neutral texts hash, system
-
-    def mismatch(self, stored: Mapping[str, Any]) -> str | None:
-        """Why a stored study is not for this model / vector / held-out set (None when it is)."""
-        sm = stored.get("model") or {}
-        for key in MODEL_KEYS:
-            if sm.get(key) != self.model.get(key):
-                return (f"the study was made for model {sm.get('name')!r} ({key} {sm.get(key)!r}), "
-                        f"not {self.model.get('name')!r} ({key} {self.model.get(key)!r})")
-        sv = stored.get("vector") or {}
-        if sv.get("directions_sha256") != self.vector.get("directions_sha256"):
-            return (f"the study was made for another vector set ({sv.get('path') or 'directions '}"
-                    f"{'' if sv.get('path') else str(sv.get('directions_sha256'))[:12]})")
-        se = stored.get("evaluation") or {}
-        for key, what in (("dataset_sha256", "held-out set"), ("max_pairs", "pair limit"),
-                          ("neutral_sha256", "neutral texts"), ("system", "system message")):
-            if se.get(key) != self.evaluation.get(key):
-                return (f"the study was scored with another {what} "
-                        f"({se.get('dataset_name') if key == 'dataset_sha256' else se.get(key)!r})")
-        return None
-
-
-def identity_for(lm: Any, vectors: Any, heldout: Dataset, *, neutral: Sequence[str], system: str | None,
-                 max_pairs: int | None, vector_path: str | None = None) -> StudyIdentity:
-    """The identity of a search of ``vectors`` on ``lm`` scored on ``heldout`` + ``neutral``."""
-    return StudyIdentity(
-        model=model_identity(lm),
-        vector=vector_identity(vectors, vector_path),
-        evaluation={"dataset_name": heldout.name, "dataset_sha256": heldout.sha256(), "max_pairs": max_pairs,
-                    "neutral_sha256": _sha(list(neutral)), "n_neutral": len(neutral), "system": system},
-    )
-
-
-@dataclass(frozen=True)
-class StoredStudy:
-    """A steerdesk study as stored (read without writing)."""
-
-    path: str
-    attrs: dict[str, Any]
-    trials: list[Any]  # optuna FrozenTrial
-
-    @property
-    def space(self) -> SearchSpace:
-        return SearchSpace.from_dict(self.attrs.get("space") or {})
-
-    @property
-    def seed(self) -> int:
-        return int(self.attrs.get("seed", 0))
-
-    @property
-    def sampler(self) -> str:
-        return str(self.attrs.get("sampler", "tpe"))
-
-    @property
-    def fluency_budget(self) -> float:
-        return float(self.attrs.get("fluency_budget", DEFAULT_BUDGET))
-
-
-def _url(path: Path, readonly: bool = False) -> str:
-    if readonly:  # SQLite URI: no write can happen, whatever the library tries
-        return f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
-    return f"sqlite:///{path.resolve()}"
-
-
-def _quiet_optuna() -> None:
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-def read_study(path: str | Path) -> StoredStudy | None:
-    """Read a study file without writing to it; None when the file does not exist.
-
-    Raises a one-line ``SteerdeskError`` for a file that is unreadable, not SQLite, an SQLite
-    database that is not an Optuna study, or an Optuna study file with no steerdesk search.
-    """
-    p = Path(path)
-    if not p.exists():
-        return None
-    if p.is_dir():
-        raise SteerdeskError(f"{p} is a folder, not a study file.")
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(len(_SQLITE_MAGIC))
-    except OSError as exc:
-        raise SteerdeskError(f"Cannot read the study file {p}: {exc.strerror or exc}.") from None
-    if head != _SQLITE_MAGIC:
-        if not head:
-            raise SteerdeskError(f"{p} is an empty file, not a study (remove it to start a new search).")
-        raise SteerdeskError(f"{p} is not a study file (not an SQLite database).")
-    try:
-        con = sqlite3.connect(f"file:{p.resolve()}?mode=ro", uri=True)
-        try:
-            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        finally:
-            con.close()
-    except sqlite3.Error as exc:
-        raise SteerdeskError(f"{p} is not a readable study file ({exc}).") from None
-    if not {"studies", "trials", "version_info", "study_user_attributes"} <= tables:
-        raise SteerdeskError(f"{p} is an SQLite database but not an Optuna study file.")
-    _quiet_optuna()
-    import optuna
-
-    try:
-        storage = optuna.storages.RDBStorage(_url(p, readonly=True), skip_table_creation=True)
-        try:
-            names = [s.study_name for s in storage.get_all_studies()]
-            if STUDY_NAME not in names:
-                raise SteerdeskError(f"{p} holds Optuna studies ({', '.join(names) or 'none'}) but no steerdesk "
-                                     f"search (study {STUDY_NAME!r}).")
-            sid = storage.get_study_id_from_name(STUDY_NAME)
-            attrs = dict(storage.get_study_user_attrs(sid))
-            trials = storage.get_all_trials(sid, deepcopy=False)
-        finally:
-            storage.remove_session()
-            storage.engine.dispose()
-    except SteerdeskError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy / Optuna errors: an old schema, a damaged file
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SteerdeskError(f"{p} is not a readable study file ({first[:160]}).") from None
-    if attrs.get("format") != FORMAT:
-        raise SteerdeskError(f"{p}: the study {STUDY_NAME!r} is not a steerdesk search "
-                             f"(format {attrs.get('format')!r}, expected {FORMAT}).")
-    return StoredStudy(path=str(p), attrs=attrs, trials=list(trials))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _state_name(trial: Any) -> str:
-    from optuna.trial import TrialState
-
-    attrs = trial.user_attrs
-    if trial.state == TrialState.COMPLETE:
-        return "complete"
-    if trial.state == TrialState.FAIL:
-        return "failed" if attrs.get("failed") else "interrupted"
-    if trial.state == TrialState.WAITING:
-        return "waiting"
-    return "running" if trial.state == TrialState.RUNNING else str(trial.state.name).lower()
-
-
-def _evaluated(trial: Any) -> bool:
-    """A trial the budget counts: scored (complete, or failed with a non-finite score)."""
-    return _state_name(trial) in ("complete", "failed")
-
-
-def trial_results(stored_trials: Sequence[Any], space: SearchSpace, vectors: Any | None,
-                  fluency_budget: float) -> list[TrialResult]:
-    """:class:`TrialResult` of every stored trial (by number), with the Pareto front marked."""
-    out = []
-    for t in sorted(stored_trials, key=lambda t: t.number):
-        state = _state_name(t)
-        values = t.values if state == "complete" and t.values else None
-        settings = None
-        if vectors is not None and t.params is not None:
-            settings = settings_for(t.params, space, vectors)
-        elif t.user_attrs.get("settings"):
-            s = t.user_attrs["settings"]
-            settings = TrialSettings(layers=tuple(s["layers"]), scale=float(s["scale"]), mode=str(s["mode"]),
-                                     normalize=bool(s["normalize"]), positions=str(s.get("positions", "all")),
-                                     searched_scale=float(s.get("searched_scale", s["scale"])))
-        f = t.user_attrs.get("fluency_delta")
-        r = TrialResult(number=t.number, state=state, params=dict(t.params or {}), settings=settings,
-                        margin_delta=float(values[0]) if values else None, kl=float(values[1]) if values else None,
-                        fluency_delta=float(f) if isinstance(f, (int, float)) else None,
-                        retry_of=t.user_attrs.get("retry_of"))
-        r.within_budget = (r.state == "complete" and r.fluency_delta is not None
-                           and -r.fluency_delta <= fluency_budget)
-        out.append(r)
-    done = [r for r in out if r.state == "complete" and r.margin_delta is not None and r.kl is not None]
-    for r, on in zip(done, pareto_mask([r.margin_delta for r in done], [r.kl for r in done])):  # type: ignore[misc]
-        r.on_front = on
-    return out
+TrialCallback = Callable[[TrialResult], None]
 
 
 # ================================================================================ result
@@ -683,45 +215,6 @@ def load_result(path: str | Path, vectors: Any | None = None) -> SearchResult:
                         created=str(a.get("created", "")))
 
 
-# ================================================================================ engine
-
-def make_sampler(name: str, seed: int, fluency_budget: float, startup: int = DEFAULT_BATCH) -> Any:
-    """A seeded Optuna multi-objective sampler that treats the fluency budget as a constraint.
-
-    ``tpe``: ``TPESampler(multivariate=True, constant_liar=True, n_startup_trials=startup)`` (batch asks
-    spread out; the search passes its batch size (at least 4), so only the first batch is random: with a budget
-    of 25 Optuna's default of 10 random trials left too few guided ones);
-    ``nsga2``: ``NSGAIISampler`` (population 50: random until then, so meant for long searches).
-    The constraint ``fluency loss - budget <= 0`` is set on each trial with
-    ``Trial.set_constraint`` (Optuna 5); Optuna 4 gets it through ``constraints_func``.
-    """
-    import optuna
-
-    kwargs: dict[str, Any] = {}
-    if not _HAS_SET_CONSTRAINT():
-        def constraints(trial: Any) -> list[float]:
-            f = trial.user_attrs.get("fluency_delta")
-            return [(-float(f) - fluency_budget) if isinstance(f, (int, float)) and math.isfinite(f) else 1.0]
-        kwargs["constraints_func"] = constraints
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                          n_startup_trials=startup, **kwargs)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, **kwargs)
-    raise SteerdeskError(f"Unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}.")
-
-
-def _HAS_SET_CONSTRAINT() -> bool:
-    import optuna
-
-    return hasattr(optuna.trial.Trial, "set_constraint")
-
-
-def batch_seed(seed: int, n_stored: int) -> int:
-    """The sampler seed of a batch: a function of the study seed and how many trials are stored."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{n_stored}".encode()).digest()[:4], "little")
-
-
 @dataclass
 class Evaluator:
     """Scores batches of trial settings on one set of texts (the unsteered baseline computed once)."""
@@ -754,97 +247,6 @@ class Evaluator:
         scores = self.scorer.score(configs, cancel=cancel)
         return [(s.margin - self.base.margin, s.kl if s.kl is not None else math.nan, s.fluency - self.base.fluency)
                 for s in scores]
-
-
-def open_for_search(path: str | Path, identity: StudyIdentity, *, space: SearchSpace | None, seed: int | None,
-                    sampler: str | None, fluency_budget: float | None, default_space: SearchSpace
-                    ) -> tuple[Any, StoredStudy | None, SearchSpace, int, str, float]:
-    """Validate (read-only), then open or create the study.
-
-    Returns ``(study, stored or None, space, seed, sampler, budget)``; the settings are the stored
-    ones for an existing study (an explicitly given different value is an error), else the given
-    ones or the defaults. Nothing is written before every check passed.
-    """
-    stored = read_study(path)
-    if stored is not None:
-        why = identity.mismatch(stored.attrs)
-        if why:
-            raise SteerdeskError(f"{path}: {why}; use another study file.")
-        for name, given, have in (("search space", space, stored.space), ("seed", seed, stored.seed),
-                                  ("sampler", sampler, stored.sampler),
-                                  ("fluency budget", fluency_budget, stored.fluency_budget)):
-            if given is not None and given != have:
-                shown = have.size_text() if isinstance(have, SearchSpace) else have
-                raise SteerdeskError(f"{path}: the study was made with {name} {shown}; leave it out to resume, "
-                                     "or use another study file.")
-        space, seed, sampler, fluency_budget = stored.space, stored.seed, stored.sampler, stored.fluency_budget
-    else:
-        space = space or default_space
-        seed = 0 if seed is None else int(seed)
-        sampler = sampler or "tpe"
-        fluency_budget = DEFAULT_BUDGET if fluency_budget is None else float(fluency_budget)
-        if sampler not in SAMPLERS:
-            raise SteerdeskError(f"Unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}.")
-        parent = Path(path).resolve().parent
-        if not parent.is_dir():
-            raise SteerdeskError(f"Cannot create the study {path}: folder {parent} does not exist.")
-    if stored is not None:
-        # A trial left RUNNING by a process that is still alive: another search is using the file.
-        host = socket.gethostname()
-        for t in stored.trials:
-            if _state_name(t) == "running":
-                pid = t.user_attrs.get("pid")
-                if (isinstance(pid, int) and pid != os.getpid() and t.user_attrs.get("host") == host
-                        and _pid_alive(pid)):
-                    raise SteerdeskError(f"{path}: another search (process {pid}) is running on this study.")
-    _quiet_optuna()
-    import optuna
-
-    try:
-        storage = optuna.storages.RDBStorage(_url(Path(path)))
-        study = optuna.create_study(storage=storage, study_name=STUDY_NAME, directions=["maximize", "minimize"],
-                                    load_if_exists=True)
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy / Optuna errors, reported as one line
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SteerdeskError(f"Cannot open the study {path} ({first[:160]}).") from None
-    if stored is None:
-        study.set_user_attr("format", FORMAT)
-        study.set_user_attr("model", identity.model)
-        study.set_user_attr("vector", identity.vector)
-        study.set_user_attr("evaluation", identity.evaluation)
-        study.set_user_attr("space", space.to_dict())
-        study.set_user_attr("seed", seed)
-        study.set_user_attr("sampler", sampler)
-        study.set_user_attr("fluency_budget", fluency_budget)
-        study.set_user_attr("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    return study, stored, space, seed, sampler, fluency_budget
-
-
-def close_study(study: Any) -> None:
-    """Release the study's SQLite connections now, in this thread (not whenever it is collected)."""
-    storage = getattr(study, "_storage", None)
-    backend = getattr(storage, "_backend", storage)
-    remove = getattr(backend, "remove_session", None)
-    if callable(remove):
-        remove()
-    engine = getattr(backend, "engine", None)
-    if engine is not None:
-        engine.dispose()
-
-
-def recover_interrupted(study: Any) -> list[int]:
-    """Mark trials left RUNNING by a dead process ``FAIL`` (``interrupted``) and enqueue their
-    parameters again (``retry_of``). Returns the numbers of the trials marked."""
-    from optuna.trial import TrialState
-
-    marked = []
-    storage = study._storage
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number}, skip_if_exists=False)
-        marked.append(t.number)
-    return marked
 
 
 def search(
@@ -917,10 +319,10 @@ def search(
             log.info("trials %s were interrupted; retrying them", recovered)
         dists = space.distributions()
 
-        def n_evaluated() -> int:
-            return sum(1 for t in study.get_trials(deepcopy=False) if _evaluated(t))
+        def nis_evaluated() -> int:
+            return sum(1 for t in study.get_trials(deepcopy=False) if is_evaluated(t))
 
-        before = n_evaluated()
+        before = nis_evaluated()
         done_now = 0
         batches = 0
         stopped = False
@@ -928,7 +330,7 @@ def search(
         host, pid = socket.gethostname(), os.getpid()
         if progress:
             progress(min(before, trials), trials)
-        while n_evaluated() < trials:
+        while nis_evaluated() < trials:
             if cancel is not None and cancel.is_set():
                 stopped = True
                 break
@@ -936,7 +338,7 @@ def search(
                 evaluator = Evaluator.prepare(lm, vectors, heldout, neutral=neutral, system=system, max_pairs=max_pairs,
                                               batch_size=batch_size, max_rows=max_rows, cancel=cancel)
                 study.set_user_attr("baseline", {"margin": evaluator.base.margin, "fluency": evaluator.base.fluency})
-            k = min(batch, trials - n_evaluated())
+            k = min(batch, trials - nis_evaluated())
             n_stored = len(study.get_trials(deepcopy=False))
             study.sampler = make_sampler(sampler, batch_seed(seed, n_stored), fluency_budget, startup=max(batch, 4))
             asked = []
@@ -964,7 +366,7 @@ def search(
                 t.set_user_attr("fluency_delta", f if math.isfinite(f) else None)
                 t.set_user_attr("settings", s.to_dict())
                 if math.isfinite(m) and math.isfinite(kl) and math.isfinite(f):
-                    if _HAS_SET_CONSTRAINT():
+                    if has_set_constraint():
                         t.set_constraint("fluency", -f - fluency_budget)
                     study.tell(t, [m, kl])
                 else:
@@ -978,7 +380,7 @@ def search(
                     r.within_budget = r.state == "complete" and -f <= fluency_budget
                     on_trial(r)
             if progress:
-                progress(min(n_evaluated(), trials), trials)
+                progress(min(nis_evaluated(), trials), trials)
         all_trials = trial_results(study.get_trials(deepcopy=False), space, vectors, fluency_budget)
         attrs = study.user_attrs
     finally:
@@ -1003,9 +405,10 @@ def export_vectors(vectors: Any, trial: TrialResult, path: str | Path, *, study:
     if not isinstance(vectors, VectorSet):
         raise SteerdeskError("Exporting needs the vector set the study was made for.")
     meta = dict(vectors.metadata)
-    meta["steering_settings"] = json.dumps({**trial.settings.to_dict(), "margin_delta": _finite(trial.margin_delta),
-                                            "kl": _finite(trial.kl), "fluency_delta": _finite(trial.fluency_delta),
-                                            "source": "search", "study": study, "trial": trial.number})
+    scores = {"margin_delta": finite_or_none(trial.margin_delta), "kl": finite_or_none(trial.kl),
+              "fluency_delta": finite_or_none(trial.fluency_delta)}
+    meta["steering_settings"] = json.dumps({**trial.settings.to_dict(), **scores, "source": "search", "study": study,
+                                            "trial": trial.number})
     out = replace(vectors, metadata=meta)
     if str(path).lower().endswith(".gguf"):
         export_gguf(out, path)
@@ -1016,6 +419,8 @@ def export_vectors(vectors: Any, trial: TrialResult, path: str | Path, *, study:
 __all__ = [
     "DEFAULT_BATCH",
     "DEFAULT_BUDGET",
+    "DEFAULT_MAX_SPAN",
+    "DEFAULT_SCALE",
     "DEFAULT_TRIALS",
     "FORMAT",
     "SAMPLERS",
@@ -1028,8 +433,8 @@ __all__ = [
     "TrialResult",
     "TrialSettings",
     "batch_seed",
-    "close_study",
     "best_within_budget",
+    "close_study",
     "export_vectors",
     "identity_for",
     "load_result",

@@ -53,8 +53,8 @@ def _base(folder, vec, study):
 
 def _one_error_line(code, err):
     assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Loading")]
-    assert len(lines) == 1 and lines[0].startswith("steerdesk: error:"), err
+    lines = [line for line in err.splitlines() if line.startswith("steerdesk:")]  # not the loader's progress lines
+    assert len(lines) == 1 and lines[0].startswith("steerdesk: error:") and "Traceback" not in err, err
     return lines[0]
 
 
