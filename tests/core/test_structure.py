@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2] / "steerdesk"
 LAYERS = ("core", "jobs", "cli")
 MAX_LINES = 500
 # Modules of other issues still over the limit (owned elsewhere; remove an entry once split).
-OVER_LIMIT_ELSEWHERE = {"core/bake.py", "core/search.py"}
+OVER_LIMIT_ELSEWHERE = {"core/bake.py"}
 
 
 def _modules():
