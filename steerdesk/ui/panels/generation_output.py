@@ -30,9 +30,6 @@ class GenerationOutput(QWidget):
         self._t0: float | None = None
         self.stats = QLabel("")  # elapsed time and tokens/s, while and after a run
         self.stats.setObjectName("runStats")
-        self._clock = QTimer(self)
-        self._clock.setInterval(250)
-        self._clock.timeout.connect(self._tick)
         self.unsteered_view = QTextEdit()
         self.unsteered_view.setObjectName("unsteeredView")
         self.unsteered_view.setReadOnly(True)
@@ -47,6 +44,11 @@ class GenerationOutput(QWidget):
         self.heatmap.describe = self._describe_cell
 
         self.texts = QWidget()
+        # The clock lives with the shown widgets (this object itself is never shown or parented):
+        # it goes when the window goes, never ticking on a deleted label.
+        self._clock = QTimer(self.texts)
+        self._clock.setInterval(250)
+        self._clock.timeout.connect(self._tick)
         ol = QGridLayout(self.texts)
         ol.setContentsMargins(0, 0, 0, 0)
         self.unsteered_label = QLabel("<b>Unsteered</b>")
