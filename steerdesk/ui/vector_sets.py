@@ -30,6 +30,8 @@ class VectorSets(QObject):
     """Sets were added, removed or re-checked against a model."""
     selected_changed = Signal(str)
     """The Vectors panel selected the set of this name ("" for none)."""
+    steering_changed = Signal(str)
+    """The generation pane now steers with the set of this name ("" for unsteered)."""
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -106,7 +108,9 @@ class VectorSets(QObject):
 
     def set_steering(self, name: str) -> None:
         """The generation pane now steers with ``name`` ("" for unsteered)."""
-        self._steering = name
+        if name != self._steering:
+            self._steering = name
+            self.steering_changed.emit(name)
 
     def _check(self, item: NamedVectors) -> None:
         from ..core.errors import SteerdeskError

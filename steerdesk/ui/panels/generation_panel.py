@@ -420,14 +420,22 @@ class GenerationPanel(QWidget):
         self.status_message.emit(self.output.finish(result.rows, result.seconds))
         self.finished.emit(result)
 
-    def try_steering(self, name: str, layers: list[int], scale: float, mode: str) -> None:
-        """Steer with set ``name`` at ``layers`` x ``scale`` in ``mode`` and generate a comparison (a sweep cell)."""
+    def try_steering(self, name: str, layers: list[int], scale: float, mode: str, normalize: bool = False,
+                     positions: str = "all") -> None:
+        """Load a sweep cell's full settings (set, layers, scale, mode, normalize, positions), say so,
+        and generate a comparison."""
         if name:
             self.select_vectors(name)
         self.set_layers(layers)
         self.set_scale(scale)
         self.mode.setCurrentIndex(max(0, self.mode.findData(mode)))
+        self.normalize.setChecked(normalize)
+        self.positions.setCurrentIndex(max(0, self.positions.findData(positions)))
         self.compare.setChecked(True)
+        where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {','.join(map(str, layers))}"
+        self.status_message.emit(f"Loaded the sweep cell: {name or 'current set'}, {where}, scale {scale:g}, "
+                                 f"mode {mode}, normalize {'on' if normalize else 'off'}, positions {positions}; "
+                                 "generating.")
         self.generate()
 
     def restore_settings(self, s: Any) -> None:

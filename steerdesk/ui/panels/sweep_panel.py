@@ -34,12 +34,21 @@ from .inputs import PairsSource, Refused, need_heldout, need_model, need_vectors
 
 @dataclass(frozen=True)
 class CellChoice:
-    """A clicked sweep cell: steer with set ``name`` at ``layers`` x ``scale`` in ``mode``."""
+    """A clicked sweep cell: steer with set ``name`` at ``layers`` x ``scale`` with the sweep's
+    ``mode``, ``normalize`` and ``positions`` (the cell's full settings)."""
 
     name: str
     layers: list[int]
     scale: float
     mode: str
+    normalize: bool = False
+    positions: str = "all"
+
+    def describe(self) -> str:
+        """The settings in one line (what the generation pane loads)."""
+        where = f"layer {self.layers[0]}" if len(self.layers) == 1 else f"layers {','.join(map(str, self.layers))}"
+        return (f"{self.name or 'the current vector set'}, {where}, scale {self.scale:g}, mode {self.mode}, "
+                f"normalize {'on' if self.normalize else 'off'}, positions {self.positions}")
 
 
 class SweepPanel(QWidget):
@@ -62,6 +71,7 @@ class SweepPanel(QWidget):
         self.vector_sets = vector_sets if vector_sets is not None else VectorSets(self)
         self.pairs = pairs
         self._swept = ""  # name of the vector set being swept
+        self._swept_with: tuple[str, bool, str] | None = None  # (mode, normalize, positions) of the sweep
         self.result: Any = None
         self._rows: list[list[int]] = []
         self._row_labels: list[str] = []
@@ -99,6 +109,9 @@ class SweepPanel(QWidget):
         self.progress = QProgressBar()
         self.summary = QLabel("Run a sweep to see where the vector steers. Click a cell to try it.")
         self.summary.setWordWrap(True)
+        self.scored = QLabel("")  # which vector set the sweep scores
+        self.scored.setObjectName("sweepVector")
+        self.scored.setWordWrap(True)
 
         form = QFormLayout()
         form.addRow("Layers", self.layers)
@@ -113,6 +126,7 @@ class SweepPanel(QWidget):
         buttons.addWidget(self.save_button)
         box = QGroupBox("Scored sweep (behaviour margin vs fluency)")
         bl = QVBoxLayout(box)
+        bl.addWidget(self.scored)
         bl.addLayout(form)
         bl.addLayout(buttons)
         bl.addWidget(self.progress)
@@ -130,6 +144,9 @@ class SweepPanel(QWidget):
         layout.addWidget(self.heatmap, 1)
         layout.addWidget(self.summary)
 
+        for sig in (self.vector_sets.changed, self.vector_sets.selected_changed, self.vector_sets.steering_changed):
+            sig.connect(self._show_scored)
+        self._show_scored()
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.save_button.clicked.connect(self._on_save)
@@ -146,6 +163,18 @@ class SweepPanel(QWidget):
         return {"layers": layers, "sets": sets, "scales": parse_scales(self.scales.text()),
                 "mode": self.mode.currentData(), "fluency_budget": self.budget.value(),
                 "max_pairs": self.max_pairs.value()}
+
+    def _show_scored(self, *_: Any) -> None:
+        """Say which vector set the shown (or running) sweep scores and which one Run sweep would."""
+        item = self.vector_sets.for_analysis()
+        nxt = (f"Run sweep scores <b>{item.name}</b> (the generation pane's set, else the one selected in "
+               "Vectors)." if item is not None else "No usable vector set: compute or load one for this model.")
+        if self._swept_with is None:
+            self.scored.setText(nxt)
+            return
+        busy = self.cancel_button.isEnabled()
+        head = f"{'Scoring' if busy else 'Shown: the sweep of'} <b>{self._swept}</b> ({self._swept_with[0]}). "
+        self.scored.setText(head + ("" if busy else nxt))
 
     def build_spec(self) -> Any:
         """The ``SweepSpec`` of the controls on the analysis vector set and the held-out pairs.
@@ -176,16 +205,19 @@ class SweepPanel(QWidget):
         except SteerdeskError as exc:
             self.error_occurred.emit("Cannot run the sweep", str(exc))
             return
-        self._swept = str(spec.vectors.metadata.get("name", ""))
+        item = self.vector_sets.for_analysis()
+        self._swept = item.name if item is not None else str(spec.vectors.metadata.get("name", ""))
+        self._swept_with = (spec.mode, spec.normalize, spec.positions)
         self.start(list(spec.layers), {k: list(v) for k, v in (spec.sets or {}).items()}, list(spec.scales),
                    spec.fluency_budget, vectors=spec.vectors)  # no-vector rows show as such from the start
         self.set_busy(True)
+        self._show_scored()
         self.started.emit()
         self._job = job = self.controller.submit(spec)
         job.partial.connect(lambda c: self.set_cell(c.row, c.col, c.margin_delta, c.fluency_delta))
         job.progress.connect(lambda done, total, _msg: self.set_progress(done, total))
         job.finished.connect(self._on_finished)
-        job.ended.connect(lambda: self.set_busy(False) if self._job is job else None)
+        job.ended.connect(lambda: (self.set_busy(False), self._show_scored()) if self._job is job else None)
 
     def cancel(self) -> None:
         """Stop the running sweep."""
@@ -344,8 +376,15 @@ class SweepPanel(QWidget):
             self.status_message.emit(f"{self._row_name(row)}: no vector to steer with.")
             return
         if self._rows and row < len(self._rows) and col < len(self._scales):
+            mode, normalize, positions = self._swept_with or self._result_settings()
             self.cell_chosen.emit(CellChoice(self._swept, list(self._rows[row]), float(self._scales[col]),
-                                             self.mode.currentData()))
+                                             mode, normalize, positions))
+
+    def _result_settings(self) -> tuple[str, bool, str]:
+        """(mode, normalize, positions) the shown result was swept with (the controls when unknown)."""
+        st = dict(getattr(self.result, "settings", None) or {})
+        return (str(st.get("mode", self.mode.currentData())), bool(st.get("normalize", False)),
+                str(st.get("positions", "all")))
 
     def margin(self) -> np.ndarray:
         """The margin deltas shown, ``[rows, scales]`` (NaN where not scored)."""
