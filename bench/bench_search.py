@@ -114,6 +114,8 @@ def cmd_accept(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
                                  "grid_cells": len(layers) * len(SCALES),
                                  "grid_seconds": round(g_s, 1), "grid_loadavg": la, "grid_best": best, "seeds": []}
         space = None
+        if args.space:
+            space = SearchSpace.parse(args.space, SearchSpace.default(vs, lm.info.num_layers))
         if args.quick:
             space = SearchSpace.default(vs, lm.info.num_layers)
             space = SearchSpace(first_layer=layers[0], last_layer=layers[-1], max_span=space.max_span)
@@ -127,7 +129,7 @@ def cmd_accept(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
                 s_s = time.perf_counter() - t0
             b = res.best
             ratio = (b.margin_delta / best["margin_delta"]) if b is not None and b.margin_delta is not None else None
-            row = {"seed": seed, "seconds": round(s_s, 1), "loadavg": la,
+            row = {"seed": seed, "space": res.space.to_dict(), "seconds": round(s_s, 1), "loadavg": la,
                    "best": b.to_dict() if b is not None else None, "ratio": ratio,
                    "reached": ratio is not None and ratio >= 0.95, "pareto_size": len(res.pareto)}
             entry["seeds"].append(row)
@@ -208,9 +210,15 @@ def cmd_speed(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
     mean_b = sum(b) / len(b)
     one = next(r["wall"] for r in runs if r["what"] == "one_at_a_time")
     per = next(r["wall"] for r in runs if r["what"] == "per_trial_evaluate")
+    b_cpu = [r["cpu"] for r in runs if r["what"] == "batched"]
+    mean_b_cpu = sum(b_cpu) / len(b_cpu)
+    one_cpu = next(r["cpu"] for r in runs if r["what"] == "one_at_a_time")
+    per_cpu = next(r["cpu"] for r in runs if r["what"] == "per_trial_evaluate")
     diff = max(abs(x - y) for a, c in zip(results["batched"], results["per_trial_evaluate"]) for x, y in zip(a, c))
     out["speed"] = {"runs": runs, "trials": len(settings), "batch": args.batch, "batched_mean": round(mean_b, 2),
                     "ratio_one_at_a_time": round(one / mean_b, 3), "ratio_per_trial_evaluate": round(per / mean_b, 3),
+                    "cpu_ratio_one_at_a_time": round(one_cpu / mean_b_cpu, 3),
+                    "cpu_ratio_per_trial_evaluate": round(per_cpu / mean_b_cpu, 3),
                     "max_abs_diff_batched_vs_evaluate": diff}
     log(f"one-at-a-time / batched = {one / mean_b:.2f}x; per-trial evaluate / batched = {per / mean_b:.2f}x; "
         f"max |diff| {diff:.2g}")
@@ -229,6 +237,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="one dataset, 2 seeds, 6 layers, 8 pairs (smoke run)")
     ap.add_argument("--json", help="write every number here (updated as it goes)")
+    ap.add_argument("--space", help="accept: search space overrides (SearchSpace.parse), e.g. 'modes=add;normalize=no'")
     ap.add_argument("--keep", metavar="DIR", help="accept: keep each search's study file in DIR")
     ap.add_argument("--study", help="speed: take the 25 trial settings from this study (read-only)")
     ap.add_argument("--grid-from", help="reuse the grid of an earlier accept run's JSON (same vectors and pairs)")
