@@ -29,6 +29,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, _mode_for(target))  # mkstemp made it 0600; the file gets what any new file would
         os.replace(tmp, target)
     except OSError as exc:
         raise SteerdeskError(f"Cannot write {target}: {exc.strerror or exc}") from exc
@@ -39,6 +40,28 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             except OSError:
                 pass
     _fsync_dir(folder)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``/proc``); the set-and-restore fallback elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(target: Path) -> int:
+    """An existing file keeps its permissions; a new one gets ``0o666 & ~umask`` like any other app's."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~current_umask()
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
