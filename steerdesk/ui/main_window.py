@@ -9,6 +9,7 @@ from PySide6.QtGui import QCloseEvent, QIcon
 from PySide6.QtWidgets import QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar, QWidget
 
 from . import menus
+from .bake_action import BakeAction
 from .controller import ModelController
 from .dialogs import show_error
 from .layout import clamp_to_screen, scrolled
@@ -50,6 +51,7 @@ class MainWindow(QMainWindow):
         self.generation_panel = GenerationPanel(c, self.vector_sets)
         self.analysis_panel = AnalysisPanel(c, self.vector_sets, pairs=dp, steering=self.generation_panel)
         self.setCentralWidget(self.generation_panel)
+        self.baker = BakeAction(self, c, self.generation_panel)  # Run > Bake steering…
         self.dataset_dock = self._dock("Dataset", "datasetDock", self.dataset_panel)
         self.vector_dock = self._dock("Vectors", "vectorDock", self.vector_panel)
         self.sweep_dock = self._dock("Sweep", "sweepDock", self.sweep_panel)
@@ -102,7 +104,7 @@ class MainWindow(QMainWindow):
         dp.modified_changed.connect(lambda _m: self._update_title())
         dp.dataset_changed.connect(self._update_title)
         dp.path_changed.connect(self._update_title)
-        for panel in (dp, vp, sp, ap, gp):
+        for panel in (dp, vp, sp, ap, gp, self.baker):
             panel.error_occurred.connect(self.show_user_error)
             if hasattr(panel, "status_message"):
                 panel.status_message.connect(self.show_status)
@@ -209,6 +211,10 @@ class MainWindow(QMainWindow):
         self.busy_bar.setRange(0, 0)
         self.busy_bar.setVisible(busy)
         self.act_stop.setEnabled(busy)
+
+    def bake(self) -> None:
+        """Run > Bake steering…: the pane's steering into a new model folder (see ``BakeAction``)."""
+        self.baker.start()
 
     def show_user_error(self, title: str, message: str) -> None:
         """A user error in a non-blocking dialog."""

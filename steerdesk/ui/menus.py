@@ -91,6 +91,8 @@ def build(win: Any) -> None:
     win.act_save = a("&Save dataset", lambda: dp.save(), QKeySequence.StandardKey.Save, "Save the dataset (Ctrl+S)")
     win.act_compute = a("&Compute vectors", vp.compute_button.click, "Ctrl+K",
                         "Compute steering vectors from the dataset (Ctrl+K)")
+    win.act_bake = a("&Bake steering…", lambda: win.bake(),
+                     tip="Bake the generation pane's steering into a new model folder (no hooks needed to run it)")
     win.act_copy = a("Copy generated text", gp.copy_text, "Ctrl+Shift+C")
     win.act_export_heat = a("Export heatmap as PNG…", win.on_export_heatmap)
     win.act_quit = a("&Quit", win.close, QKeySequence.StandardKey.Quit)
@@ -109,7 +111,7 @@ def build(win: Any) -> None:
             ("&File", [win.act_save, win.act_export_heat, None, win.act_quit]),
             ("&Edit", [dp.undo_action, dp.redo_action, win.act_copy]),  # undo/redo: scoped to the table
             ("&Model", [win.act_default_model, win.act_hub_model, win.act_folder_model, win.act_gguf_model]),
-            ("&Run", [win.act_compute, win.act_generate, win.act_stop]),
+            ("&Run", [win.act_compute, win.act_generate, win.act_stop, None, win.act_bake]),
             ("&View", [d.toggleViewAction() for d in docks]),
             ("&Help", [win.act_conventions, win.act_about])):
         sub = menu.addMenu(title)
