@@ -19,6 +19,8 @@ def model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
     p.add_argument("--device-map", default=None, help="e.g. 'auto' to spread a large model over GPUs")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model's own Python code (unsafe)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: int8 weight-only linears, ~2x faster CPU decoding, slightly different outputs")
 
 
 def load_model(args: argparse.Namespace) -> LoadedModel:
@@ -29,7 +31,7 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     from .. import jobs
 
     spec = jobs.LoadSpec(spec=args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                         trust_remote_code=args.trust_remote_code)
+                         trust_remote_code=args.trust_remote_code, quantize=args.quantize)
     return jobs.load.run(None, spec, jobs.JobContext(on_progress=say_loading))
 
 

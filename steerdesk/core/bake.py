@@ -233,7 +233,8 @@ def plan_bake(lm: LoadedModel, steers: Sequence[Steer] | Sequence[Sequence[Steer
     family = _model_type(model)
     addends, notes = fold_addends(steers, lm.info.num_layers, lm.info.hidden_size)  # the recipe first
     layers = tuple(sorted(addends))
-    if getattr(model, "is_quantized", False) or getattr(config, "quantization_config", None) is not None:
+    if (getattr(model, "is_quantized", False) or getattr(config, "quantization_config", None) is not None
+            or lm.info.quantization):
         raise SteerdeskError(f"Cannot bake a quantised model ({family}): load it unquantised.")
     if family in _NORM_AFTER_WRITER:
         raise SteerdeskError(f"Cannot bake {family}: a norm follows each residual writer (post-attention / "

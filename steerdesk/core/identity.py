@@ -57,6 +57,7 @@ def model_identity(lm: LoadedModel) -> dict[str, Any]:
         "dtype": info.dtype,
         "device": info.device,
         "chat_template_sha256": template_sha256(lm),
+        **({"quantization": info.quantization} if info.quantization else {}),
     }
 
 

@@ -108,6 +108,7 @@ class RecordHeader:
     steerdesk_version: str = ""
     created: str = ""  # UTC, ISO 8601 to the second
     seconds: float = 0.0  # wall time of the run
+    quantization: str = ""  # "int8" for a model loaded with quantize="int8" (omitted from JSON when "")
 
     @staticmethod
     def fields_for(lm: LoadedModel, kind: str, model: str | None, seconds: float = 0.0) -> dict[str, Any]:
@@ -129,6 +130,7 @@ class RecordHeader:
             "steerdesk_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seconds": seconds,
+            "quantization": info.quantization,
         }
 
 
@@ -189,7 +191,10 @@ class RunRecord(RecordHeader):
     # -- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The recipe as a JSON object (``format`` first, then header, then payload fields)."""
-        return {"format": FORMAT, **asdict(self)}
+        obj = {"format": FORMAT, **asdict(self)}
+        if not obj["quantization"]:
+            del obj["quantization"]  # recipes of unquantised models read as they always did
+        return obj
 
     def to_json(self) -> str:
         """The recipe as JSON text (no NaN: ``ValueError`` if a non-finite number slipped in)."""

@@ -20,6 +20,7 @@ class LoadSpec:
     dtype: str = "auto"
     device_map: str | None = None
     trust_remote_code: bool = False
+    quantize: str = "none"  # "int8": int8 weight-only linears, a lossy CPU decode speed mode
 
 
 def run(lm: LoadedModel | None, spec: LoadSpec, ctx: JobContext) -> LoadedModel:
@@ -29,4 +30,4 @@ def run(lm: LoadedModel | None, spec: LoadSpec, ctx: JobContext) -> LoadedModel:
 
     return load_model(spec.spec, device=spec.device, dtype=spec.dtype, device_map=spec.device_map,
                       trust_remote_code=spec.trust_remote_code, progress=lambda msg: ctx.progress(0, 0, msg),
-                      steps=ctx.progress)
+                      steps=ctx.progress, quantize=spec.quantize)

@@ -150,7 +150,8 @@ def _load(recipe: RunRecord, device: str | None, ctx: JobContext) -> LoadedModel
     if device is None:
         recorded = (recipe.device or "").split(":")[0]
         device = "cpu" if recorded == "cpu" else "auto"
-    return load.run(None, load.LoadSpec(spec=recipe.model, device=device, dtype=recipe.dtype or "auto"), ctx)
+    return load.run(None, load.LoadSpec(spec=recipe.model, device=device, dtype=recipe.dtype or "auto",
+                                        quantize=recipe.quantization or "none"), ctx)
 
 
 def run(lm: LoadedModel | None, spec: RerunSpec, ctx: JobContext) -> Rerun:

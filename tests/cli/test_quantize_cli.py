@@ -1,0 +1,70 @@
+"""``--quantize int8``: a lossy CPU decode mode, recorded, re-run exactly, refused where it cannot apply."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from steerdesk import cli
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, smol_folder):
+    import transformers as T
+
+    tok = T.AutoTokenizer.from_pretrained(str(smol_folder))
+    folder = tmp_path_factory.mktemp("tiny-llama-q")
+    cfg = T.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_int8_generate_is_recorded_and_reruns_token_for_token(capsys, tiny_llama, tmp_path, monkeypatch):
+    args = ["--model", str(tiny_llama), "--device", "cpu", "--dtype", "float32", "--quantize", "int8"]
+    code, out, err = run(capsys, "info", *args, "--json")
+    assert code == 0, err
+    assert json.loads(out)["quantization"] == "int8"
+    recipe = tmp_path / "gen.json"
+    code, out, err = run(capsys, "generate", *args, "--prompt", "Tell me about cats.", "--max-new-tokens", "10",
+                         "--json", "--record", str(recipe))
+    assert code == 0, err
+    first = json.loads(out)
+    saved = json.loads(recipe.read_text())
+    assert saved["quantization"] == "int8"
+    code, out, err = run(capsys, "generate", "--model", str(tiny_llama), "--device", "cpu", "--dtype", "float32",
+                         "--prompt", "Tell me about cats.", "--max-new-tokens", "10", "--json")
+    assert code == 0, err
+    plain = json.loads(out)
+    assert "quantization" not in json.dumps(plain)  # unquantised output reads as before
+    from steerdesk.core import models
+
+    asked = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: asked.append(k.get("quantize")) or real(*a, **k))
+    code, out, err = run(capsys, "run", str(recipe), "--json")
+    assert code == 0, err
+    assert asked == ["int8"]  # the re-run loads the model as recorded, quantised
+    rerun = json.loads(out)
+    assert rerun["reproduced"] is True and rerun["differences"] == []
+    assert rerun["record"]["outputs"]["rows"][0]["token_ids"] == saved["outputs"]["rows"][0]["token_ids"]
+    assert first  # the generate output itself was JSON
+
+
+def test_int8_refused_in_one_line_where_it_cannot_apply(capsys, tiny_llama, tmp_path):
+    code, _, err = run(capsys, "info", "--model", str(tiny_llama), "--device", "cpu", "--dtype", "bfloat16",
+                         "--quantize", "int8")
+    assert code == 2 and err.count("error") == 1 and "float32" in err and "Loading" not in err, err
+    code, _, err = run(capsys, "info", "--model", str(tiny_llama), "--quantize", "int4")
+    assert code == 2 and "int4" in err
