@@ -27,7 +27,7 @@ def make_app(argv: list[str] | None = None):
 
 
 def run_gui() -> int:
-    """Open the main window; the model loads after the first paint."""
+    """Open the main window; the model loads after the first paint. Ends the process when it closes."""
     app = make_app()
     from PySide6.QtCore import QTimer
 
@@ -52,9 +52,13 @@ def run_gui() -> int:
 
     QTimer.singleShot(0, after_paint)
     code = app.exec()
-    if not window.controller.thread.isFinished():
-        # A model load cannot be interrupted; settings and dataset edits are already saved,
-        # so leave now rather than let Qt abort on a QThread destroyed while running.
-        sys.stderr.flush()
-        os._exit(int(code))
-    return int(code)
+    # Settings are synced, dataset edits saved or discarded (the close prompt) and the recovery
+    # copy written or cleared. Leave now: Python's finalisation would spend 3-4 s tearing down
+    # torch and the model after the window is gone (issue 13), and while a model load cannot be
+    # interrupted, Qt would abort on a QThread destroyed while running.
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code))

@@ -68,7 +68,8 @@ class DiagnosticsTab(QWidget):
                               "was not computed from.")
         self.summary.setWordWrap(True)
         self.lines = pg.PlotWidget(title="per layer")
-        self.lines.addLegend(offset=(5, 5))
+        self.legend = self.lines.addLegend(offset=(5, 5), colCount=3)  # one row across the top
+        self.lines.getViewBox().sigResized.connect(lambda *_: self._fit_lines())
         self.lines.setLabel("bottom", "layer")
         self.lines.setMenuEnabled(False)
         self.curves = {
@@ -114,11 +115,41 @@ class DiagnosticsTab(QWidget):
                 if layer in absent and j == 1:
                     text = "no vector"
                 self.table.setItem(i, j, QTableWidgetItem(text))
-        aucs = [(a, layer) for a, layer in zip(d.auc, d.layers) if a is not None]
-        if aucs:
-            best_auc, best_layer = max(aucs)
-            self.summary.setText(f"{d.n_base} base / {d.n_target} target held-out examples. Best separation: "
-                                 f"layer {best_layer} (AUC {best_auc:.3f}).")
+        self.summary.setText(f"{d.n_base} base / {d.n_target} target held-out examples. "
+                             f"{best_separation(d.layers, d.auc)}")
+        self._fit_lines(d)
+
+    def _fit_lines(self, d: Any = None) -> None:
+        """Room above the curves for the legend (its height in pixels), so it never covers them."""
+        if d is not None:
+            values = [v for key in self.curves for v in getattr(d, key) if v is not None and np.isfinite(v)]
+            self._y_span = (min([0.0, *values]), max([1.0, *values]) * 1.02)
+        span = getattr(self, "_y_span", None)
+        if span is None:
+            return
+        px = max(self.lines.getViewBox().height(), 1.0)
+        share = min(0.6, (self.legend.boundingRect().height() + 12) / px)  # of the plot's height
+        lo, hi = span
+        self.lines.setYRange(lo, lo + (hi - lo) / (1 - share), padding=0)
+
+
+def best_separation(layers: list[int], aucs: list[float | None]) -> str:
+    """The best layer by ROC-AUC, or the honest list of layers that tie at the best value (3 decimals)."""
+    scored = [(round(a, 3), layer) for a, layer in zip(aucs, layers) if a is not None and np.isfinite(a)]
+    if not scored:
+        return "No layer could be scored."
+    best = max(a for a, _ in scored)
+    tied = sorted(layer for a, layer in scored if a == best)
+    if len(tied) == 1:
+        return f"Best separation: layer {tied[0]} (AUC {best:.3f})."
+    runs: list[list[int]] = []
+    for layer in tied:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    text = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+    return f"Best separation: layers {text} tie at AUC {best:.3f} ({len(tied)} of {len(scored)} layers)."
 
 
 class VersusTab(QWidget):

@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QRectF, Qt, Signal
-from PySide6.QtGui import QBrush, QColor, QPen
+from PySide6.QtGui import QBrush, QColor, QPainterPath, QPen
 from PySide6.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QGraphicsPathItem,
     QGraphicsRectItem,
     QGroupBox,
     QHBoxLayout,
@@ -328,12 +329,22 @@ class SweepPanel(QWidget):
             self.heatmap.plot.getAxis("left").setTicks([ticks])
 
     def _hatch(self, row: int, col: int) -> None:
-        rect = QGraphicsRectItem(QRectF(col, row, 1, 1))
-        rect.setBrush(QBrush(QColor(90, 90, 90, 170), Qt.BrushStyle.BDiagPattern))
-        rect.setPen(QPen(Qt.PenStyle.NoPen))
-        rect.setZValue(5)
-        self.heatmap.plot.addItem(rect)
-        self._overlays.append(rect)
+        """A cell beyond the fluency budget: diagonal lines drawn dark on a white halo, so they show on
+        the darkest and the lightest cells alike."""
+        path = QPainterPath()
+        for k in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75):  # lines x + y = k inside the unit cell
+            x0, y0 = max(0.0, k - 1.0), min(1.0, k)
+            x1, y1 = min(1.0, k), max(0.0, k - 1.0)
+            path.moveTo(col + x0, row + y0)
+            path.lineTo(col + x1, row + y1)
+        for colour, width, z in (((255, 255, 255, 230), 3.2, 5), ((25, 25, 25, 240), 1.3, 5.1)):
+            item = QGraphicsPathItem(path)
+            pen = QPen(QColor(*colour), width)
+            pen.setCosmetic(True)  # pixels, whatever the zoom
+            item.setPen(pen)
+            item.setZValue(z)
+            self.heatmap.plot.addItem(item)
+            self._overlays.append(item)
 
     def _mark_no_vector(self, row: int) -> None:
         """A row the vector set has no direction for: hatched across, labelled "no vector" (no value)."""
