@@ -108,6 +108,8 @@ def test_a_job_reports_progress_partials_result_and_record(qtbot, controller):
     assert finished == [("finished", {"label": "a", "done": [0, 1, 2], "seconds": 0.25})]
     assert log.names()[-1] == "ended" and ("controller.finished", "fake", finished[0][1]) in log.events
     assert busy == [True, False] and not controller.busy
+    # The record comes after the result by design (it never delays it): it may arrive after ``ended``.
+    qtbot.waitUntil(lambda: len(records) == 1, timeout=5000)
     assert len(records) == 1 and records[0].seconds == 0.25 and not records[0].stopped
 
 
