@@ -183,10 +183,10 @@ def test_sliding_window_is_a_stated_limit(fresh_tiny):
     assert plan.max_tokens == 32 and any("32 tokens" in n for n in plan.notes)
     # Qwen2's window only counts when a layer uses it.
     cfg = T.Qwen2Config(sliding_window=16, use_sliding_window=False, num_hidden_layers=2)
-    from steerdesk.core.bake import _window_limit
+    from steerdesk.core.bake import window_limit
 
-    assert _window_limit(cfg) is None
-    assert _window_limit(T.Qwen2Config(sliding_window=16, use_sliding_window=True, max_window_layers=0,
+    assert window_limit(cfg) is None
+    assert window_limit(T.Qwen2Config(sliding_window=16, use_sliding_window=True, max_window_layers=0,
                                        num_hidden_layers=2)) == 16
 
 
