@@ -21,8 +21,8 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/steerdesk
 
-# Paths ruff checks (the window joins later); mypy's paths are in pyproject.toml ([tool.mypy] files).
-RUFF_PATHS := steerdesk/core steerdesk/jobs steerdesk/cli steerdesk/selftest.py tests/core tests/cli
+# Paths ruff checks (everything); mypy's paths are in pyproject.toml ([tool.mypy] files).
+RUFF_PATHS := steerdesk tests bench scripts
 
 test: $(STAMP)
 	$(BIN)/lint-imports

@@ -49,9 +49,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("gen", "extract", "batch", "rowsampling")
@@ -754,7 +755,7 @@ def report(env: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
         rows += [
             (f"extract: ours, batch {e['batch_size_ours']} ({e['pairs']} pairs)",
              f"{s['ours']:.1f} s ({2 * e['pairs'] / s['ours']:.1f} texts/s)"),
-            (f"extract: seed, batch 2, no mask",
+            ("extract: seed, batch 2, no mask",
              f"{s['seed']:.1f} s ({2 * e['pairs'] / s['seed']:.1f} texts/s)"),
             ("extract: reference, batch 1 (once)", f"{e['reference_seconds_once']:.1f} s"),
             ("extract: min cos(ours, reference)", f"{e['min_cosine_ours']:.6f}"),

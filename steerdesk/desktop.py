@@ -63,7 +63,7 @@ def _render_png(svg: Path, out: Path, size: int) -> bool:
     except ImportError:
         return False
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    _app = QGuiApplication.instance() or QGuiApplication([])  # noqa: F841 - needed for painting
+    _app = QGuiApplication.instance() or QGuiApplication([])
     image = QImage(size, size, QImage.Format.Format_ARGB32)
     image.fill(Qt.GlobalColor.transparent)
     painter = QPainter(image)

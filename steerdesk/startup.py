@@ -29,7 +29,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 EXIT_CODE = 2
-HEADLESS = "set QT_QPA_PLATFORM=offscreen to run the window without a display, or use the command line (steerdesk-cli --help)"
+HEADLESS = ("set QT_QPA_PLATFORM=offscreen to run the window without a display, "
+            "or use the command line (steerdesk-cli --help)")
 
 # The Debian 12 package of every system library in the closure of PySide6 6.11's xcb plugin
 # (``ldd .../PySide6/Qt/plugins/platforms/libqxcb.so``, then ``dpkg -S`` on each resolved file;

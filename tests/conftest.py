@@ -8,14 +8,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The CPU kernel decision goes to a file of this test session, never the user's cache folder.
-import tempfile  # noqa: E402
+import tempfile
 
 os.environ.setdefault("STEERDESK_CPU_LINEAR_CACHE",
                       os.path.join(tempfile.mkdtemp(prefix="steerdesk-kernel-"), "cpu-linear.json"))
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")

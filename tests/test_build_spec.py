@@ -67,7 +67,7 @@ def _exec_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[st
         "BUNDLE": lambda *a, **k: _Target("BUNDLE", calls, *a, **k),
     }
     code = compile((ROOT / "build.spec").read_text(encoding="utf-8"), str(ROOT / "build.spec"), "exec")
-    exec(code, namespace)  # noqa: S102 - our own build file
+    exec(code, namespace)
     return namespace, calls
 
 
@@ -128,7 +128,7 @@ def test_metadata_of_packages_transformers_checks_is_collected(spec) -> None:
 
 
 def test_one_folder_windowed_no_upx_and_pruned(spec) -> None:
-    namespace, calls, _ = spec
+    _, calls, _ = spec
     (exe,), (coll,) = calls["EXE"], calls["COLLECT"]
     assert exe.kwargs["exclude_binaries"] is True  # one folder: binaries go to COLLECT
     assert exe.kwargs["console"] is False and exe.kwargs["upx"] is False and coll.kwargs["upx"] is False
@@ -181,7 +181,7 @@ def test_platform_icon_files_are_valid() -> None:
     assert (reserved, kind) == (0, 1) and count >= 5
     sizes = set()
     for i in range(count):
-        w, h, _, _, _, _, size, offset = struct.unpack("<BBBBHHII", ico[6 + 16 * i: 22 + 16 * i])
+        w, _, _, _, _, _, size, offset = struct.unpack("<BBBBHHII", ico[6 + 16 * i: 22 + 16 * i])
         assert ico[offset:offset + 8] == b"\x89PNG\r\n\x1a\n" and offset + size <= len(ico)
         sizes.add(w or 256)
     assert {16, 32, 48, 256} <= sizes
