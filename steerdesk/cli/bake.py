@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``steerdesk bake``; raises ``SteerdeskError`` for bad input (printed as one line, exit 2)."""
     from .. import jobs
     from ..core.bake import check_out_dir, check_settings
-    from ..core.steering import parse_layers
+    from ..core.parsing import parse_layers
     from .common import load_model, load_vectors_for
 
     # What can be refused without the model is refused before it loads.

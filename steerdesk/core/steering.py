@@ -23,7 +23,7 @@ import torch
 
 from .errors import SteerdeskError
 from .models import LoadedModel
-from .parsing import check_layers, parse_layers  # noqa: F401 - parse_layers: the name the window imported
+from .parsing import check_layers
 
 MODES = ("add", "project", "clamp")
 POSITIONS = ("all", "prompt", "generated")

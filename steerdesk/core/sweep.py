@@ -43,7 +43,7 @@ from .heatmap import NO_VECTOR_BG, NO_VECTOR_HATCH, NO_VECTOR_LABEL, heatmap_png
 from .identity import directions_of, model_identity, vector_identity
 from .layouts import prepare_texts
 from .models import LoadedModel
-from .parsing import check_layers, parse_scales, parse_sets
+from .parsing import check_layers
 from .steering import MODES, POSITIONS, Steer
 from .sweep_engine import CACHE_BUDGET_BYTES, CPU_FORWARD_TOKENS, Cell, Sweeper, is_identity
 from .sweep_result import DEFAULT_BUDGET, DEFAULT_SCALES, FORMAT, SetRow, SweepResult, format_table, pick_best
@@ -207,5 +207,5 @@ def sweep(
 # Names other modules and the window import from here (the engine's result, PNG, parsers, identities).
 __all__ = ["CACHE_BUDGET_BYTES", "CPU_FORWARD_TOKENS", "DEFAULT_BUDGET", "DEFAULT_SCALES", "FORMAT", "NO_VECTOR_BG",
            "NO_VECTOR_HATCH", "NO_VECTOR_LABEL", "SetRow", "SweepResult", "format_table", "heatmap_png",
-           "layers_without_direction", "model_identity", "parse_scales", "parse_sets", "pick_best",
+           "layers_without_direction", "model_identity", "pick_best",
            "rows_without_direction", "sweep", "vector_identity"]
