@@ -81,3 +81,31 @@ def window(qtbot, tmp_path, monkeypatch):
     yield win
     win.controller.shutdown(5000)
     qtbot.waitUntil(win.controller.thread.isFinished, timeout=10000)
+    _destroy_now(win)
+
+
+def _destroy_now(win) -> None:
+    """Delete the window and its dialogs now, inside this test, and collect what is left.
+
+    Left to pytest-qt, the deferred delete of a closed window runs in the NEXT test's event loop,
+    while that test's new window is being activated; twice in ~12 whole-folder runs the process
+    then died in Qt's active-window change (QApplicationPrivate::notifyActiveWindowChange ->
+    QWidgetPrivate::windowHandle on a freed widget; core dump, issue 13). Here the old window is
+    gone, its events handled and its Python cycles collected before the next test starts.
+    """
+    import gc
+
+    from PySide6.QtCore import QCoreApplication, QEvent
+    from PySide6.QtWidgets import QApplication
+
+    for d in getattr(win, "_dialogs", []):
+        try:
+            d.close()
+        except RuntimeError:  # already deleted with its parent
+            pass
+    win.close()
+    win.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    QApplication.processEvents()
+    gc.collect()
+    QApplication.processEvents()
