@@ -4,6 +4,8 @@ controller with progress, the result shown; a steering that cannot be baked is o
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 from test_window import compute, load
 
@@ -17,10 +19,17 @@ def test_bake_the_panes_steering_with_progress_and_a_result(qtbot, window, tiny_
     assert "Bake steering…" in [a.text().replace("&", "") for a in window.menuBar().actions()[3].menu().actions()]
     out = tmp_path / "baked"
     progress = []
-    with qtbot.waitSignal(window.baker.done, timeout=120000) as done:
-        job = window.baker.start(str(out))
-        assert job is not None and window.baker.progress is not None  # a progress dialog while it runs
-        job.progress.connect(lambda d, t, m: progress.append((d, t, m)))
+    old_mask = os.umask(0o002)
+    try:
+        with qtbot.waitSignal(window.baker.done, timeout=120000) as done:
+            job = window.baker.start(str(out))
+            assert job is not None and window.baker.progress is not None  # a progress dialog while it runs
+            job.progress.connect(lambda d, t, m: progress.append((d, t, m)))
+    finally:
+        os.umask(old_mask)
+    # The folder and its files respect the umask (not mkdtemp's 0700 / mkstemp's 0600).
+    assert stat.S_IMODE(out.stat().st_mode) == 0o775
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir() if p.is_file()} == {"0o664"}
     result = done.args[0]
     assert progress and all(t >= d for d, t, _ in progress)
     assert (out / "config.json").is_file() and (out / "steerdesk_bake.json").is_file()
