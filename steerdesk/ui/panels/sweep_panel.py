@@ -218,6 +218,7 @@ class SweepPanel(QWidget):
         job.partial.connect(lambda c: self.set_cell(c.row, c.col, c.margin_delta, c.fluency_delta))
         job.progress.connect(lambda done, total, _msg: self.set_progress(done, total))
         job.finished.connect(self._on_finished)
+        job.cancelled.connect(self.stopped)
         job.ended.connect(lambda: (self.set_busy(False), self._show_scored()) if self._job is job else None)
 
     def cancel(self) -> None:
@@ -278,6 +279,20 @@ class SweepPanel(QWidget):
         if fluency is not None and -fluency > self._budget:
             self._hatch(row, col)
         self._redraw()
+
+    def stopped(self) -> None:
+        """A stopped sweep: the scored cells keep every view of a finished one (best so far starred,
+        hover, click to generate); the summary says how far it got."""
+        scored = np.isfinite(self._margin) & np.isfinite(self._fluency)
+        total = int(self._margin.size - len(self._no_vector) * self._margin.shape[1])
+        ok = scored & (-self._fluency <= self._budget)
+        text = f"Stopped after {int(scored.sum())} of {total} cells."
+        if ok.any():
+            row, col = np.unravel_index(np.where(ok, self._margin, -np.inf).argmax(), self._margin.shape)
+            self.best_marker.setData([col + 0.5], [row + 0.5])
+            text += (f" Best so far within the fluency budget: {self._row_name(int(row))} at scale "
+                     f"{self._scales[int(col)]:g} — margin {self._margin[row, col]:+.3f}.")
+        self.summary.setText(text + " Click a scored cell to generate with it.")
 
     def finish(self, result: Any) -> None:
         """The full result: exact values, the best cell starred, JSON saving enabled."""
