@@ -34,6 +34,21 @@ from .vectors import VectorSet
 from .versus import Versus
 
 
+def steer_fields(steers: Sequence[Steer], sampling: SamplingSettings) -> dict[str, Any]:
+    """The record fields of a generation's steers (layers, scales, the first steer's mode /
+    normalize / positions) and of its sampling settings."""
+    first = steers[0] if steers else None
+    return {
+        "layers": [int(s.layer) for s in steers],
+        "scales": [float(s.scale) for s in steers],
+        "mode": first.mode if first else None,
+        "normalize": bool(first.normalize) if first else False,
+        "positions": first.positions if first else None,
+        "sampling": sampling_fields(sampling),
+        "seed": sampling.seed,
+    }
+
+
 def record_generation(
     lm: LoadedModel,
     prompts: Sequence[str],
@@ -66,7 +81,6 @@ def record_generation(
                "embedded": embed_vectors({s.layer: s.vector for s in steers})}
         if vectors is not None:
             vec.update({k: v for k, v in vector_identity(vectors, vector_path).items() if k != "path"})
-    first = steers[0] if steers else None
     meta = vector_metadata(vectors) if vectors is not None else {}
     return RunRecord(
         **RecordHeader.fields_for(lm, "generate", model, round(seconds, 3)),
@@ -76,13 +90,7 @@ def record_generation(
         vector=vec,
         method=meta.get("method") if vectors is not None else None,
         read_position=meta.get("read_position") if vectors is not None else None,
-        layers=[int(s.layer) for s in steers],
-        scales=[float(s.scale) for s in steers],
-        mode=first.mode if first else None,
-        normalize=bool(first.normalize) if first else False,
-        positions=first.positions if first else None,
-        sampling=sampling_fields(sampling),
-        seed=sampling.seed,
+        **steer_fields(steers, sampling),
         settings={"steers": [{"layer": int(s.layer), "scale": float(s.scale), "mode": s.mode,
                               "normalize": bool(s.normalize), "positions": s.positions} for s in steers]},
         outputs={"rows": [{"token_ids": list(r.token_ids), "text": r.text, "finish_reason": r.finish_reason}
@@ -224,7 +232,6 @@ def record_versus(
     """Record a :func:`~steerdesk.core.versus.prompt_vs_vector` run: instruction, prompt, the steering
     (vectors embedded, plus the set's identity when given) and the four conditions' scores and texts."""
     sampling = sampling or SamplingSettings()
-    first = steers[0] if steers else None
     vec: dict[str, Any] = {"path": str(vector_path) if vector_path else None,
                            "embedded": embed_vectors({s.layer: s.vector for s in steers})}
     if vectors is not None:
@@ -235,13 +242,7 @@ def record_versus(
         dataset=dataset_fields(dataset, dataset_spec, heldout=heldout, seed=seed,
                                part="heldout" if heldout else "all", max_pairs=max_pairs),
         vector=vec,
-        layers=[int(s.layer) for s in steers],
-        scales=[float(s.scale) for s in steers],
-        mode=first.mode if first else None,
-        normalize=bool(first.normalize) if first else False,
-        positions=first.positions if first else None,
-        sampling=sampling_fields(sampling),
-        seed=sampling.seed,
+        **steer_fields(steers, sampling),
         settings={"instruction": result.instruction},
         outputs={"versus": result.to_dict()},
     )
