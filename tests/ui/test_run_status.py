@@ -57,3 +57,24 @@ def test_a_stopped_run_gets_the_views_of_a_finished_one(qtbot, ready):
     # The hover read-out names the cell's token.
     assert out.heatmap.describe_cell(0, 1).startswith("token 1 ")
     assert "stopped" in ready.statusBar().currentMessage().lower()
+
+
+def test_a_stopped_grid_keeps_and_exports_its_rows(qtbot, ready, tmp_path):
+    ap = ready.analysis_panel
+    grid = ap.grid
+    grid.layers.setText("1,2")
+    grid.scales.setText("0.5,1,2,4")
+    grid.tokens.setValue(40)
+    with qtbot.waitSignal(ready.controller.job_cancelled, timeout=60000):
+        ap.run_grid()
+        qtbot.waitUntil(lambda: len(grid.rows) >= 1, timeout=60000)
+        ready.controller.stop()
+    qtbot.wait(100)
+    kept = len(grid.rows)
+    assert kept >= 1 and grid.table.rowCount() == kept  # (rows of a batch arrive together)
+    assert grid.export_button.isEnabled()  # as after a finished grid
+    grid.export_to(str(tmp_path / "grid.csv"))
+    import csv
+
+    with open(tmp_path / "grid.csv", newline="", encoding="utf-8") as f:
+        assert len(list(csv.reader(f))) == kept + 1

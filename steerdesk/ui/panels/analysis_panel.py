@@ -462,6 +462,7 @@ class AnalysisPanel(QTabWidget):
         job = self._submit(self.grid_spec, self.grid, self.grid.finish, before=self.grid.start)
         if job is not None:
             job.partial.connect(self.grid.add_row)
+            job.cancelled.connect(lambda: self.grid.finish(list(self.grid.rows)))  # a stopped grid: its rows export
 
     def _submit(self, build: Any, tab: QWidget, show: Any, before: Any = None) -> Any:
         try:
