@@ -10,6 +10,25 @@ from pathlib import Path
 from ..core.models import LoadedModel, ModelInfo
 from ..core.vectors import VectorSet
 
+POSITIONS_HELP = ("tokens to steer: all, prompt, generated, first:N (the first N generated tokens), "
+                  "gen:A-B or gen:A- (generated tokens A..B, 0-based, inclusive), prompt:A-B (prompt tokens A..B)")
+
+
+def positions_arg(text: str) -> str:
+    """argparse ``type`` for ``--positions``: the text, checked by ``core.parsing.parse_positions``.
+
+    Raises ``argparse.ArgumentTypeError`` (argparse's one-line usage error, exit 2) for text
+    that is neither a named position nor a token window.
+    """
+    from ..core.errors import SteerdeskError
+    from ..core.parsing import parse_positions
+
+    try:
+        parse_positions(text)
+    except SteerdeskError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.replace(" ", "")
+
 
 def model_arg(p: argparse.ArgumentParser) -> None:
     """Add ``--model/-m``, ``--device``, ``--dtype``, ``--device-map`` and ``--trust-remote-code``."""

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from ..core.errors import SteerdeskError
-from .common import load_model, load_vectors_for, model_arg
+from .common import POSITIONS_HELP, load_model, load_vectors_for, model_arg, positions_arg
 
 NAME = "generate"
 
@@ -25,7 +25,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="steering strength, e.g. 1.5 or -2 (negative steers away; 0 = identity)")
     p.add_argument("--mode", choices=["add", "project", "clamp"], default="add")
     p.add_argument("--normalize", action="store_true", help="scale the unit vector instead of the raw one")
-    p.add_argument("--positions", choices=["all", "prompt", "generated"], default="all")
+    p.add_argument("--positions", type=positions_arg, default="all", help=POSITIONS_HELP)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)

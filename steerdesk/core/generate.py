@@ -238,7 +238,10 @@ def generate(
 ) -> list[GenerationResult]:
     """Generate for a batch of user prompts, each row with its own steering.
 
-    ``steering`` is a flat list (every row) or one list per row. ``on_text(row, chunk)``
+    ``steering`` is a flat list (every row) or one list per row; a steer's ``positions`` may be a
+    token window (``first:N``, ``gen:A-B``, ``prompt:A-B``: :class:`~steerdesk.core.parsing.TokenWindow`;
+    generated token k's projection in ``watch`` is the hidden state a ``gen`` window containing k
+    steers). ``on_text(row, chunk)``
     streams decoded text; ``stop`` ends generation within one token. ``watch``
     (``[num_layers, hidden]`` directions) records, for every generated token, the
     projection of the hidden state that produced it on each layer's unit direction.
@@ -352,7 +355,8 @@ def generate(
     )
     with oom_guard("generating", "try fewer new tokens or a shorter prompt."), \
             Steering(lm, rows, prompt_length=width, observe=observe if units is not None else None,
-                     watch=watch_layers), torch.inference_mode():
+                     watch=watch_layers, prompt_starts=(inputs["attention_mask"] == 0).sum(1).cpu()), \
+            torch.inference_mode():
         out = lm.model.generate(
             **inputs,
             generation_config=config,

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from .errors import SteerdeskError
 
-__all__ = ["check_layers", "format_ranges", "parse_layers", "parse_scales", "parse_sets"]
+__all__ = ["POSITION_NAMES", "TokenWindow", "check_layers", "format_ranges", "parse_layers", "parse_positions",
+           "parse_scales", "parse_sets"]
+
+#: The named steering positions (``core.steering``); windows are written ``first:N``, ``gen:A-B``,
+#: ``gen:A-`` or ``prompt:A-B`` (:func:`parse_positions`).
+POSITION_NAMES = ("all", "prompt", "generated")
 
 
 def check_layers(layers: Iterable[int], num_layers: int, *, of: str = "model") -> None:
@@ -101,3 +107,64 @@ def format_ranges(layers: Sequence[int]) -> str:
         else:
             runs.append([layer, layer])
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+
+@dataclass(frozen=True)
+class TokenWindow:
+    """Which token positions a steer acts on, read from a positions string (:func:`parse_positions`).
+
+    ``kind`` is ``"all"``, ``"prompt"``, ``"generated"`` (the named positions), ``"gen"`` (a window
+    of generated tokens) or ``"prompt_window"`` (a window of prompt tokens). ``start`` / ``stop``
+    are inclusive token indices (0-based) of a window; ``stop`` None means "to the end".
+
+    Boundary convention (docs/decisions.md, "Token windows"): generated token ``k`` is the k-th
+    new token (``k = 0`` is the first token of the answer), and ``gen:A-B`` steers the forward
+    passes that **produce** generated tokens A..B, i.e. the hidden states at the absolute positions
+    ``P-1+A .. P-1+B`` (``P`` = padded prompt length; position ``P-1`` is the last prompt token, whose
+    hidden state produces token 0). ``first:N`` is ``gen:0-(N-1)``: the first N tokens of the answer
+    are all produced under steering. (The named ``generated`` steers positions ``>= P``, the passes
+    that *process* generated tokens: the first token of the answer is produced unsteered.) Prompt
+    token ``i`` of ``prompt:A-B`` is the i-th token of the row's formatted prompt (chat template
+    included, left padding excluded), steered at its own position.
+    """
+
+    kind: str
+    start: int = 0
+    stop: int | None = None
+
+
+_WINDOW_HELP = ("use all, prompt, generated, first:N (the first N generated tokens), gen:A-B or gen:A- "
+                "(generated tokens A to B, 0-based, inclusive), or prompt:A-B (prompt tokens A to B)")
+
+
+def parse_positions(text: str) -> TokenWindow:
+    """Read a steering positions string into a :class:`TokenWindow`.
+
+    Accepted: ``all``, ``prompt``, ``generated``, ``first:N`` (N >= 1), ``gen:A-B``, ``gen:A-``
+    and ``prompt:A-B`` (0 <= A <= B, inclusive, spaces ignored). Raises ``SteerdeskError`` with
+    the accepted forms for anything else (a backwards or empty window included).
+    """
+    raw = str(text)
+    t = raw.replace(" ", "").lower()
+    if t in POSITION_NAMES:
+        return TokenWindow(t)
+    head, sep, rest = t.partition(":")
+    if not sep or head not in ("first", "gen", "prompt") or not rest:
+        raise SteerdeskError(f"Unknown positions {raw!r}; {_WINDOW_HELP}.")
+    try:
+        if head == "first":
+            n = int(rest)
+            if n < 1:
+                raise SteerdeskError(f"Positions {raw!r}: first:N needs N >= 1.")
+            return TokenWindow("gen", 0, n - 1)
+        a, dash, b = rest.partition("-")
+        if not dash:
+            raise ValueError
+        lo = int(a)
+        hi = None if (b == "" and head == "gen") else int(b)
+    except ValueError:
+        raise SteerdeskError(f"Cannot read positions {raw!r}; {_WINDOW_HELP}.") from None
+    if lo < 0 or (hi is not None and hi < lo):
+        raise SteerdeskError(f"Positions {raw!r}: the window must satisfy 0 <= A <= B.")
+    return TokenWindow("gen" if head == "gen" else "prompt_window", lo, hi)

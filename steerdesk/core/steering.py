@@ -9,7 +9,11 @@ Conventions (DESIGN.md section 2):
 
 where ``v^`` is the unit vector and ``u`` is the raw vector, or ``v^`` with ``normalize``.
 Positions are absolute (prompt = positions before ``prompt_length``), read from the cache
-length at each model call, so steering is identical with the KV cache on or off.
+length at each model call, so steering is identical with the KV cache on or off. Besides
+``all`` / ``prompt`` / ``generated``, a steer may act on a token window (``first:N``,
+``gen:A-B``, ``prompt:A-B``; syntax and boundary convention in
+:class:`steerdesk.core.parsing.TokenWindow`: ``gen`` windows steer the passes that *produce*
+generated tokens A..B).
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ import torch
 
 from .errors import SteerdeskError
 from .models import LoadedModel
-from .parsing import check_layers
+from .parsing import POSITION_NAMES, TokenWindow, check_layers, parse_positions
 
 MODES = ("add", "project", "clamp")
-POSITIONS = ("all", "prompt", "generated")
+POSITIONS = POSITION_NAMES  # the named positions; windows too: see parse_positions
 
 MODE_FORMULAS = {
     "add": "h + a*v",
@@ -44,14 +48,13 @@ class Steer:
     scale: float = 1.0
     mode: str = "add"
     normalize: bool = False
-    positions: str = "all"
+    positions: str = "all"  # "all", "prompt", "generated" or a window: "first:N", "gen:A-B", "prompt:A-B"
 
     def check(self, num_layers: int, hidden_size: int) -> None:
         """Raise ``SteerdeskError`` for settings that cannot be applied."""
         if self.mode not in MODES:
             raise SteerdeskError(f"Unknown steering mode {self.mode!r}; use one of {', '.join(MODES)}.")
-        if self.positions not in POSITIONS:
-            raise SteerdeskError(f"Unknown positions {self.positions!r}; use one of {', '.join(POSITIONS)}.")
+        parse_positions(self.positions)  # named positions or a token window; raises with the forms
         check_layers([self.layer], num_layers)
         if not math.isfinite(self.scale):
             raise SteerdeskError(f"Scale must be a finite number, got {self.scale}.")
@@ -86,12 +89,13 @@ RowSpec = Sequence[Steer]
 class _Op:
     """A steering operation prepared for one (layer, device, dtype)."""
 
-    __slots__ = ("addend", "mode", "positions", "rows", "scale", "unit")
+    __slots__ = ("addend", "mode", "positions", "rows", "scale", "unit", "window")
 
     def __init__(self, mode: str, positions: str, rows: torch.Tensor | None,
                  unit: torch.Tensor | None, addend: torch.Tensor | None, scale: torch.Tensor | None):
         self.mode = mode
         self.positions = positions
+        self.window = parse_positions(positions)
         self.rows = rows  # None: all rows (vectors broadcast)
         self.unit = unit  # [R, 1, H] unit vectors (project / clamp)
         self.addend = addend  # [R, 1, H] scaled vectors (add / clamp)
@@ -132,6 +136,9 @@ class Steering:
     list per batch row (per-row steering: side-by-side comparisons and sweeps).
     ``observe(layer, hidden)`` is called with each steered-or-watched block output
     (after steering) for the layers in ``watch``; it receives the live tensor.
+    ``prompt_starts`` (one int per batch row: the column of the row's first prompt token, i.e.
+    its left padding) is needed by ``prompt:A-B`` windows only. Raises ``SteerdeskError`` when a
+    steer cannot be applied or its positions need ``prompt_length`` / ``prompt_starts``.
     """
 
     def __init__(
@@ -142,6 +149,7 @@ class Steering:
         prompt_length: int | None = None,
         observe: Callable[[int, torch.Tensor], None] | None = None,
         watch: Sequence[int] = (),
+        prompt_starts: Sequence[int] | torch.Tensor | None = None,
     ):
         self.lm = lm
         self.blocks = lm.blocks
@@ -158,6 +166,11 @@ class Steering:
                 s.check(n_layers, hidden)
                 if s.positions != "all" and prompt_length is None:
                     raise SteerdeskError(f"Steering positions {s.positions!r} need the prompt length.")
+                if parse_positions(s.positions).kind == "prompt_window" and prompt_starts is None:
+                    raise SteerdeskError(f"Steering positions {s.positions!r} need where each row's prompt "
+                                         f"starts (only generation provides it).")
+        self.prompt_starts = (None if prompt_starts is None
+                              else torch.as_tensor(prompt_starts, dtype=torch.long).reshape(-1).cpu())
         self._offset = 0
         self._handles: list[Any] = []
         self._prepared: dict[tuple[int, torch.device, torch.dtype], list[_Op]] = {}
@@ -219,14 +232,35 @@ class Steering:
     def _pre_model(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
         self._offset = _offset_from_kwargs(kwargs)
 
-    def _position_mask(self, positions: str, seq_len: int, device: torch.device) -> torch.Tensor | None:
-        """``[1, S, 1]`` float32 mask of the positions steered in this call (None: all)."""
-        if positions == "all":
+    def _position_mask(self, op: _Op, seq_len: int, device: torch.device) -> torch.Tensor | None:
+        """Float32 mask of the positions ``op`` steers in this call (None: all).
+
+        ``[1, S, 1]`` for row-independent positions; ``[R, S, 1]`` (the op's rows, or every row)
+        for ``prompt:A-B`` windows, which count from each row's first prompt token.
+        """
+        w: TokenWindow = op.window
+        if w.kind == "all":
             return None
         if self.prompt_length is None:
-            raise SteerdeskError(f"Steering positions {positions!r} need the prompt length.")
+            raise SteerdeskError(f"Steering positions {op.positions!r} need the prompt length.")
+        p = self.prompt_length
         pos = torch.arange(self._offset, self._offset + seq_len, device=device)
-        keep = pos < self.prompt_length if positions == "prompt" else pos >= self.prompt_length
+        if w.kind == "prompt":
+            keep = pos < p
+        elif w.kind == "generated":
+            keep = pos >= p
+        elif w.kind == "gen":  # the passes producing generated tokens start..stop (see TokenWindow)
+            keep = pos >= p - 1 + w.start
+            if w.stop is not None:
+                keep = keep & (pos <= p - 1 + w.stop)
+        else:  # prompt_window: per row, prompt token i sits at column starts[r] + i
+            starts = cast(torch.Tensor, self.prompt_starts)
+            if op.rows is not None:
+                starts = starts.index_select(0, op.rows.cpu())
+            rel = pos.view(1, -1) - starts.to(device).view(-1, 1)  # [R, S]
+            hi = w.stop if w.stop is not None else p
+            keep2 = (rel >= w.start) & (rel <= hi) & (pos.view(1, -1) < p)
+            return keep2.unsqueeze(-1).to(torch.float32)
         return keep.view(1, seq_len, 1).to(torch.float32)
 
     def _apply(self, op: _Op, x: torch.Tensor, scaled: bool) -> torch.Tensor:
@@ -236,7 +270,7 @@ class Steering:
         ``2^(k+1) > max|h|`` per position (exact scaling), so the dot product cannot overflow
         float32 even for bfloat16 values near 3e38 when the exact result fits.
         """
-        mask = self._position_mask(op.positions, x.shape[1], x.device)
+        mask = self._position_mask(op, x.shape[1], x.device)
         if mask is not None and not bool(mask.any()):
             return x
         hr = x if op.rows is None else x.index_select(0, op.rows)
