@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # vectors imports nothing from here; only the annotation need
 log = logging.getLogger(__name__)
 
 METHODS = ("mean-diff", "pca")
+#: Every vector method steerdesk has: ``optimized`` (issue 17) trains chosen layers, in core/optimize.py.
+ALL_METHODS = METHODS + ("optimized",)
 READS = ("last", "mean")
 
 Progress = Callable[[int, int], None]
@@ -257,6 +259,9 @@ def compute_vectors(
     from .. import __version__
     from .vectors import VectorSet
 
+    if method == "optimized":
+        raise SteerdeskError("The optimized method trains chosen layers: use core.optimize.optimize_vectors "
+                             "(steerdesk compute --method optimized --layers L).")
     if method not in METHODS:
         raise SteerdeskError(f"Unknown method {method!r}; use mean-diff or pca.")
     dataset.validate()

@@ -149,3 +149,25 @@ def test_too_few_pairs_refused(llama):
         optimize_vectors(llama, unpaired, [LAYER])
     with pytest.raises(SteerdeskError, match="positive"):
         optimize_vectors(llama, rude4(), [LAYER], settings=OptimizeSettings(lr=0))
+
+
+def test_compute_job_optimized_and_cancel(llama):
+    """The compute job runs the optimized method (curves to ctx.partial) and a cancel returns nothing."""
+    from steerdesk import jobs
+    from steerdesk.core.optimize import EpochReport
+
+    ds = synthetic(TOPICS[:6])
+    points = []
+    spec = jobs.ComputeSpec(dataset=ds, method="optimized", layers=(LAYER,),
+                            optimize=OptimizeSettings(epochs=1, batch_size=4))
+    result = jobs.compute.run(llama, spec, jobs.JobContext(on_partial=points.append))
+    assert result.vectors.metadata["method"] == "optimized" and result.vectors.layers_with_direction == [LAYER]
+    assert [p.epoch for p in points] == [0, 1] and all(isinstance(p, EpochReport) for p in points)
+    ctx = jobs.JobContext()
+    ctx.on_progress = lambda done, total, msg: ctx.cancel.set()
+    with pytest.raises(Cancelled):
+        jobs.compute.run(llama, spec, ctx)
+    with pytest.raises(SteerdeskError, match="layers"):
+        jobs.compute.run(llama, jobs.ComputeSpec(dataset=ds, method="optimized"), jobs.JobContext())
+    with pytest.raises(SteerdeskError, match="only for the optimized"):
+        jobs.compute.run(llama, jobs.ComputeSpec(dataset=ds, layers=(1,)), jobs.JobContext())

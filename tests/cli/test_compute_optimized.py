@@ -1,0 +1,56 @@
+"""``steerdesk compute --method optimized`` (issue 17): refusals before the model loads, one real run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from steerdesk import cli
+from steerdesk.core import models
+
+pytestmark = pytest.mark.slow
+
+
+def _small(tmp_path, n):
+    from steerdesk.core.datasets import load_bundled, save_dataset
+
+    ds = load_bundled("neutral_rude")
+    ds.examples = ds.examples[:n]
+    path = tmp_path / f"small{n}.jsonl"
+    save_dataset(ds, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--method", "optimized", "--layers", "3"], "at least 3 pairs"),
+    (["--method", "optimized"], "--layers"),
+    (["--layers", "3"], "--method optimized"),
+    (["--method", "optimized", "--layers", "3", "--lr", "0"], "positive"),
+])
+def test_refused_before_the_model_loads(capsys, monkeypatch, tmp_path, extra, fragment):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model should not load")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    out_file = tmp_path / "v.safetensors"
+    code = cli.main(["compute", "--dataset", _small(tmp_path, 2), "-o", str(out_file), *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert fragment in err and "Traceback" not in err
+    assert not out_file.exists()
+
+
+def test_optimized_writes_an_ordinary_vector_file(capsys, fast_model, tmp_path):
+    from steerdesk.core.vectors import load_vectors
+
+    out_file = tmp_path / "opt.safetensors"
+    code = cli.main(["compute", "--dataset", _small(tmp_path, 4), "--method", "optimized", "--layers", "3",
+                     "--kl-weight", "0", "--epochs", "1", "--batch-size", "2", "-o", str(out_file), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["optimize"]["layers"] == [3] and summary["optimize"]["validation_pairs"] == 1
+    assert len(summary["optimize"]["curves"]["3"]["val"]) == 2  # the start and one epoch
+    vs = load_vectors(out_file)
+    assert vs.metadata["method"] == "optimized" and vs.layers_with_direction == [3]
