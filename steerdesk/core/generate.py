@@ -6,7 +6,7 @@ import hashlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,9 @@ from .errors import SteerdeskError
 from .memory import oom_guard
 from .models import LoadedModel
 from .steering import Steer, Steering
+
+if TYPE_CHECKING:
+    from .condition import ConditionGate
 
 TextCallback = Callable[[int, str], None]
 StepCallback = Callable[[int, list[int], "torch.Tensor | None"], None]
@@ -57,6 +60,8 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "eos", "length" or "stopped"
     projections: list[list[float]] = field(default_factory=list)  # per token, per watched layer
+    gate_score: float | None = None  # the prompt's CAST score when a condition gate was used
+    gate_open: bool | None = None  # whether the gate let this row's steering through
 
 
 class _RowStreamer:
@@ -235,6 +240,7 @@ def generate(
     use_cache: bool = True,
     raw_prompts: bool = False,
     row_keys: Sequence[str] | None = None,
+    gate: ConditionGate | None = None,
 ) -> list[GenerationResult]:
     """Generate for a batch of user prompts, each row with its own steering.
 
@@ -250,8 +256,13 @@ def generate(
     row_keys[r])``; ``row_keys`` defaults to :func:`default_row_keys` (system message +
     prompt), so identity steering reproduces the unsteered row token for token and a row's
     tokens are the same in any batch. Pass distinct keys for independent samples of one
-    prompt. Greedy decoding ignores the keys. Raises ``SteerdeskError`` for bad requests and
-    when the logits become NaN or infinite.
+    prompt. Greedy decoding ignores the keys.
+
+    ``gate`` (:class:`~steerdesk.core.condition.ConditionGate`) scores every unsteered prompt
+    once, before generation (one forward pass cut after the gate's layer), and drops the steering
+    of the rows it keeps closed (they generate exactly as unsteered); each result carries its
+    score and decision. Raises ``SteerdeskError`` for bad requests and when the logits become NaN
+    or infinite.
     """
     sampling = sampling or SamplingSettings()
     sampling.check()
@@ -268,6 +279,15 @@ def generate(
         rows = [list(steering or []) for _ in range(n)]  # type: ignore[arg-type]
     if row_keys is not None and len(row_keys) != n:
         raise SteerdeskError(f"Got {len(row_keys)} row keys for {n} prompts.")
+    scores: list[float | None] = [None] * n
+    opened: list[bool | None] = [None] * n
+    if gate is not None:
+        from .condition import gate_scores
+
+        sc = gate_scores(lm, prompts, gate, system=system, raw=raw_prompts)
+        scores = [float(x) for x in sc]
+        opened = list(gate.opens(sc))
+        rows = [row if opened[r] else [] for r, row in enumerate(rows)]
     inputs = encode_prompts(lm, prompts, system, raw=raw_prompts)
     width = inputs["input_ids"].shape[1]
     eos = _eos_ids(lm)
@@ -380,7 +400,8 @@ def generate(
             ids = ids[: len(streamer.tokens[r])]  # what was shown is what is returned
         text = lm.tokenizer.decode(ids, skip_special_tokens=True)
         results.append(GenerationResult(text=text, token_ids=ids, finish_reason=reason,
-                                        projections=projections[r][: len(ids)]))
+                                        projections=projections[r][: len(ids)], gate_score=scores[r],
+                                        gate_open=opened[r]))
     return results
 
 
