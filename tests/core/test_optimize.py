@@ -53,21 +53,26 @@ def test_gradient_reaches_only_the_vector(llama):
     assert not llama.model.training
 
 
-def test_add_vector_hook_matches_steering(llama):
-    """AddVector adds the vector exactly as Steering's add mode at scale 1 (same layer convention)."""
+def test_add_vector_hook_matches_steering(tiny):
+    """AddVector adds the vector exactly as Steering's add mode at scale 1 (same layer convention),
+    per-row signs included, on every architecture; and v gets a gradient through it."""
     from steerdesk.core.steering import Steering
 
-    ids = torch.tensor([[1, 2, 3, 4, 5]])
-    v = torch.randn(llama.info.hidden_size)
+    ids = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5]])
+    v = torch.randn(tiny.info.hidden_size) * 3
     with torch.no_grad():
-        with AddVector(llama, LAYER, v):
-            a = llama.model(input_ids=ids).logits
-        with Steering(llama, [Steer(LAYER, v)]):
-            b = llama.model(input_ids=ids).logits
-        plain = llama.model(input_ids=ids).logits
+        with AddVector(tiny, LAYER, v, torch.tensor([1.0, -1.0])):
+            a = tiny.model(input_ids=ids).logits
+        with Steering(tiny, [[Steer(LAYER, v)], [Steer(LAYER, v, scale=-1.0)]]):
+            b = tiny.model(input_ids=ids).logits
+        plain = tiny.model(input_ids=ids).logits
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, plain)
-    assert not llama.blocks[LAYER]._forward_hooks
+    assert not tiny.blocks[LAYER]._forward_hooks
+    w = v.clone().requires_grad_(True)
+    with frozen(tiny.model), AddVector(tiny, LAYER, w):
+        tiny.model(input_ids=ids[:1]).logits[0, -1, 7].backward()
+    assert w.grad is not None and float(w.grad.norm()) > 0
 
 
 def test_weights_identical_and_seed_reproducible(llama):
