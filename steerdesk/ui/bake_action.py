@@ -60,15 +60,12 @@ class BakeAction(QObject):
 
     def start(self, out_dir: str | None = None, force: bool = False) -> Any:
         """Bake into ``out_dir`` (asked for when None); returns the job handle, or None if refused."""
-        from ..core.errors import SteerdeskError
+        from .panels.inputs import Refused, checked
 
-        if self.controller is None or self.controller.model_info is None:
-            self.error_occurred.emit("No model", "Wait for the model to load first.")
-            return None
         try:
-            self.build_spec("")  # refuse before asking for a folder
-        except SteerdeskError as exc:
-            self.error_occurred.emit("Nothing to bake", str(exc))
+            checked(self.controller, lambda: self.build_spec(""), "Nothing to bake")  # before asking for a folder
+        except Refused as exc:
+            self.error_occurred.emit(exc.title, str(exc))
             return None
         if out_dir is None:
             chosen = self.ask_folder()

@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 from ..layout import Reflow, scrolled
 from ..vector_sets import NamedVectors, VectorSets
 from .generation_output import GenerationOutput
+from .inputs import Refused, checked
 
 MODE_TIPS = {
     "add": "add: h + a*v  (v raw, or unit with Normalize)",
@@ -389,15 +390,10 @@ class GenerationPanel(QWidget):
 
         A generation already running is superseded (its results are dropped).
         """
-        from ...core.errors import SteerdeskError
-
-        if self.controller is None or self.controller.model_info is None:
-            self.error_occurred.emit("No model", "Wait for the model to load first.")
-            return
         try:
-            spec = self.build_spec()
-        except SteerdeskError as exc:
-            self.error_occurred.emit("Cannot generate", str(exc))
+            spec = checked(self.controller, self.build_spec, "Cannot generate")
+        except Refused as exc:
+            self.error_occurred.emit(exc.title, str(exc))
             return
         flags = spec.flags()
         self.output.start(self._num_layers, len(flags) > 1, len(flags) - 1, self.current_set())

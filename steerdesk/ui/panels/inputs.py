@@ -5,7 +5,8 @@ Each check raises :class:`Refused` with the dialog title and sentence the window
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from ...core.errors import SteerdeskError
 from ..vector_sets import NamedVectors, VectorSets
@@ -41,6 +42,21 @@ def need_model(controller: Any) -> Any:
     if info is None:
         raise Refused("No model", "Wait for the model to load first.")
     return info
+
+
+T = TypeVar("T")
+
+
+def checked(controller: Any, build: Callable[[], T], title: str) -> T:
+    """``build()`` once a model is loaded: :class:`Refused` without a model, or with ``title`` and
+    the sentence of the ``SteerdeskError`` the panel's Spec builder raised."""
+    need_model(controller)
+    try:
+        return build()
+    except Refused:
+        raise
+    except SteerdeskError as exc:
+        raise Refused(title, str(exc)) from None
 
 
 def need_vectors(vector_sets: VectorSets) -> NamedVectors:

@@ -29,7 +29,7 @@ from PySide6.QtWidgets import (
 from ..layout import Reflow
 from ..vector_sets import NamedVectors, VectorSets
 from ..widgets.heatmap import HeatmapView
-from .inputs import PairsSource
+from .inputs import PairsSource, Refused, checked
 
 __all__ = ["NamedVectors", "VectorPanel"]
 
@@ -297,15 +297,10 @@ class VectorPanel(QWidget):
 
     def compute(self) -> None:
         """Compute (the Compute button, Ctrl+K): submit the Spec, show progress, add the set."""
-        from ...core.errors import SteerdeskError
-
-        if self.controller is None or self.controller.model_info is None:
-            self.error_occurred.emit("No model", "Wait for the model to load first.")
-            return
         try:
-            spec = self.build_spec()
-        except SteerdeskError as exc:
-            self.error_occurred.emit("Dataset problem", str(exc))
+            spec = checked(self.controller, self.build_spec, "Dataset problem")
+        except Refused as exc:
+            self.error_occurred.emit(exc.title, str(exc))
             return
         self.set_busy(True)
         self._job = job = self.controller.submit(spec)
