@@ -23,7 +23,7 @@ log = logging.getLogger("steerdesk")
 
 SUBCOMMANDS: tuple[str, ...] = (
     "info", "compute", "generate", "sweep", "inspect", "run", "export", "datasets", "demo", "install_desktop",
-    "bake", "search",
+    "bake", "search", "calibrate",
 )
 """Modules of :mod:`steerdesk.cli` that are subcommands, in the order ``--help`` lists them."""
 

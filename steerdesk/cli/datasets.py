@@ -15,9 +15,16 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print each bundled dataset with its number of pairs; exit code 0."""
+    """Print each bundled dataset with its number of pairs, then each bundled condition set
+    (for ``calibrate``) with its prompts; exit code 0."""
+    from ..core.condition import bundled_conditions, load_condition_set
     from ..core.datasets import bundled_datasets, load_bundled
 
     for name in sorted(bundled_datasets()):
         print(f"{name}  ({len(load_bundled(name))} pairs)")
+    for name in sorted(bundled_conditions()):
+        cs = load_condition_set(name)
+        held = cs.part("heldout")
+        print(f"{name}  (condition set: {len(cs.prompts)} prompts, {len(cs.positives())} on-topic; "
+              f"{len(held.prompts)} held out)")
     return 0

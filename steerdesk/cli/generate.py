@@ -26,6 +26,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["add", "project", "clamp"], default="add")
     p.add_argument("--normalize", action="store_true", help="scale the unit vector instead of the raw one")
     p.add_argument("--positions", type=positions_arg, default="all", help=POSITIONS_HELP)
+    p.add_argument("--condition", help="condition vector file: steer only prompts that open its gate "
+                   "(needs --condition-layer and --threshold, e.g. from 'steerdesk calibrate')")
+    p.add_argument("--condition-layer", type=int, help="the gate's layer")
+    p.add_argument("--threshold", type=float, help="the gate's threshold on the CAST score (-1..1)")
+    p.add_argument("--gate-side", choices=["above", "below"], default="above",
+                   help="open the gate when the score is above (default) or below the threshold")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -50,7 +56,22 @@ def run(args: argparse.Namespace) -> int:
         raise SteerdeskError("--vector needs --layers (e.g. --layers 15 or 12-16).")
     if args.compare and not args.vector:
         raise SteerdeskError("--compare needs --vector.")
+    if args.condition and (args.condition_layer is None or args.threshold is None):
+        raise SteerdeskError("--condition needs --condition-layer and --threshold (see 'steerdesk calibrate').")
+    if args.condition and not args.vector:
+        raise SteerdeskError("--condition gates steering: it needs --vector.")
+    if args.condition and args.record:
+        raise SteerdeskError("Gated generation cannot be recorded yet (--record): recipes do not carry the gate.")
     lm = load_model(args)
+    gate = None
+    if args.condition:
+        from ..core.condition import ConditionGate, condition_read
+
+        cs = load_vectors_for(args.condition, lm.info)
+        cs.require_layers([args.condition_layer])
+        gate = ConditionGate(args.condition_layer, cs.directions[args.condition_layer], args.threshold,
+                             args.gate_side, condition_read(cs))
+        gate.check(lm)
     steering = None
     if args.vector:
         vs = load_vectors_for(args.vector, lm.info)
@@ -58,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                                      scale=args.scale, mode=args.mode, normalize=args.normalize,
                                      positions=args.positions, vector_path=args.vector)
     spec = jobs.GenerateSpec.single(args.prompt, steering, compare=args.compare, sampling=sampling,
-                                    system=args.system, model=args.model)
+                                    system=args.system, model=args.model, gate=gate)
     stream_row = len(spec.prompts) - 1
     streaming = not args.json and not args.no_stream
 
@@ -75,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         obj: dict[str, Any] = {"text": steered.text, "token_ids": steered.token_ids,
                                "finish_reason": steered.finish_reason}
+        if gate is not None:
+            obj["gate"] = {"score": steered.gate_score, "open": steered.gate_open}
         if args.compare:
             u = results[0]
             obj["unsteered"] = {"text": u.text, "token_ids": u.token_ids, "finish_reason": u.finish_reason}
@@ -84,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
         print()
     else:
         print(steered.text)
+    if gate is not None:
+        state = "open: steered" if steered.gate_open else "closed: not steered"
+        print(f"[gate {state}; score {steered.gate_score:.4f}, {gate.describe()}]", file=sys.stderr)
     if args.compare:
         print("\n--- unsteered ---")
         print(results[0].text)

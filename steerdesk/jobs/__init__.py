@@ -13,8 +13,9 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import bake, compute, diagnose, generate, grid, load, rerun, search, sweep, versus
+from . import bake, calibrate, compute, diagnose, generate, grid, load, rerun, search, sweep, versus
 from .bake import BakeSpec
+from .calibrate import CalibrateSpec
 from .compute import ComputeSpec
 from .context import JobContext
 from .diagnose import DiagnoseSpec
@@ -38,6 +39,7 @@ JOBS: dict[type, ModuleType] = {
     BakeSpec: bake,
     SearchSpec: search,
     RerunSpec: rerun,
+    CalibrateSpec: calibrate,
 }
 
 
@@ -67,6 +69,7 @@ def record(lm: Any, spec: Any, result: Any, **kwargs: Any) -> Any:
 __all__ = [
     "JOBS",
     "BakeSpec",
+    "CalibrateSpec",
     "ComputeSpec",
     "DiagnoseSpec",
     "GenerateSpec",

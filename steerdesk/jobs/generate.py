@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ..core.condition import ConditionGate
 from ..core.errors import SteerdeskError
 from ..core.generate import GenerationResult, SamplingSettings
 from ..core.models import LoadedModel
@@ -22,7 +23,9 @@ class GenerateSpec:
     """Prompts (one batch row each) and the steering of the rows flagged in ``steered_rows``.
 
     ``steered_rows`` defaults to every row when ``steering`` is given. ``watch`` reports, per
-    generated token, the projection on each layer's direction of ``steering.vectors``.
+    generated token, the projection on each layer's direction of ``steering.vectors``. ``gate``
+    (``core.condition.ConditionGate``) keeps the steering of a steered row only when the row's
+    prompt opens it (decided once per row, before generation).
     """
 
     prompts: tuple[str, ...]
@@ -32,6 +35,7 @@ class GenerateSpec:
     system: str | None = None
     watch: bool = False
     model: str | None = None  # how a record names the model (default: what was loaded)
+    gate: ConditionGate | None = field(default=None, compare=False)  # steer a row only when its prompt opens it
 
     @classmethod
     def single(cls, prompt: str, steering: SteeringSpec | None = None, *, compare: bool = False,
@@ -75,14 +79,20 @@ def run(lm: LoadedModel, spec: GenerateSpec, ctx: JobContext) -> GenerateResult:
     watch = spec.steering.vectors.directions if (spec.watch and spec.steering is not None) else None
     t0 = time.perf_counter()
     results = generate(lm, list(spec.prompts), rows, sampling=spec.sampling, system=spec.system,
-                       on_text=ctx.on_text, on_step=ctx.on_step, stop=ctx.cancel, watch=watch)
+                       on_text=ctx.on_text, on_step=ctx.on_step, stop=ctx.cancel, watch=watch, gate=spec.gate)
     return GenerateResult(results, steers, flags, time.perf_counter() - t0, stopped=ctx.cancel.is_set())
 
 
 def record(lm: LoadedModel, spec: GenerateSpec, result: GenerateResult) -> RunRecord:
-    """The run record (a recipe ``steerdesk run`` re-runs token for token when greedy)."""
+    """The run record (a recipe ``steerdesk run`` re-runs token for token when greedy).
+
+    Raises ``SteerdeskError`` for a gated run: recipes do not carry a gate yet, and a re-run
+    without it would steer rows the gate kept closed.
+    """
     from ..core.record_kinds import record_generation
 
+    if spec.gate is not None:
+        raise SteerdeskError("Gated generation cannot be recorded yet: recipes do not carry the gate.")
     st = spec.steering
     return record_generation(lm, list(spec.prompts), result.rows, steers=result.steers,
                              steered_rows=result.steered_rows, sampling=spec.sampling, system=spec.system,
