@@ -45,12 +45,12 @@ def test_optimized_writes_an_ordinary_vector_file(capsys, fast_model, tmp_path):
     from steerdesk.core.vectors import load_vectors
 
     out_file = tmp_path / "opt.safetensors"
-    code = cli.main(["compute", "--dataset", _small(tmp_path, 4), "--method", "optimized", "--layers", "3",
-                     "--kl-weight", "0", "--epochs", "1", "--batch-size", "2", "-o", str(out_file), "--json"])
+    code = cli.main(["compute", "--dataset", _small(tmp_path, 4), "--method", "optimized", "--layers", "28",
+                     "--kl-weight", "0", "--epochs", "1", "--batch-size", "3", "-o", str(out_file), "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
     summary = json.loads(out)
-    assert summary["optimize"]["layers"] == [3] and summary["optimize"]["validation_pairs"] == 1
-    assert len(summary["optimize"]["curves"]["3"]["val"]) == 2  # the start and one epoch
+    assert summary["optimize"]["layers"] == [28] and summary["optimize"]["validation_pairs"] == 1
+    assert len(summary["optimize"]["curves"]["28"]["val"]) == 2  # the start and one epoch
     vs = load_vectors(out_file)
-    assert vs.metadata["method"] == "optimized" and vs.layers_with_direction == [3]
+    assert vs.metadata["method"] == "optimized" and vs.layers_with_direction == [28]

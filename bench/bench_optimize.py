@@ -1,0 +1,134 @@
+"""Optimised vectors (issue 17): training time, and held-out margin at the fluency budget vs mean-diff.
+
+Two measurements on SmolLM2-135M-Instruct (CPU, float32 unless told otherwise):
+
+* ``time``: ``optimize_vectors`` on the first ``--pairs`` (64) pairs of ``neutral_rude``, one layer,
+  default settings unless overridden: wall time, epochs run, per-epoch curves. Target (issue): at
+  most 3 minutes on a 2-core CPU.
+* ``compare``: per bundled set, ``Dataset.split(0.25)`` (seed 0): the training part gives the
+  mean-difference vectors and the optimised vector of ``--layer``; both are swept on the held-out
+  part (``core.sweep``, layer ``--layer`` x ``--scales``, add, all positions) and the best margin
+  delta with a fluency loss of at most ``--budget`` (0.5 nats/token) is reported for each, with
+  the ratio optimised / mean-diff (acceptance: >= 1.5 on at least two of the three sets). The
+  prompt baseline of the issue is not measured here.
+
+Usage::
+
+    .venv/bin/python bench/bench_optimize.py time --threads 2
+    .venv/bin/python bench/bench_optimize.py compare --sets neutral_rude --epochs 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SETS = ("neutral_rude", "formal_casual", "assistant_golden_retriever")
+SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+
+
+def log(msg: str) -> None:
+    print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from steerdesk.core.optimize import OptimizeSettings
+
+    d = OptimizeSettings()
+    return OptimizeSettings(epochs=args.epochs or d.epochs, batch_size=args.batch_size or d.batch_size,
+                            lr=args.lr or d.lr, seed=args.seed)
+
+
+def _train(lm: Any, ds: Any, layer: int, settings: Any) -> tuple[Any, float]:
+    from steerdesk.core.optimize import optimize_vectors
+
+    t0 = time.perf_counter()
+    vs = optimize_vectors(lm, ds, [layer], settings=settings,
+                          on_epoch=lambda r: log(f"layer {r.layer} epoch {r.epoch}: train {r.train_loss}, "
+                                                 f"val {r.val_loss:.4f} ({time.perf_counter() - t0:.0f} s)"))
+    return vs, time.perf_counter() - t0
+
+
+def run_time(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from steerdesk.core.datasets import Dataset, load_bundled
+
+    full = load_bundled("neutral_rude")
+    ds = Dataset(full.examples[:args.pairs], name=f"neutral_rude[:{args.pairs}]")
+    vs, seconds = _train(lm, ds, args.layer, _settings(args))
+    meta = json.loads(vs.metadata["optimize"])
+    return {"pairs": len(ds), "layer": args.layer, "seconds": round(seconds, 1), "optimize": meta}
+
+
+def run_compare(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from steerdesk.core.datasets import load_bundled
+    from steerdesk.core.extract import compute_vectors
+    from steerdesk.core.sweep import sweep
+    from steerdesk.core.sweep_result import pick_best
+
+    out: dict[str, Any] = {}
+    for name in args.sets.split(","):
+        train, held = load_bundled(name).split(0.25)
+        log(f"{name}: {len(train)} training pairs, {len(held)} held out")
+        md = compute_vectors(lm, train, batch_size=16)
+        opt, seconds = _train(lm, train, args.layer, _settings(args))
+        row: dict[str, Any] = {"train_pairs": len(train), "heldout_pairs": len(held),
+                               "optimize_seconds": round(seconds, 1),
+                               "optimize": json.loads(opt.metadata["optimize"])["curves"]}
+        for label, vs in (("mean-diff", md), ("optimized", opt)):
+            res = sweep(lm, vs, held, layers=[args.layer], scales=list(args.scales), fluency_budget=args.budget)
+            best = pick_best(res.margin_delta, res.fluency_delta, args.budget)
+            cells = [{"scale": s, "margin": m, "fluency": f}
+                     for s, m, f in zip(res.scales, res.margin_delta[0], res.fluency_delta[0])]
+            row[label] = {"best_margin": None if best is None else res.margin_delta[best[0]][best[1]],
+                          "best_scale": None if best is None else res.scales[best[1]], "cells": cells}
+            log(f"{name} {label}: best within budget {row[label]['best_margin']} at x{row[label]['best_scale']}")
+        m0, m1 = row["mean-diff"]["best_margin"], row["optimized"]["best_margin"]
+        row["ratio"] = None if not m0 or m1 is None else m1 / m0
+        out[name] = row
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["time", "compare"])
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--pairs", type=int, default=64, help="pairs trained on ('time')")
+    ap.add_argument("--sets", default=",".join(SETS), help="bundled sets ('compare'), comma-separated")
+    ap.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",")], default=list(SCALES))
+    ap.add_argument("--budget", type=float, default=0.5, help="fluency budget, nats/token")
+    ap.add_argument("--epochs", type=int, default=0, help="0: the default")
+    ap.add_argument("--batch-size", type=int, default=0, help="0: the default")
+    ap.add_argument("--lr", type=float, default=0.0, help="0: the default")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write every number here")
+    args = ap.parse_args()
+
+    import torch
+
+    from steerdesk.core.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(device="cpu", dtype="float32")
+    result = {"what": args.what, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+              "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+              "result": run_time(lm, args) if args.what == "time" else run_compare(lm, args)}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
