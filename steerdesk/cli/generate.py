@@ -60,8 +60,6 @@ def run(args: argparse.Namespace) -> int:
         raise SteerdeskError("--condition needs --condition-layer and --threshold (see 'steerdesk calibrate').")
     if args.condition and not args.vector:
         raise SteerdeskError("--condition gates steering: it needs --vector.")
-    if args.condition and args.record:
-        raise SteerdeskError("Gated generation cannot be recorded yet (--record): recipes do not carry the gate.")
     lm = load_model(args)
     gate = None
     if args.condition:

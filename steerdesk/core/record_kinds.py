@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from .records import (
     vector_metadata,
 )
 from .steering import Steer
+
+if TYPE_CHECKING:
+    from .condition import ConditionGate
 from .sweep_result import SweepResult
 from .textgrid import GridRow
 from .vectors import VectorSet
@@ -62,8 +65,13 @@ def record_generation(
     vectors: VectorSet | None = None,
     model: str | None = None,
     seconds: float = 0.0,
+    gate: ConditionGate | None = None,
 ) -> RunRecord:
     """Record a :func:`~steerdesk.core.generate.generate` call.
+
+    ``gate`` (a conditional run) is recorded in ``settings["gate"]``: layer, threshold, side,
+    read and its condition direction embedded exactly (:func:`gate_settings`); each output row
+    then carries its ``gate_score`` and ``gate_open``.
 
     ``steers`` is the steering applied to the rows flagged in ``steered_rows`` (default: every
     row); the other rows are unsteered (a side-by-side comparison). ``results`` are the
@@ -92,10 +100,36 @@ def record_generation(
         read_position=meta.get("read_position") if vectors is not None else None,
         **steer_fields(steers, sampling),
         settings={"steers": [{"layer": int(s.layer), "scale": float(s.scale), "mode": s.mode,
-                              "normalize": bool(s.normalize), "positions": s.positions} for s in steers]},
-        outputs={"rows": [{"token_ids": list(r.token_ids), "text": r.text, "finish_reason": r.finish_reason}
+                              "normalize": bool(s.normalize), "positions": s.positions} for s in steers],
+                  **({"gate": gate_settings(gate)} if gate is not None else {})},
+        outputs={"rows": [{"token_ids": list(r.token_ids), "text": r.text, "finish_reason": r.finish_reason,
+                           **({"gate_score": r.gate_score, "gate_open": r.gate_open} if gate is not None else {})}
                           for r in results]},
     )
+
+
+def gate_settings(gate: ConditionGate) -> dict[str, Any]:
+    """A gate as JSON: ``layer``, ``threshold``, ``side``, ``read`` and ``direction`` (``[hidden]``
+    floats, exact: :func:`~steerdesk.core.records.embed_vectors`)."""
+    return {"layer": int(gate.layer), "threshold": float(gate.threshold), "side": gate.side, "read": gate.read,
+            "direction": embed_vectors({gate.layer: gate.direction})[str(int(gate.layer))]}
+
+
+def gate_from_settings(obj: Any) -> ConditionGate:
+    """The :class:`~steerdesk.core.condition.ConditionGate` a record's ``settings["gate"]`` describes.
+
+    Raises ``SteerdeskError`` for a malformed entry (missing keys, a direction that is not a list
+    of numbers).
+    """
+    from .condition import ConditionGate
+
+    try:
+        return ConditionGate(layer=int(obj["layer"]), direction=torch.tensor([float(x) for x in obj["direction"]],
+                                                                             dtype=torch.float32),
+                             threshold=float(obj["threshold"]), side=str(obj.get("side", "above")),
+                             read=str(obj.get("read", "mean")))
+    except (KeyError, TypeError, ValueError):
+        raise SteerdeskError("The recipe's gate needs layer, threshold and a direction of numbers.") from None
 
 
 def record_compute(

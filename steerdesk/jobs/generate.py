@@ -84,18 +84,13 @@ def run(lm: LoadedModel, spec: GenerateSpec, ctx: JobContext) -> GenerateResult:
 
 
 def record(lm: LoadedModel, spec: GenerateSpec, result: GenerateResult) -> RunRecord:
-    """The run record (a recipe ``steerdesk run`` re-runs token for token when greedy).
-
-    Raises ``SteerdeskError`` for a gated run: recipes do not carry a gate yet, and a re-run
-    without it would steer rows the gate kept closed.
-    """
+    """The run record (a recipe ``steerdesk run`` re-runs token for token when greedy; a gate is
+    recorded with its condition direction and re-applied)."""
     from ..core.record_kinds import record_generation
 
-    if spec.gate is not None:
-        raise SteerdeskError("Gated generation cannot be recorded yet: recipes do not carry the gate.")
     st = spec.steering
     return record_generation(lm, list(spec.prompts), result.rows, steers=result.steers,
                              steered_rows=result.steered_rows, sampling=spec.sampling, system=spec.system,
                              vector_path=st.vector_path if st else None,
                              vectors=st.vectors if st and st.identify else None,
-                             model=spec.model, seconds=result.seconds)
+                             model=spec.model, seconds=result.seconds, gate=spec.gate)

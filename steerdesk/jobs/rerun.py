@@ -98,8 +98,14 @@ def spec_for(recipe: RunRecord, lm: LoadedModel, changes: list[str], output: str
             raise SteerdeskError("The recipe has no prompt.")
         steering = _steering(recipe, lm, changes)
         flags = recipe.steered_rows or [steering is not None] * len(recipe.prompts)
+        gate = None
+        if s.get("gate") is not None:
+            from ..core.record_kinds import gate_from_settings
+
+            gate = gate_from_settings(s["gate"])
         return generate.GenerateSpec(prompts=tuple(recipe.prompts), steering=steering, steered_rows=tuple(flags),
-                                     sampling=_sampling(recipe), system=recipe.system, model=recipe.model)
+                                     sampling=_sampling(recipe), system=recipe.system, model=recipe.model,
+                                     gate=gate)
     if kind == "versus":
         loaded, used = dataset_of(recipe, changes)
         steering = _steering(recipe, lm, changes)

@@ -1,6 +1,7 @@
 """Issue 15 on the CLI (tiny llama): ``--positions`` windows are recorded and re-run token for token,
 unreadable windows are a one-line usage error; ``calibrate`` computes condition vectors and finds a
-gate; ``generate --condition`` gates the steered row; ``datasets`` lists the condition set."""
+gate; ``generate --condition`` gates the steered row and is recorded and re-run with its gate;
+``datasets`` lists the condition set."""
 
 from __future__ import annotations
 
@@ -106,9 +107,20 @@ def test_calibrate_computes_conditions_then_gates_generate(capsys, tiny_folder, 
     assert code == 0, err
     closed = json.loads(out)
     assert closed["gate"]["open"] is False and closed["token_ids"] == plain["unsteered"]["token_ids"]
-    code, _, err = run(capsys, *base, "--condition", cond, "--condition-layer", "1", "--threshold", "0.1",
-                       "--record", tmp_path / "r.json")
-    assert code == 2 and "cannot be recorded" in err
+    # A gated run is recorded with its gate (direction embedded) and re-runs with it, open or closed.
+    for threshold, is_open in (("-1.0", True), ("1.0", False)):
+        rec = tmp_path / f"gated{threshold}.json"
+        code, out, err = run(capsys, *base, "--condition", cond, "--condition-layer", str(res["layer"]),
+                             "--threshold", threshold, "--record", rec)
+        assert code == 0, err
+        saved = json.loads(rec.read_text())
+        g = saved["settings"]["gate"]
+        assert (g["layer"], g["threshold"], g["side"], len(g["direction"])) == (res["layer"], float(threshold),
+                                                                                "above", 64)
+        assert saved["outputs"]["rows"][1]["gate_open"] is is_open
+        code, out, err = run(capsys, "run", rec, "--json")
+        assert code == 0, err
+        assert json.loads(out)["reproduced"] is True
     code, _, err = run(capsys, *base, "--condition", cond)
     assert code == 2 and "--condition-layer" in err
 
