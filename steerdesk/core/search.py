@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from .datasets import Dataset
+from .defaults import SEARCH_TRIALS
 from .errors import Cancelled, SteerdeskError
 from .evaluate import NEUTRAL_TEXTS, Scores, TextScorer
 from .layouts import prepare_texts
@@ -94,7 +95,7 @@ from .search_study import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRIALS = 25
+DEFAULT_TRIALS = SEARCH_TRIALS
 
 TrialCallback = Callable[[TrialResult], None]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .datasets import Dataset
+from .defaults import FLUENCY_BUDGET, SEARCH_BATCH
 from .errors import SteerdeskError
 from .identity import model_identity, vector_identity
 from .search_space import SearchSpace, TrialResult, TrialSettings, pareto_mask, settings_for
@@ -25,8 +26,8 @@ from .search_space import SearchSpace, TrialResult, TrialSettings, pareto_mask, 
 FORMAT = "steerdesk.search/1"
 STUDY_NAME = "steerdesk-search"
 SAMPLERS = ("tpe", "nsga2")
-DEFAULT_BATCH = 5
-DEFAULT_BUDGET = 0.5
+DEFAULT_BATCH = SEARCH_BATCH
+DEFAULT_BUDGET = FLUENCY_BUDGET
 #: The model identity keys a stored study must match (device may differ).
 MODEL_KEYS = ("name", "architecture", "revision", "num_layers", "hidden_size", "dtype", "chat_template_sha256")
 _SQLITE_MAGIC = b"SQLite format 3\x00"

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .defaults import FLUENCY_BUDGET
 from .errors import SteerdeskError
 
 FORMAT = "steerdesk.sweep/1"
 DEFAULT_SCALES = (0.0, 0.5, 1.0, 2.0)
-DEFAULT_BUDGET = 0.5
+DEFAULT_BUDGET = FLUENCY_BUDGET
 
 
 @dataclass

@@ -16,6 +16,7 @@ from .layout import clamp_to_screen, scrolled
 from .panels.analysis_panel import AnalysisPanel
 from .panels.dataset_panel import DatasetPanel
 from .panels.generation_panel import GenerationPanel
+from .panels.search_panel import SearchPanel, window_inputs
 from .panels.sweep_panel import SweepPanel
 from .panels.vector_panel import VectorPanel
 from .recovery import RecoveryStore
@@ -50,6 +51,7 @@ class MainWindow(QMainWindow):
         self.sweep_panel = SweepPanel(c, self.vector_sets, pairs=dp)
         self.generation_panel = GenerationPanel(c, self.vector_sets)
         self.analysis_panel = AnalysisPanel(c, self.vector_sets, pairs=dp, steering=self.generation_panel)
+        self.search_panel = SearchPanel(c.submit, lambda: c.stop("search"), window_inputs(c, self.vector_sets, dp))
         self.setCentralWidget(self.generation_panel)
         self.baker = BakeAction(self, c, self.generation_panel)  # Run > Bake steering…
         self.dataset_dock = self._dock("Dataset", "datasetDock", self.dataset_panel)
@@ -59,6 +61,8 @@ class MainWindow(QMainWindow):
         self.analysis_dock = self._dock("Analysis", "analysisDock", self.analysis_panel)
         self.tabifyDockWidget(self.vector_dock, self.sweep_dock)
         self.tabifyDockWidget(self.sweep_dock, self.analysis_dock)
+        self.search_dock = self._dock("Search", "searchDock", self.search_panel)
+        self.tabifyDockWidget(self.analysis_dock, self.search_dock)
         self.dataset_dock.raise_()
         self.resizeDocks([self.dataset_dock], [640], Qt.Orientation.Horizontal)
 
@@ -104,7 +108,7 @@ class MainWindow(QMainWindow):
         dp.modified_changed.connect(lambda _m: self._update_title())
         dp.dataset_changed.connect(self._update_title)
         dp.path_changed.connect(self._update_title)
-        for panel in (dp, vp, sp, ap, gp, self.baker):
+        for panel in (dp, vp, sp, ap, gp, self.baker, self.search_panel):
             panel.error_occurred.connect(self.show_user_error)
             if hasattr(panel, "status_message"):
                 panel.status_message.connect(self.show_status)
@@ -112,6 +116,9 @@ class MainWindow(QMainWindow):
         sp.started.connect(self.sweep_dock.raise_)
         sp.cell_chosen.connect(lambda c: gp.try_steering(c.name, c.layers, c.scale, c.mode, c.normalize, c.positions))
         ap.shown.connect(self.analysis_dock.raise_)
+        self.search_panel.started.connect(self.search_dock.raise_)
+        self.search_panel.settings_chosen.connect(
+            lambda d: gp.try_steering("", list(d["layers"]), d["scale"], d["mode"], d["normalize"], d["positions"]))
 
     # -- settings ----------------------------------------------------------------------
     def _restore(self) -> None:

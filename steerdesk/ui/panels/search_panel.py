@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
@@ -38,12 +38,33 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ...core.defaults import FLUENCY_BUDGET as DEFAULT_BUDGET
+from ...core.defaults import SEARCH_BATCH as DEFAULT_BATCH
+from ...core.defaults import SEARCH_TRIALS as DEFAULT_TRIALS
 from ...core.errors import SteerdeskError
-from ...core.search import DEFAULT_BATCH, DEFAULT_BUDGET, DEFAULT_TRIALS, SearchResult, SearchSpace, TrialResult
-from ...jobs.search import SearchSpec
 
-SubmitFn = Callable[[SearchSpec], Any]
+if TYPE_CHECKING:  # the window starts without torch: the search's types only for the checker
+    from ...core.search import SearchResult, SearchSpace, TrialResult
+    from ...jobs.search import SearchSpec
+
+SubmitFn = Callable[["SearchSpec"], Any]
 InputsFn = Callable[[], Mapping[str, Any]]
+
+
+def window_inputs(controller: Any, vector_sets: Any, pairs: Any) -> InputsFn:
+    """The window's ``inputs()``: the analysis vector set (the steering set, else the selected one)
+    and the dataset panel's held-out pairs, as the Sweep panel takes them. Raises
+    :class:`~steerdesk.ui.panels.inputs.Refused` (a one-line message) when one is missing."""
+    from .inputs import need_heldout, need_model, need_vectors
+
+    def inputs() -> Mapping[str, Any]:
+        need_model(controller)
+        item = need_vectors(vector_sets)
+        heldout = need_heldout(pairs)
+        return {"vectors": item.vectors, "heldout": heldout, "dataset": pairs.dataset(),
+                "heldout_fraction": pairs.heldout_fraction()}
+
+    return inputs
 
 
 def layer_colour(layer: int, num_layers: int) -> tuple[int, int, int]:
@@ -181,6 +202,9 @@ class SearchPanel(QWidget):
         For an existing study file the seed, space and budget are left to the study (``None``)
         unless the controls differ from what it holds, which the job then refuses in one line.
         """
+        from ...core.search import SearchSpace
+        from ...jobs.search import SearchSpec
+
         if self.inputs_fn is None:
             raise SteerdeskError("No vectors and held-out pairs to search with.")
         path = self.study.text().strip()
