@@ -42,6 +42,19 @@ def model_arg(p: argparse.ArgumentParser) -> None:
                    help="int8: int8 weight-only linears, ~2x faster CPU decoding, slightly different outputs")
 
 
+def heldout_pairs_args(p: argparse.ArgumentParser) -> None:
+    """``--vector``, ``--dataset``, ``--target-file``, ``--heldout`` and ``--max-pairs``: the inputs of
+    the jobs that score a vector on held-out pairs (sweep, search)."""
+    p.add_argument("--vector", required=True, help="steerdesk .safetensors or llama.cpp .gguf control vector")
+    p.add_argument("--dataset", required=True,
+                   help="held-out JSONL/CSV file or bundled name (or the base .txt with --target-file)")
+    p.add_argument("--target-file", help="target .txt list when --dataset is the base .txt list")
+    p.add_argument("--heldout", type=float, default=0.0, metavar="F",
+                   help="use only the held-out part of the dataset's split F (the rows 'compute --heldout F' "
+                        "left out)")
+    p.add_argument("--max-pairs", type=int, help="use at most this many pairs")
+
+
 def load_model(args: argparse.Namespace) -> LoadedModel:
     """Load the model the options of :func:`model_arg` name (the ``load`` job; messages on stderr).
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SteerdeskError
-from .common import dataset_spec, load_model, load_vectors_for, model_arg, progress_bar
+from .common import dataset_spec, heldout_pairs_args, load_model, load_vectors_for, model_arg, progress_bar
 
 NAME = "search"
 
@@ -26,13 +26,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
         NAME, help="search layer range, scale, mode and normalize for margin vs KL (Optuna, resumable study)")
     model_arg(p)
-    p.add_argument("--vector", required=True, help="steerdesk .safetensors or llama.cpp .gguf control vector")
-    p.add_argument("--dataset", required=True,
-                   help="held-out JSONL/CSV file or bundled name (or the base .txt with --target-file)")
-    p.add_argument("--target-file", help="target .txt list when --dataset is the base .txt list")
-    p.add_argument("--heldout", type=float, default=0.0, metavar="F",
-                   help="use only the held-out part of the dataset's split F (the rows 'compute --heldout F' left out)")
-    p.add_argument("--max-pairs", type=int, help="use at most this many pairs")
+    heldout_pairs_args(p)
     p.add_argument("--study", required=True,
                    help="SQLite study file: created, or resumed when it exists (readable with Optuna's tools)")
     p.add_argument("--trials", type=int, default=25, help="total evaluated trials the study should hold (default 25)")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SteerdeskError
-from .common import dataset_spec, load_model, load_vectors_for, model_arg, progress_bar
+from .common import dataset_spec, heldout_pairs_args, load_model, load_vectors_for, model_arg, progress_bar
 
 NAME = "sweep"
 
@@ -17,14 +17,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Register the subcommand on ``sub`` (an argparse subparsers action)."""
     p: argparse.ArgumentParser = sub.add_parser(NAME, help="score steering on held-out pairs over a layer x scale grid")
     model_arg(p)
-    p.add_argument("--vector", required=True, help="steerdesk .safetensors or llama.cpp .gguf control vector")
-    p.add_argument("--dataset", required=True,
-                   help="held-out JSONL/CSV file or bundled name (or the base .txt with --target-file)")
-    p.add_argument("--target-file", help="target .txt list when --dataset is the base .txt list")
-    p.add_argument("--heldout", type=float, default=0.0, metavar="F",
-                   help="use only the held-out part of the dataset's split F (the rows 'compute --heldout F' "
-                        "left out)")
-    p.add_argument("--max-pairs", type=int, help="use at most this many pairs")
+    heldout_pairs_args(p)
     p.add_argument("--layers", help="e.g. 0-29 or 10,14,18 (default: every layer)")
     p.add_argument("--scales", default="0,0.5,1,2",
                    help="comma-separated scales, negative ones too: --scales -2,0,2 (default 0,0.5,1,2)")
