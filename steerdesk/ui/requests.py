@@ -41,3 +41,27 @@ class ErrorInfo:
         if isinstance(exc, SteerdeskError):
             return cls(title, str(exc), details, True)
         return cls(title, f"Unexpected error (a bug in steerdesk): {type(exc).__name__}: {exc}", details, False)
+
+
+@dataclass(frozen=True)
+class StoppedRun:
+    """A run the user stopped before it returned a result (compute, sweep, diagnose, versus, grid,
+    bake, search): listed in the history, marked stopped, with nothing to export or re-run
+    (a stopped generation returns what it streamed and is recorded as a ``RunRecord``)."""
+
+    kind: str
+    created: str  # UTC, ISO 8601 to the second, as a RunRecord's
+    seconds: float  # wall time until the stop
+
+    @property
+    def title(self) -> str:
+        """A one-line summary for the history list."""
+        return f"{self.kind} (stopped after {self.seconds:.1f} s)"
+
+    def to_json(self) -> str:
+        """What the history's details pane shows."""
+        import json
+
+        return json.dumps({"kind": self.kind, "stopped": True, "created": self.created,
+                           "seconds": round(self.seconds, 3),
+                           "note": "stopped before it returned a result: nothing to export or re-run"}, indent=1)

@@ -33,7 +33,7 @@ class ModelWorker(QObject):
     finished = Signal(int, object)
     """``(id, result)``: the job's result (a load's ``ModelInfo``)."""
     record_ready = Signal(object)
-    """A finished (or stopped) run's ``RunRecord`` (for the history panel)."""
+    """A finished run's ``RunRecord`` (a stopped generation's too), or a ``StoppedRun`` (for the history)."""
     cancelled = Signal(int)
     """Request ``id`` was stopped on request."""
     failed = Signal(int, object)
@@ -76,6 +76,8 @@ class ModelWorker(QObject):
                 result = jobs.run(lm, request.spec, ctx)
         except Cancelled:
             self.cancelled.emit(rid)
+            if lm is not None:  # every run the user starts is in the history, a stopped one too
+                self._record_stopped(request.spec, time.perf_counter() - t0)
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the GUI
             self._recover_memory(exc)
             self.failed.emit(rid, ErrorInfo.from_exception(exc, request.title))
@@ -127,6 +129,17 @@ class ModelWorker(QObject):
             return
         if record is not None:
             self.record_ready.emit(record)
+
+    def _record_stopped(self, spec: Any, seconds: float) -> None:
+        """Emit a :class:`~steerdesk.ui.requests.StoppedRun` for a job stopped before its result."""
+        from datetime import datetime, timezone
+
+        from .. import jobs
+        from .requests import StoppedRun
+
+        kind = getattr(jobs.job_for(spec), "NAME", type(spec).__name__)
+        self.record_ready.emit(StoppedRun(kind=kind, seconds=seconds,
+                                          created=datetime.now(timezone.utc).isoformat(timespec="seconds")))
 
     def _recover_memory(self, exc: BaseException) -> None:
         import torch

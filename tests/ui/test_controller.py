@@ -127,6 +127,26 @@ def test_stop_mid_job_cancels_and_nothing_arrives_after(qtbot, controller):
     assert not controller.busy
 
 
+def test_a_job_stopped_before_its_result_is_in_the_history_marked_stopped(qtbot, controller):
+    from steerdesk.ui.panels.analysis_panel import HistoryTab
+    from steerdesk.ui.requests import StoppedRun
+
+    history = HistoryTab()
+    qtbot.addWidget(history)
+    controller.record_ready.connect(history.add)
+    handle = controller.submit(FakeSpec(steps=1000, delay=0.005))
+    log = Log(controller, handle)
+    qtbot.waitUntil(lambda: any(e[0] == "partial" for e in log.events), timeout=10000)
+    with qtbot.waitSignal(handle.ended, timeout=10000):
+        controller.stop("fake")
+    qtbot.waitUntil(lambda: len(history.records) == 1, timeout=5000)
+    run = history.records[0]
+    assert isinstance(run, StoppedRun) and run.kind == "fake" and 0 < run.seconds < 10
+    assert "fake (stopped after" in history.list.item(0).text()
+    assert not history.export_button.isEnabled()  # nothing to re-run
+    assert '"stopped": true' in history.details.toPlainText()
+
+
 def test_stopped_job_that_returns_is_recorded_as_stopped_not_shown(qtbot, controller):
     records = []
     controller.record_ready.connect(records.append)

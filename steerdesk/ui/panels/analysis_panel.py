@@ -324,16 +324,16 @@ class HistoryTab(QWidget):
         self.export_button.clicked.connect(self._export)
 
     def add(self, record: Any) -> None:
-        """List a ``RunRecord`` (a stopped generation is marked so) and select it."""
+        """List a ``RunRecord`` (a stopped generation is marked so) or a ``StoppedRun`` and select it."""
         self.records.append(record)
-        rows = (record.outputs or {}).get("rows") or []
+        rows = (getattr(record, "outputs", None) or {}).get("rows") or []
         stopped = "  (stopped)" if any(r.get("finish_reason") == "stopped" for r in rows) else ""
         self.list.addItem(f"{record.created[11:19] if record.created else ''}  {record.title}{stopped}")
         self.list.setCurrentRow(self.list.count() - 1)
 
     def _show(self, row: int) -> None:
         ok = 0 <= row < len(self.records)
-        self.export_button.setEnabled(ok)
+        self.export_button.setEnabled(ok and hasattr(self.records[row], "save"))  # a StoppedRun has no recipe
         self.details.setPlainText(self.records[row].to_json() if ok else "")
 
     def export_to(self, path: str, row: int | None = None) -> None:
