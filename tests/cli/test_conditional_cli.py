@@ -14,18 +14,8 @@ from steerdesk import cli
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, smol_folder):
-    import transformers as T
-
-    tok = T.AutoTokenizer.from_pretrained(str(smol_folder))
-    folder = tmp_path_factory.mktemp("tiny-llama-w")
-    cfg = T.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    T.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+def tiny_folder(tiny_llama_folder):
+    return tiny_llama_folder
 
 
 @pytest.fixture(scope="module")
