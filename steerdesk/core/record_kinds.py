@@ -145,8 +145,11 @@ def record_compute(
     output: str | None = None,
     model: str | None = None,
     seconds: float = 0.0,
+    trained_layers: Sequence[int] | None = None,
+    optimize: dict[str, Any] | None = None,
 ) -> RunRecord:
-    """Record a :func:`~steerdesk.core.extract.compute_vectors` call.
+    """Record a :func:`~steerdesk.core.extract.compute_vectors` call (or, with ``trained_layers`` and
+    ``optimize`` -- the ``OptimizeSettings`` as a dict --, an ``optimized`` computation).
 
     ``dataset`` is the dataset as loaded; with ``heldout > 0`` the vectors came from the training
     part of ``dataset.split(heldout, seed)``.
@@ -159,8 +162,9 @@ def record_compute(
                                part="train" if heldout else "all"),
         method=meta.get("method"),
         read_position=meta.get("read_position"),
-        layers=list(range(vs.num_layers)),
-        settings={"batch_size": batch_size, "output": str(output) if output else None},
+        layers=list(trained_layers) if trained_layers is not None else list(range(vs.num_layers)),
+        settings={"batch_size": batch_size, "output": str(output) if output else None,
+                  **({"optimize": optimize} if optimize is not None else {})},
         outputs={"directions_sha256": directions_sha256(vs.directions),
                  "relative_norm": [None if not math.isfinite(x) else x for x in vs.relative_strength().tolist()]},
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from ..core.datasets import Dataset
 from ..core.errors import SteerdeskError
@@ -86,6 +86,9 @@ def record(lm: LoadedModel, spec: ComputeSpec, result: ComputeResult) -> RunReco
     """The run record (a recipe ``steerdesk run`` re-runs; same vectors when deterministic)."""
     from ..core.record_kinds import record_compute
 
+    optimized = spec.method == "optimized"
     return record_compute(lm, spec.dataset, result.vectors, dataset_spec=spec.dataset_spec, heldout=spec.heldout,
                           seed=spec.seed, batch_size=spec.batch_size, system=spec.system, output=spec.output,
-                          model=spec.model, seconds=result.seconds)
+                          model=spec.model, seconds=result.seconds,
+                          trained_layers=spec.layers if optimized else None,
+                          optimize=asdict(spec.optimize or OptimizeSettings()) if optimized else None)

@@ -117,11 +117,17 @@ def spec_for(recipe: RunRecord, lm: LoadedModel, changes: list[str], output: str
                                  heldout_fraction=float(d.get("heldout") or 0.0), model=recipe.model)
     if kind == "compute":
         loaded, _ = dataset_of(recipe, changes)
+        optimized = recipe.method == "optimized"
+        if optimized:
+            from ..core.optimize import OptimizeSettings
         return compute.ComputeSpec(dataset=loaded, method=recipe.method or "mean-diff",
                                    read=recipe.read_position or "last", batch_size=int(s.get("batch_size") or 8),
                                    system=recipe.system, heldout=float(d.get("heldout") or 0.0),
                                    seed=int(d.get("seed") or 0), dataset_spec=d.get("spec"), output=output,
-                                   model=recipe.model)
+                                   model=recipe.model,
+                                   layers=tuple(recipe.layers) if optimized else None,
+                                   optimize=OptimizeSettings(**s["optimize"]) if optimized and s.get("optimize")
+                                   else None)
     if kind == "diagnose":
         loaded, used = dataset_of(recipe, changes)
         vs, _, path = vectors_of(recipe, lm, changes)

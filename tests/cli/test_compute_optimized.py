@@ -54,3 +54,22 @@ def test_optimized_writes_an_ordinary_vector_file(capsys, fast_model, tmp_path):
     assert len(summary["optimize"]["curves"]["28"]["val"]) == 2  # the start and one epoch
     vs = load_vectors(out_file)
     assert vs.metadata["method"] == "optimized" and vs.layers_with_direction == [28]
+
+
+def test_optimized_compute_recipe_reruns_to_the_same_vector(capsys, tiny_llama_folder, tmp_path):
+    """The recipe of an optimized computation carries its layers and settings, so `run` re-trains the
+    same vector (same seed) instead of stopping for want of --layers."""
+    recipe = tmp_path / "opt.json"
+    model = ["--model", str(tiny_llama_folder), "--device", "cpu", "--dtype", "float32"]
+    code = cli.main(["compute", *model, "--dataset", _small(tmp_path, 6), "--method", "optimized", "--layers", "2",
+                     "--epochs", "2", "--batch-size", "3", "--lr", "0.2", "--seed", "3",
+                     "-o", str(tmp_path / "o.safetensors"), "--record", str(recipe)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    saved = json.loads(recipe.read_text())
+    assert saved["layers"] == [2] and saved["settings"]["optimize"]["epochs"] == 2
+    assert saved["settings"]["optimize"]["lr"] == 0.2 and saved["settings"]["optimize"]["seed"] == 3
+    code = cli.main(["run", str(recipe), "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out)["reproduced"] is True
