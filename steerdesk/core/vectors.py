@@ -15,6 +15,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from struct import error as struct_error
 from typing import Any
 
 import numpy as np
@@ -302,9 +303,67 @@ def import_gguf(path: str | Path, num_layers: int | None = None) -> VectorSet:
             from None
 
 
+# Sizes of GGUF scalar value types (gguf spec: GGUFValueType), 8 = string, 9 = array.
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def check_gguf_header(data: bytes) -> None:
+    """Walk a GGUF file's key/value header and raise ``SteerdeskError`` when a count or length claims
+    more bytes than the file has. gguf-py's reader trusts those counts and loops over every claimed
+    array element (past the end of the file too): a damaged file claiming 2^40 elements exhausted
+    memory in the fuzz tests. Source of the layout: the GGUF specification (ggml docs/gguf.md)."""
+    import struct
+
+    size = len(data)
+    if size < 24 or data[:4] != b"GGUF":
+        raise SteerdeskError("not a GGUF file")
+    n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
+    if n_tensors > size or n_kv > size:
+        raise SteerdeskError("the header claims more entries than the file has bytes")
+    pos = 24
+
+    def take(n: int) -> int:
+        nonlocal pos
+        if n < 0 or pos + n > size:
+            raise SteerdeskError("the header runs past the end of the file")
+        start = pos
+        pos += n
+        return start
+
+    def string() -> None:
+        (length,) = struct.unpack_from("<Q", data, take(8))
+        take(length)
+
+    def value(vtype: int) -> None:
+        if vtype in _GGUF_SCALAR:
+            take(_GGUF_SCALAR[vtype])
+        elif vtype == 8:
+            string()
+        elif vtype == 9:
+            itype, count = struct.unpack_from("<IQ", data, take(12))
+            if count > size - pos:  # every element takes at least one byte
+                raise SteerdeskError(f"an array claims {count} elements in a {size}-byte file")
+            if itype in _GGUF_SCALAR:
+                take(_GGUF_SCALAR[itype] * count)
+            else:
+                for _ in range(count):
+                    value(itype)
+        else:
+            raise SteerdeskError(f"unknown GGUF value type {vtype}")
+
+    for _ in range(n_kv):
+        string()
+        (vtype,) = struct.unpack_from("<I", data, take(4))
+        value(vtype)
+
+
 def _import_gguf(path: Path, num_layers: int | None) -> VectorSet:
     import gguf
 
+    try:
+        check_gguf_header(path.read_bytes())
+    except (SteerdeskError, struct_error) as exc:
+        raise SteerdeskError(f"{path}: damaged GGUF control vector ({exc}).") from None
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # gguf raises ValueError, struct/numpy errors on damaged files

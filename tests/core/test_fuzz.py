@@ -16,7 +16,7 @@ from steerdesk.core.datasets import load_dataset, parse_csv, parse_jsonl
 from steerdesk.core.errors import SteerdeskError
 from steerdesk.core.vectors import VectorSet, export_gguf, import_gguf, load_vectors, save_vectors
 
-FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 _DIR = tempfile.mkdtemp(prefix="steerdesk-fuzz-")
 
 
@@ -173,4 +173,15 @@ def test_gguf_claiming_absurd_layer_counts_is_refused_without_allocating(claim):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(SteerdeskError, match="claims .* layers"):
+        import_gguf(path)
+
+
+def test_gguf_array_claiming_more_elements_than_bytes_is_refused_without_reading_them():
+    """gguf-py loops over every claimed array element, past the end of the file: a header claiming
+    2^40 elements must be refused by steerdesk's header walk first (it exhausted memory before)."""
+    import struct
+
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"a" + struct.pack("<IIQ", 9, 0, 2**40)
+    path = _write("huge-array.gguf", header + b"\0" * 64)
+    with pytest.raises(SteerdeskError, match="claims 1099511627776 elements"):
         import_gguf(path)
