@@ -12,10 +12,10 @@ This is exactly steerdesk's ``block_output`` convention: steerdesk layer L <-> `
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from struct import error as struct_error
 from typing import Any
 
 import numpy as np
@@ -312,8 +312,6 @@ def check_gguf_header(data: bytes) -> None:
     more bytes than the file has. gguf-py's reader trusts those counts and loops over every claimed
     array element (past the end of the file too): a damaged file claiming 2^40 elements exhausted
     memory in the fuzz tests. Source of the layout: the GGUF specification (ggml docs/gguf.md)."""
-    import struct
-
     size = len(data)
     if size < 24 or data[:4] != b"GGUF":
         raise SteerdeskError("not a GGUF file")
@@ -362,7 +360,7 @@ def _import_gguf(path: Path, num_layers: int | None) -> VectorSet:
 
     try:
         check_gguf_header(path.read_bytes())
-    except (SteerdeskError, struct_error) as exc:
+    except (SteerdeskError, struct.error) as exc:
         raise SteerdeskError(f"{path}: damaged GGUF control vector ({exc}).") from None
     try:
         reader = gguf.GGUFReader(str(path))
