@@ -133,6 +133,35 @@ class TokenWindow:
     start: int = 0
     stop: int | None = None
 
+    def steered_tokens(self, num_generated: int, prompt_length: int | None = None) -> list[int]:
+        """Indices (0-based, ascending) of the generated tokens whose producing pass this window steers.
+
+        Token k is produced by the hidden state at absolute position ``P-1+k`` (the boundary
+        convention above), so: ``all`` every token; ``prompt`` token 0 only (position ``P-1`` is a
+        prompt position); ``generated`` tokens 1..; ``gen:A-B`` tokens A..B (``gen:A-`` A..); a
+        prompt window ``prompt:A-B`` token 0 only when it covers the row's last prompt token, i.e.
+        ``A <= prompt_length-1 <= B`` (``prompt_length``: the row's formatted prompt in tokens,
+        left padding excluded). Indices stop at ``num_generated - 1``. Raises ``SteerdeskError`` for
+        a prompt window without ``prompt_length`` or a negative count.
+        """
+        n = int(num_generated)
+        if n < 0:
+            raise SteerdeskError(f"A generation cannot have {n} tokens.")
+        if self.kind == "all":
+            return list(range(n))
+        if self.kind == "prompt":
+            return [0] if n else []
+        if self.kind == "generated":
+            return list(range(1, n))
+        if self.kind == "gen":
+            last = n - 1 if self.stop is None else min(self.stop, n - 1)
+            return list(range(self.start, last + 1))
+        if prompt_length is None:
+            raise SteerdeskError("Which answer tokens a prompt window steers depends on the prompt's length.")
+        last_prompt = int(prompt_length) - 1
+        hi = self.stop if self.stop is not None else last_prompt
+        return [0] if n and self.start <= last_prompt <= hi else []
+
 
 _WINDOW_HELP = ("use all, prompt, generated, first:N (the first N generated tokens), gen:A-B or gen:A- "
                 "(generated tokens A to B, 0-based, inclusive), or prompt:A-B (prompt tokens A to B)")

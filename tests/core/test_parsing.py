@@ -80,3 +80,69 @@ def test_format_ranges():
     assert format_ranges([5, 0, 5]) == "0, 5"
     assert format_ranges([]) == ""
     assert parse_layers(format_ranges([0, 2, 3, 4, 9]).replace(" ", "")) == [0, 2, 3, 4, 9]
+
+
+# ------------------------------------------------- which answer tokens a window steers (issue 15, UI)
+
+def _measured_steered_tokens(lm, positions, prompt, layer=1, scale=3.0, new_tokens=8):
+    """The generated tokens whose producing hidden state at ``layer`` is shifted by the steering: the
+    steered run's per-token projections minus an unsteered teacher-forced forward over the same tokens."""
+    from tinylm import strong_vectors
+
+    from steerdesk.core.generate import SamplingSettings, encode_prompts, generate
+    from steerdesk.core.steering import Steering, steers_for
+
+    v = strong_vectors(lm, factor=2.0)
+    steers = steers_for(v, [layer], scale=scale, normalize=True, positions=positions)
+    res = generate(lm, [prompt], steers, sampling=SamplingSettings(max_new_tokens=new_tokens), watch=v)[0]
+    ids = encode_prompts(lm, [prompt])["input_ids"]
+    full = torch.cat([ids, torch.tensor([res.token_ids], device=ids.device)], 1)
+    seen = {}
+    with torch.inference_mode(), Steering(lm, [], observe=lambda _l, h: seen.update(h=h.clone()), watch=[layer]):
+        lm.model(input_ids=full)
+    width = ids.shape[1]
+    unit = (v[layer] / v[layer].norm()).float()
+    plain = (seen["h"][0, width - 1: width - 1 + len(res.token_ids)].float() @ unit).tolist()
+    shifted = []
+    for k, p in enumerate(plain):
+        d = res.projections[k][layer] - p
+        assert d == pytest.approx(scale, abs=1e-3) or d == pytest.approx(0.0, abs=1e-3), (k, d)
+        if abs(d) > scale / 2:
+            shifted.append(k)
+    return shifted, len(res.token_ids), width
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated", "first:1", "first:3", "gen:2-4", "gen:5-",
+                                       "gen:6-20", "prompt:0-2", "prompt:LAST", "prompt:0-LAST"])
+def test_steered_tokens_match_the_measured_shift(tiny, positions):
+    """TokenWindow.steered_tokens (what the window's heatmap marks) == the tokens a real steered
+    generation shifts (measured as in tests/core/test_windows.py, independently of the function)."""
+    from tinylm import PROMPT
+
+    from steerdesk.core.generate import encode_prompts
+    from steerdesk.core.parsing import parse_positions
+
+    last = encode_prompts(tiny, [PROMPT])["input_ids"].shape[1] - 1
+    positions = positions.replace("LAST", str(last))
+    if positions == f"prompt:{last}":
+        positions = f"prompt:{last}-{last}"
+    shifted, n, width = _measured_steered_tokens(tiny, positions, PROMPT)
+    assert n == 8, "the test needs every token"
+    assert parse_positions(positions).steered_tokens(n, prompt_length=width) == shifted
+
+
+def test_steered_tokens_by_the_convention_without_a_model():
+    from steerdesk.core.parsing import TokenWindow, parse_positions
+
+    assert parse_positions("first:3").steered_tokens(10) == [0, 1, 2]
+    assert parse_positions("first:3").steered_tokens(2) == [0, 1]  # a short answer: only what exists
+    assert parse_positions("gen:4-").steered_tokens(6) == [4, 5]
+    assert parse_positions("gen:7-9").steered_tokens(5) == []
+    assert parse_positions("generated").steered_tokens(3) == [1, 2]
+    assert parse_positions("prompt").steered_tokens(0) == []
+    assert parse_positions("prompt:2-9").steered_tokens(4, prompt_length=10) == [0]
+    assert parse_positions("prompt:2-8").steered_tokens(4, prompt_length=10) == []
+    with pytest.raises(SteerdeskError, match="prompt's length"):
+        TokenWindow("prompt_window", 0, 3).steered_tokens(4)
+    with pytest.raises(SteerdeskError, match="cannot have -1 tokens"):
+        parse_positions("all").steered_tokens(-1)
