@@ -3,7 +3,10 @@
 It runs the same jobs as the window and the CLI (``steerdesk.jobs``: load, compute, generate): it
 loads the embedded model, computes a steering vector on a small slice of a bundled dataset,
 generates a few greedy tokens unsteered and steered in one batch, and checks that steering
-changed them. One line per step (``ok  load model (3.1 s)``); exit code 0, or 1 with the
+changed them. Then a 3-trial search (``jobs.search``: Optuna in a SQLite study in a temporary
+folder, layers 13-15, add) checks that the study stored 3 trials, that Optuna itself reads them
+back from the file, and that the Pareto export (JSON and CSV) reads back with the same trials.
+One line per step (``ok  load model (3.1 s)``); exit code 0, or 1 with the
 failing step named (``FAIL compute vector: ...`` and a last line ``self-test FAILED at ...``).
 """
 
@@ -23,6 +26,10 @@ LAYER = 14
 SCALE = 1.0
 TOKENS = 12
 PROMPT = "What should I cook for dinner tonight?"
+SEARCH_TRIALS = 3
+SEARCH_PAIRS = 4  # held-out pairs: the bundled pairs after the PAIRS the vector is computed from
+SEARCH_SPACE = f"layers={LAYER - 1}-{LAYER + 1};span=1;scale=0.5..1.5;modes=add;normalize=no"
+SEARCH_NEUTRAL = ("The capital of France is Paris.", "Water boils at 100 degrees Celsius at sea level.")
 
 
 class StepFailed(Exception):
@@ -42,6 +49,7 @@ class SelfTest:
     dataset: Any = None
     vectors: Any = None
     results: Any = None
+    search: Any = None  # the self-test search's SearchResult
 
     # ------------------------------------------------------------------ steps
 
@@ -133,6 +141,56 @@ class SelfTest:
             raise StepFailed(f"steered text equals unsteered text: {steered.text!r}")
         return f"unsteered {_short(plain.text)} / steered {_short(steered.text)}"
 
+    def step_search(self) -> str:
+        """A 3-trial search in a SQLite study (temporary folder): stored trials, Optuna's own read, exports."""
+        import csv
+        import json
+        import tempfile
+        from pathlib import Path
+
+        import optuna
+
+        from . import jobs
+        from .core.datasets import Dataset, load_bundled
+        from .core.search import STUDY_NAME, SearchSpace, close_study, load_result
+
+        full = load_bundled(DATASET)
+        held = Dataset(examples=full.examples[PAIRS:PAIRS + SEARCH_PAIRS], name=DATASET, paired=full.paired)
+        if len(held) < SEARCH_PAIRS:
+            raise StepFailed(f"bundled dataset {DATASET} has no {SEARCH_PAIRS} pairs after the first {PAIRS}")
+        space = SearchSpace.parse(SEARCH_SPACE, SearchSpace.default(self.vectors, self.lm.info.num_layers))
+        with tempfile.TemporaryDirectory(prefix="steerdesk-selftest-") as tmp:
+            study = Path(tmp) / "study.db"
+            spec = jobs.SearchSpec(vectors=self.vectors, heldout=held, study=str(study), trials=SEARCH_TRIALS,
+                                   batch=SEARCH_TRIALS, space=space, seed=0, neutral=SEARCH_NEUTRAL)
+            self.search = jobs.search.run(self.lm, spec, jobs.JobContext())
+            stored = load_result(study)
+            if len(stored.evaluated) != SEARCH_TRIALS:
+                raise StepFailed(f"the study stored {len(stored.evaluated)} evaluated trials, "
+                                 f"expected {SEARCH_TRIALS}")
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            opened = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{study}")
+            complete = [t for t in opened.trials if t.state == optuna.trial.TrialState.COMPLETE]
+            close_study(opened)  # release the file before the folder goes
+            if len(complete) != SEARCH_TRIALS:
+                raise StepFailed(f"Optuna reads {len(complete)} complete trials from the study file, "
+                                 f"expected {SEARCH_TRIALS}")
+            pareto = [t.number for t in stored.pareto]
+            if not pareto:
+                raise StepFailed("the study has no Pareto front")
+            stored.save_json(Path(tmp) / "pareto.json")
+            stored.save_csv(Path(tmp) / "pareto.csv")
+            from_json = [t["number"] for t in json.loads((Path(tmp) / "pareto.json").read_text("utf-8"))["pareto"]]
+            with open(Path(tmp) / "pareto.csv", newline="", encoding="utf-8") as fh:
+                from_csv = [int(row["trial"]) for row in csv.DictReader(fh)]
+            if from_json != pareto or from_csv != pareto:
+                raise StepFailed(f"the Pareto export reads back as trials {from_json} (JSON) / {from_csv} (CSV), "
+                                 f"the study has {pareto}")
+        best = stored.best
+        where = f"; best {best.settings.label()} margin {best.margin_delta:+.3f}" if best and best.settings else ""
+        return (f"{SEARCH_TRIALS} trials stored in SQLite, Pareto front of {len(pareto)} read back "
+                f"from JSON and CSV{where}")
+
     # ------------------------------------------------------------------ running
 
     def steps(self) -> list[tuple[str, Callable[[], str]]]:
@@ -143,6 +201,7 @@ class SelfTest:
             ("compute vector", self.step_compute_vector),
             ("generate", self.step_generate),
             ("steering changes output", self.step_steering_changes_output),
+            ("search", self.step_search),
         ]
 
     def run(self) -> int:

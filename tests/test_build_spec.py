@@ -32,7 +32,9 @@ class _Target:
 def _exec_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], dict[str, Any]]:
     calls: dict[str, Any] = {}
     hooks = types.ModuleType("PyInstaller.utils.hooks")
-    hooks.collect_submodules = lambda package, filter=None, **kw: []  # type: ignore[attr-defined]
+    # every module of a package collected whole is named "<package>.*" (the filtered transformers scan: none)
+    hooks.collect_submodules = (  # type: ignore[attr-defined]
+        lambda package, filter=None, **kw: [] if filter is not None else [f"{package}.*"])
     hooks.copy_metadata = lambda dist, **kw: [(f"/site-packages/{dist}.dist-info", f"{dist}.dist-info")]  # type: ignore[attr-defined]
     for name in ("PyInstaller", "PyInstaller.utils"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
@@ -125,6 +127,33 @@ def test_metadata_of_packages_transformers_checks_is_collected(spec) -> None:
     for dist in ("transformers", "torch", "tokenizers", "safetensors", "huggingface_hub", "accelerate",
                  "numpy", "packaging", "regex", "tqdm", "pyyaml", "filelock", "gguf"):
         assert f"{dist}.dist-info" in dests, dist
+
+
+def test_optuna_and_its_storage_runtime_are_collected(spec) -> None:
+    """The search's study storage: Optuna, SQLAlchemy, Alembic, Mako and colorlog modules (imported by
+    name at run time, e.g. the sqlite dialect from the URL), their metadata, and Optuna's Alembic
+    migration files as files beside optuna/storages/_rdb/storage.py, where Optuna's RDB storage looks."""
+    import importlib.util
+
+    _, calls, _ = spec
+    analysis = calls["Analysis"][0]
+    hidden = set(analysis.kwargs["hiddenimports"])
+    assert {"optuna.*", "sqlalchemy.*", "alembic.*", "mako.*", "colorlog.*"} <= hidden
+    dests = {dest for _, dest in analysis.kwargs["datas"]}
+    for dist in ("optuna", "SQLAlchemy", "alembic", "Mako", "colorlog"):
+        assert f"{dist}.dist-info" in dests, dist
+    origin = importlib.util.find_spec("optuna.storages._rdb.storage").origin
+    assert origin is not None
+    rdb = Path(origin).parent
+    wanted = {str(Path("optuna/storages/_rdb") / f.relative_to(rdb))
+              for f in [rdb / "alembic.ini", *(rdb / "alembic").rglob("*")]
+              if f.is_file() and "__pycache__" not in f.parts}
+    assert {"optuna/storages/_rdb/alembic.ini", "optuna/storages/_rdb/alembic/env.py",
+            "optuna/storages/_rdb/alembic/script.py.mako"} <= wanted
+    assert sum(1 for w in wanted if w.startswith("optuna/storages/_rdb/alembic/versions/")) >= 10
+    bundled = _bundled(calls)
+    assert wanted <= bundled, sorted(wanted - bundled)
+    assert not any("__pycache__" in b for b in bundled)
 
 
 def test_one_folder_windowed_no_upx_and_pruned(spec) -> None:

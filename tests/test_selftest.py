@@ -16,7 +16,7 @@ from steerdesk.app import main as app_main
 
 pytestmark = pytest.mark.slow
 
-STEPS = ["load model", "load dataset", "compute vector", "generate", "steering changes output"]
+STEPS = ["load model", "load dataset", "compute vector", "generate", "steering changes output", "search"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,6 +51,56 @@ def test_passes_on_the_embedded_model_with_one_line_per_step(passed) -> None:
     assert lines[-1].startswith("self-test passed")
     plain, steered = test.results
     assert len(plain.token_ids) == selftest.TOKENS and plain.token_ids != steered.token_ids
+    assert f"{selftest.SEARCH_TRIALS} trials stored in SQLite" in lines[-2]
+
+
+def test_search_step_scores_equal_a_per_trial_evaluate(passed) -> None:
+    """The self-test's 3 trials: distinct stored trials in the asked space, each scored as the public
+    one-configuration ``evaluate`` scores its settings on the same held-out pairs and neutral texts."""
+    from steerdesk.core.datasets import Dataset, load_bundled
+    from steerdesk.core.evaluate import evaluate
+
+    code, _, test = passed
+    assert code == 0
+    result = test.search
+    assert len(result.evaluated) == selftest.SEARCH_TRIALS and not result.stopped
+    full = load_bundled(selftest.DATASET)
+    held = Dataset(examples=full.examples[selftest.PAIRS:selftest.PAIRS + selftest.SEARCH_PAIRS],
+                   name=selftest.DATASET, paired=full.paired)
+    for t in result.evaluated:
+        s = t.settings
+        assert s is not None and s.mode == "add" and len(s.layers) == 1
+        assert selftest.LAYER - 1 <= s.layers[0] <= selftest.LAYER + 1 and 0.5 <= s.scale <= 1.5
+        e = evaluate(test.lm, held, s.steers(test.vectors), neutral=list(selftest.SEARCH_NEUTRAL))
+        assert t.margin_delta == pytest.approx(e.margin_delta, abs=1e-4)
+        assert t.kl == pytest.approx(e.kl, abs=1e-4)
+        assert t.fluency_delta == pytest.approx(e.fluency_delta, abs=1e-4)
+    assert result.pareto and result.best is not None
+
+
+def test_fails_when_the_search_stores_fewer_trials(passed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search that stops after 2 trials is caught at the stored-trial count, step named."""
+    from steerdesk import jobs
+    from steerdesk.core import extract
+
+    _, _, done = passed
+    monkeypatch.setattr(extract, "compute_vectors", lambda *a, **k: done.vectors)
+    real = jobs.search.run
+    monkeypatch.setattr(jobs.search, "run", lambda lm, spec, ctx: real(lm, replace(spec, trials=2), ctx))
+    code, lines = _run(done.lm)
+    assert code == 1 and lines[-1] == "self-test FAILED at 'search'"
+    assert lines[-2].startswith("FAIL search") and "stored 2 evaluated trials, expected 3" in lines[-2]
+
+
+def test_fails_when_the_pareto_export_does_not_read_back(passed, monkeypatch: pytest.MonkeyPatch) -> None:
+    from steerdesk.core import extract, search
+
+    _, _, done = passed
+    monkeypatch.setattr(extract, "compute_vectors", lambda *a, **k: done.vectors)
+    monkeypatch.setattr(search.SearchResult, "pareto_csv", lambda self: "trial,margin_delta\n")
+    code, lines = _run(done.lm)
+    assert code == 1 and lines[-1] == "self-test FAILED at 'search'"
+    assert "Pareto export reads back" in lines[-2] and "[] (CSV)" in lines[-2]
 
 
 def test_fails_when_the_generator_ignores_steering(passed, monkeypatch: pytest.MonkeyPatch) -> None:
