@@ -90,7 +90,7 @@ def setup(lm: Any, name: str, max_pairs: int | None) -> tuple[Any, Any]:
 
 def cmd_accept(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
     from steerdesk.core.evaluate import NEUTRAL_TEXTS
-    from steerdesk.core.search import SearchSpace, search
+    from steerdesk.core.search import SearchSpace, best_within_budget, search, start_points
     from steerdesk.core.sweep import sweep
 
     layers = list(range(6, 12)) if args.quick else list(range(lm.info.num_layers))
@@ -125,16 +125,24 @@ def cmd_accept(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
                 t0 = time.perf_counter()
                 study = Path(args.keep) / f"{name}-seed{seed}.db" if args.keep else Path(tmp) / "study.db"
                 res = search(lm, vs, held, study, trials=args.trials, batch=args.batch, seed=seed,
-                             space=space, neutral=list(NEUTRAL_TEXTS), fluency_budget=BUDGET)
+                             space=space, neutral=list(NEUTRAL_TEXTS), fluency_budget=BUDGET,
+                             spread_start=not args.random_start)
                 s_s = time.perf_counter() - t0
             b = res.best
+            starts = start_points(res.space, min(max(args.batch, 4), args.trials)) if not args.random_start else []
+            proposed = [t for t in res.trials if not any(t.params == p for p in starts)]
+            bp = best_within_budget(proposed, res.fluency_budget)
+            ratio_proposed = (bp.margin_delta / best["margin_delta"]) if bp is not None and bp.margin_delta else None
             ratio = (b.margin_delta / best["margin_delta"]) if b is not None and b.margin_delta is not None else None
             row = {"seed": seed, "space": res.space.to_dict(), "seconds": round(s_s, 1), "loadavg": la,
                    "best": b.to_dict() if b is not None else None, "ratio": ratio,
-                   "reached": ratio is not None and ratio >= 0.95, "pareto_size": len(res.pareto)}
+                   "reached": ratio is not None and ratio >= 0.95, "pareto_size": len(res.pareto),
+                   "best_is_start_point": b is not None and any(b.params == p for p in starts),
+                   "best_sampler_proposed": bp.to_dict() if bp is not None else None,
+                   "ratio_sampler_proposed": ratio_proposed}
             entry["seeds"].append(row)
             log(f"{name} seed {seed}: {s_s:.0f} s, best {b.settings.label() if b and b.settings else None} "
-                f"margin {b.margin_delta if b else None}, ratio {ratio}")
+                f"margin {b.margin_delta if b else None}, ratio {ratio}; without the start points {ratio_proposed}")
             if args.json:
                 Path(args.json).write_text(json.dumps({**out, "partial": [entry]}, indent=1))
         entry["reached"] = sum(1 for r in entry["seeds"] if r["reached"])
@@ -238,6 +246,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one dataset, 2 seeds, 6 layers, 8 pairs (smoke run)")
     ap.add_argument("--json", help="write every number here (updated as it goes)")
     ap.add_argument("--space", help="accept: search space overrides (SearchSpace.parse), e.g. 'modes=add;normalize=no'")
+    ap.add_argument("--random-start", action="store_true",
+                    help="accept: Optuna's random first batch instead of the default depth-spread start points")
     ap.add_argument("--keep", metavar="DIR", help="accept: keep each search's study file in DIR")
     ap.add_argument("--study", help="speed: take the 25 trial settings from this study (read-only)")
     ap.add_argument("--grid-from", help="reuse the grid of an earlier accept run's JSON (same vectors and pairs)")

@@ -72,6 +72,7 @@ from .search_space import (
     finite_or_none,
     pareto_mask,
     settings_for,
+    start_points,
 )
 from .search_study import (
     DEFAULT_BATCH,
@@ -268,6 +269,7 @@ def search(
     batch_size: int = 16,
     max_rows: int = 64,
     vector_path: str | None = None,
+    spread_start: bool = True,
     on_trial: TrialCallback | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
@@ -281,6 +283,9 @@ def search(
     :data:`~steerdesk.core.evaluate.NEUTRAL_TEXTS`. ``on_trial`` gets each finished trial;
     ``progress(done, total)`` counts evaluated trials. A set ``cancel`` stops after marking the
     batch in flight interrupted (it is retried on resume); the result then has ``stopped``.
+    ``spread_start`` (the default): a fresh study's first ``max(batch, 4)`` trials are the
+    depth-spread single layers of :func:`~steerdesk.core.search_space.start_points` (enqueued, user
+    attribute ``start_point``) instead of random ones; ``False`` gives Optuna's random start.
     Raises a one-line ``SteerdeskError`` for bad input, before the study file is touched.
     """
     t0 = time.perf_counter()
@@ -318,6 +323,10 @@ def search(
         recovered = recover_interrupted(study)
         if recovered:
             log.info("trials %s were interrupted; retrying them", recovered)
+        startup = max(batch, 4)
+        if spread_start and not study.get_trials(deepcopy=False):
+            for params in start_points(space, min(startup, trials)):
+                study.enqueue_trial(params, user_attrs={"start_point": True}, skip_if_exists=False)
         dists = space.distributions()
 
         def nis_evaluated() -> int:
@@ -341,7 +350,7 @@ def search(
                 study.set_user_attr("baseline", {"margin": evaluator.base.margin, "fluency": evaluator.base.fluency})
             k = min(batch, trials - nis_evaluated())
             n_stored = len(study.get_trials(deepcopy=False))
-            study.sampler = make_sampler(sampler, batch_seed(seed, n_stored), fluency_budget, startup=max(batch, 4))
+            study.sampler = make_sampler(sampler, batch_seed(seed, n_stored), fluency_budget, startup=startup)
             asked = []
             for _ in range(k):
                 trial = study.ask(dists)
@@ -446,5 +455,6 @@ __all__ = [
     "recover_interrupted",
     "search",
     "settings_for",
+    "start_points",
     "trial_results",
 ]

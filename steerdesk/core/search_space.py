@@ -242,6 +242,34 @@ def settings_for(params: Mapping[str, Any], space: SearchSpace, vectors: Any) ->
                          searched_scale=searched)
 
 
+def start_points(space: SearchSpace, k: int) -> list[dict[str, Any]]:
+    """The default first batch of a fresh study: ``k`` single layers spread evenly over the space's
+    depth, at the middle of the scale range, ``add`` without normalisation (where the space allows).
+
+    Layer ``i`` of ``k`` is ``first_layer + floor((i + 0.5) * n / k)`` for ``n`` layers in the space
+    (30 layers, ``k = 5``: layers 3, 9, 15, 21, 27), duplicates dropped. Returns Optuna parameter
+    dicts holding only the searched dimensions (:meth:`SearchSpace.distributions`), ready for
+    ``study.enqueue_trial``. Reason (docs/decisions.md, "Search (issue 16)"): one-layer ``add`` at a
+    middle scale is what the grid enumerates, and a spread over depth gives TPE a scored point in each
+    part of the network before it models where margin and fluency trade; an empty list for ``k < 1``.
+    """
+    dists = space.distributions()
+    n = space.last_layer - space.first_layer + 1
+    mid = (space.scale_min + space.scale_max) / 2
+    mode = "add" if "add" in space.modes else space.modes[0]
+    normalize = False if False in space.normalize else space.normalize[0]
+    out: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for i in range(max(k, 0)):
+        layer = space.first_layer + int((i + 0.5) * n / k)
+        if layer in seen:
+            continue
+        seen.add(layer)
+        params = {"start": layer, "span": 1, "scale": mid, "mode": mode, "normalize": normalize}
+        out.append({key: value for key, value in params.items() if key in dists})
+    return out
+
+
 @dataclass
 class TrialResult:
     """One evaluated (or failed) trial of a study. Scores are deltas versus unsteered (nats/token)."""
@@ -304,4 +332,4 @@ def best_within_budget(trials: Sequence[TrialResult], budget: float) -> TrialRes
 
 
 __all__ = ["DEFAULT_MAX_SPAN", "DEFAULT_SCALE", "SearchSpace", "TrialResult", "TrialSettings", "best_within_budget",
-           "finite_or_none", "has_direction", "num_vector_layers", "pareto_mask", "settings_for"]
+           "finite_or_none", "has_direction", "num_vector_layers", "pareto_mask", "settings_for", "start_points"]

@@ -42,7 +42,9 @@ class SearchSpec:
     ``study`` is the SQLite study file (created, or resumed when it exists). ``trials`` is the
     study's total budget of evaluated trials; ``batch`` trials are scored together. ``space``,
     ``seed``, ``sampler`` and ``fluency_budget`` left ``None`` mean "the stored ones" for an
-    existing study and the defaults for a new one. ``heldout`` is the pairs scored; ``dataset``
+    existing study and the defaults for a new one. ``spread_start`` (default): a new study starts
+    from the depth-spread single layers of :func:`steerdesk.core.search_space.start_points`.
+    ``heldout`` is the pairs scored; ``dataset``
     (as loaded) and ``heldout_fraction`` let a record name where they came from.
     """
 
@@ -60,6 +62,7 @@ class SearchSpec:
     max_pairs: int | None = None
     batch_size: int = 16
     max_rows: int = 64
+    spread_start: bool = True
     vector_path: str | None = None
     dataset: Dataset | None = field(default=None, compare=False)
     dataset_spec: str | None = None
@@ -79,6 +82,7 @@ def run(lm: LoadedModel, spec: SearchSpec, ctx: JobContext) -> SearchResult:
                   seed=spec.seed, sampler=spec.sampler, fluency_budget=spec.fluency_budget,
                   neutral=list(spec.neutral), system=spec.system, max_pairs=spec.max_pairs,
                   batch_size=spec.batch_size, max_rows=spec.max_rows, vector_path=spec.vector_path,
+                  spread_start=spec.spread_start,
                   on_trial=ctx.partial if ctx.on_partial else None,
                   progress=lambda done, total: ctx.progress(done, total, "Searching"), cancel=ctx.cancel)
 
