@@ -84,3 +84,53 @@ def test_int8_refuses_models_without_linear_blocks(fresh_tiny):
     lm = fresh_tiny("gpt2")  # Conv1D writers
     with pytest.raises(SteerdeskError, match="no nn.Linear"):
         quantize_int8(lm.model, lm.blocks)
+
+
+def test_fused_group_members_equal_their_own_int8_linears():
+    torch.manual_seed(1)
+    from steerdesk.core.quantize import Int8Group, Int8GroupMember
+
+    lins = [torch.nn.Linear(64, n, bias=b) for n, b in ((64, True), (16, False), (16, True))]
+    singles = [Int8Linear(lin) for lin in lins]
+    group = Int8Group(singles)
+    members = [Int8GroupMember(group, i, s.out_features) for i, s in enumerate(singles)]
+    x = torch.randn(2, 3, 64)
+    # the fused path: every member called with the same tensor object, as an attention module does
+    outs = [m(x) for m in members]
+    for out, single in zip(outs, singles):
+        assert torch.equal(out, single(x))  # bit for bit: columns do not depend on their neighbours
+    assert group._y is None  # cache released once every member took its slice
+    # another input: recomputed, not served from the cache
+    y = torch.randn(2, 3, 64)
+    assert torch.equal(members[0](x), singles[0](x))
+    assert torch.equal(members[1](y), singles[1](y))
+    # the same object changed in place between members: recomputed
+    z = torch.randn(1, 64)
+    assert torch.equal(members[0](z), singles[0](z))
+    z.mul_(2.0)
+    assert torch.equal(members[1](z), singles[1](z))
+    # a member called twice with the same input: still its own product
+    w = torch.randn(4, 64)
+    assert torch.equal(members[2](w), singles[2](w))
+    assert torch.equal(members[2](w), singles[2](w))
+
+
+@pytest.mark.parametrize("family, fused_per_block", [("llama", 5), ("qwen2", 5), ("mistral", 5), ("gemma2", 5),
+                                                     ("phi3", 0)])  # phi3 ships qkv_proj / gate_up_proj fused
+def test_fused_int8_model_equals_unfused_bit_for_bit(fresh_tiny, family, fused_per_block):
+    from steerdesk.core.quantize import Int8GroupMember
+
+    fused, plain = fresh_tiny(family), fresh_tiny(family)
+    quantize_int8(fused.model, fused.blocks)
+    quantize_int8(plain.model, plain.blocks, fuse=False)
+    n_members = sum(isinstance(m, Int8GroupMember) for m in fused.model.modules())
+    assert n_members == fused_per_block * len(fused.blocks)  # q k v and gate up in every block
+    v = strong_vectors(fused)
+    s = SamplingSettings(max_new_tokens=10)
+    steer = [Steer(layer=1, vector=v[1], scale=1.0)]
+    ids = torch.tensor([[fused.tokenizer.bos_token_id or 1, 11, 12, 13, 14]])
+    with torch.inference_mode():
+        assert torch.equal(fused.model(ids).logits, plain.model(ids).logits)
+    a = generate(fused, ["Tell me about cats.", "Hi"], steer, sampling=s)
+    b = generate(plain, ["Tell me about cats.", "Hi"], steer, sampling=s)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
