@@ -14,14 +14,17 @@ steerdesk CLI, then in ONE run, alternating (order reversed every other round), 
 * ``steerdesk``: ``generate`` with the same vector at the same layer and scale, 128 greedy
   tokens of the same prompt (chat template), 2 threads, on the kernel ``load_model`` chose;
   tok/s = generated tokens / wall time of the call (prompt included, so slightly unfavourable);
-* ``steerdesk int8``: the same call on the model with int8 weight-only linears
-  (``--quantize int8``, core/quantize.py), the opt-in lossy speed mode closest to llama.cpp's
-  quantised file;
+* ``steerdesk int8`` / ``steerdesk int4``: the same call on the model with int8 weight-only
+  linears (``--quantize int8``, core/quantize.py) and with 4-bit blocks in llama.cpp's Q4_1 layout
+  (``--quantize int4``; LM head int8, as the GGUF's Q8_0 head): the opt-in lossy speed modes, int4
+  reading the same bytes per weight as llama.cpp's file;
 * ``steerdesk (other kernel)``: the same call on the other CPU linear kernel (aten / oneDNN), to
   check that core/kernels.py's choice is not the slower one on this machine;
 
 and ``llama-bench -p 0 -n 128`` (tg128, no control vector) once, for reference. Prints a table
 with the median tok/s of each and the median of the per-round ratios, plus ``os.getloadavg()``.
+For steerdesk it also records decode-only tok/s (the steps after the first token: (n - 1) / time
+from the first token to the last, the quantity llama.cpp's "eval time" reports), and ratios on both.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def main() -> int:
     from steerdesk.core.generate import SamplingSettings, generate
     from steerdesk.core.kernels import linear_choice, use_cpu_linear
     from steerdesk.core.models import load_model
-    from steerdesk.core.quantize import quantize_int8
+    from steerdesk.core.quantize import quantize_weights
     from steerdesk.core.steering import steers_for
     from steerdesk.core.vectors import load_vectors
 
@@ -81,27 +84,37 @@ def main() -> int:
     sampling = SamplingSettings(max_new_tokens=N)
 
     lm8 = load_model("default", device="cpu", dtype="float32")
-    quantize_int8(lm8.model, lm8.blocks)  # what `--quantize int8` does at load
+    quantize_weights(lm8.model, lm8.blocks, bits=8)  # what `--quantize int8` does at load
+    lm4 = load_model("default", device="cpu", dtype="float32")
+    quantize_weights(lm4.model, lm4.blocks, bits=4)  # `--quantize int4`
+    decode: dict[str, list[float]] = {}
 
-    def ours_int8() -> tuple[float, int]:
+    def timed(name: str, model) -> tuple[float, int]:
+        stamps: list[float] = []
         t = time.perf_counter()
-        r = generate(lm8, [PROMPT], steers, sampling=sampling)[0]
-        return len(r.token_ids) / (time.perf_counter() - t), len(r.token_ids)
-
-    def ours(kernel: str) -> tuple[float, int]:
-        use_cpu_linear(lm.model, kernel)
-        t = time.perf_counter()
-        r = generate(lm, [PROMPT], steers, sampling=sampling)[0]
+        r = generate(model, [PROMPT], steers, sampling=sampling, on_step=lambda *a: stamps.append(time.perf_counter()))[0]
         dt = time.perf_counter() - t
-        use_cpu_linear(lm.model, chosen)
+        if len(stamps) >= 2:
+            decode.setdefault(name, []).append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
         return len(r.token_ids) / dt, len(r.token_ids)
 
+    def ours(name: str, kernel: str) -> tuple[float, int]:
+        use_cpu_linear(lm.model, kernel)
+        try:
+            return timed(name, lm)
+        finally:
+            use_cpu_linear(lm.model, chosen)
+
+    n_chosen, n_other = f"steerdesk ({chosen}, chosen)", f"steerdesk ({other}, other)"
+    n8, n4 = "steerdesk int8 (--quantize int8)", "steerdesk int4 (--quantize int4)"
     runs = {"llama.cpp": lambda: llama_run(bin_dir, model_file, gguf),
-            f"steerdesk ({chosen}, chosen)": lambda: ours(chosen),
-            f"steerdesk ({other}, other)": lambda: ours(other),
-            "steerdesk int8 (--quantize int8)": ours_int8}
+            n_chosen: lambda: ours(n_chosen, chosen),
+            n_other: lambda: ours(n_other, other),
+            n8: lambda: timed(n8, lm8),
+            n4: lambda: timed(n4, lm4)}
     for fn in runs.values():  # warm-up
         fn()
+    decode.clear()
     tps: dict[str, list[float]] = {k: [] for k in runs}
     loads = [os.getloadavg()]
     for rnd in range(args.rounds):
@@ -124,6 +137,12 @@ def main() -> int:
         "chosen_vs_other_kernel": ratio(names[1], names[2]),
         "steerdesk_int8_vs_llamacpp": ratio(names[3], names[0]),
         "steerdesk_int8_vs_float32": ratio(names[3], names[1]),
+        "steerdesk_int4_vs_llamacpp": ratio(names[4], names[0]),
+        "steerdesk_int4_vs_int8": ratio(names[4], names[3]),
+        "decode_only_tok_s": decode,
+        "decode_only_median_tok_s": {k: statistics.median(v) for k, v in decode.items()},
+        "decode_only_vs_llamacpp": {k: statistics.median(x / y for x, y in zip(v, tps[names[0]]))
+                                    for k, v in decode.items()},
         "llama_bench_tg128": tg, "loadavg": loads,
     }
     print(json.dumps(result, indent=1))

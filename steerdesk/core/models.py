@@ -53,7 +53,7 @@ class ModelInfo:
     block_path: str
     source: str
     cpu_linear: str = ""  # "onednn" / "aten" when CPU linear layers were set up (core.kernels)
-    quantization: str = ""  # "int8" when load_model(quantize="int8") replaced the linears (core.quantize)
+    quantization: str = ""  # "int8" / "int4" when load_model(quantize=...) replaced the linears (core.quantize)
 
     def to_dict(self) -> dict[str, Any]:
         """The info as a JSON-ready dict (what ``steerdesk info --json`` prints)."""
@@ -332,8 +332,9 @@ def load_model(
     hidden state's device). ``steps(done, total, message)`` (optional) reports the phases as
     they start: a first-load conversion (3 phases) and the load (tokenizer, weights), so a
     window can show a step count and a percentage. ``quantize="int8"`` (CPU, float32 only) stores
-    the decoder blocks' and LM head's linear weights as int8 (:mod:`steerdesk.core.quantize`): a
-    lossy, opt-in decode speed mode (2x tokens/s on SmolLM2 here); steering hooks are unchanged.
+    the decoder blocks' and LM head's linear weights as int8, ``"int4"`` the blocks' in Q4_1-style
+    4-bit blocks and the head's as int8 (:mod:`steerdesk.core.quantize`): lossy, opt-in decode
+    speed modes (about 2x and 2.5x tokens/s on SmolLM2 here); steering hooks are unchanged.
     Raises ``SteerdeskError`` for an unknown ``quantize`` or one the device/dtype cannot take.
     """
     from .quantize import QUANTIZATIONS
@@ -370,8 +371,8 @@ def load_model(
         _check_hub_model_available(source, trust_remote_code)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    if quantize == "int8" and (dev != "cpu" or torch_dtype != torch.float32 or device_map):
-        raise SteerdeskError("--quantize int8 is a CPU decode mode for a float32 model (asked: "
+    if quantize != "none" and (dev != "cpu" or torch_dtype != torch.float32 or device_map):
+        raise SteerdeskError(f"--quantize {quantize} is a CPU decode mode for a float32 model (asked: "
                              f"{str(torch_dtype).replace('torch.', '')} on {dev}); on a GPU use --dtype bfloat16.")
     if progress:
         progress(f"Loading {name}")
@@ -391,11 +392,11 @@ def load_model(
     from .kernels import use_cpu_linear
 
     lm = wrap_model(model, tokenizer, name=name, source=source)
-    if quantize == "int8":
-        from .quantize import quantize_int8
+    if quantize != "none":
+        from .quantize import quantize_weights
 
-        quantize_int8(model, lm.blocks)
-        lm = replace(lm, info=replace(lm.info, quantization="int8"))
+        quantize_weights(model, lm.blocks, bits=8 if quantize == "int8" else 4)
+        lm = replace(lm, info=replace(lm.info, quantization=quantize))
     backend = use_cpu_linear(model)  # oneDNN where it beats MKL (1.6x decode on AMD EPYC)
     return replace(lm, info=replace(lm.info, cpu_linear=backend))
 

@@ -108,7 +108,7 @@ class RecordHeader:
     steerdesk_version: str = ""
     created: str = ""  # UTC, ISO 8601 to the second
     seconds: float = 0.0  # wall time of the run
-    quantization: str = ""  # "int8" for a model loaded with quantize="int8" (omitted from JSON when "")
+    quantization: str = ""  # "int8" / "int4" for a model loaded with quantize=... (omitted from JSON when "")
 
     @staticmethod
     def fields_for(lm: LoadedModel, kind: str, model: str | None, seconds: float = 0.0) -> dict[str, Any]:

@@ -20,7 +20,7 @@ class LoadSpec:
     dtype: str = "auto"
     device_map: str | None = None
     trust_remote_code: bool = False
-    quantize: str = "none"  # "int8": int8 weight-only linears, a lossy CPU decode speed mode
+    quantize: str = "none"  # "int8" / "int4": weight-only quantised linears, lossy CPU decode speed modes
 
 
 def run(lm: LoadedModel | None, spec: LoadSpec, ctx: JobContext) -> LoadedModel:

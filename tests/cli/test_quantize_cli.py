@@ -20,18 +20,19 @@ def run(capsys, *argv):
     return code, out, err
 
 
-def test_int8_generate_is_recorded_and_reruns_token_for_token(capsys, tiny_llama, tmp_path, monkeypatch):
-    args = ["--model", str(tiny_llama), "--device", "cpu", "--dtype", "float32", "--quantize", "int8"]
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_generate_is_recorded_and_reruns_token_for_token(capsys, tiny_llama, tmp_path, monkeypatch, mode):
+    args = ["--model", str(tiny_llama), "--device", "cpu", "--dtype", "float32", "--quantize", mode]
     code, out, err = run(capsys, "info", *args, "--json")
     assert code == 0, err
-    assert json.loads(out)["quantization"] == "int8"
+    assert json.loads(out)["quantization"] == mode
     recipe = tmp_path / "gen.json"
     code, out, err = run(capsys, "generate", *args, "--prompt", "Tell me about cats.", "--max-new-tokens", "10",
                          "--json", "--record", str(recipe))
     assert code == 0, err
     first = json.loads(out)
     saved = json.loads(recipe.read_text())
-    assert saved["quantization"] == "int8"
+    assert saved["quantization"] == mode
     code, out, err = run(capsys, "generate", "--model", str(tiny_llama), "--device", "cpu", "--dtype", "float32",
                          "--prompt", "Tell me about cats.", "--max-new-tokens", "10", "--json")
     assert code == 0, err
@@ -44,16 +45,17 @@ def test_int8_generate_is_recorded_and_reruns_token_for_token(capsys, tiny_llama
     monkeypatch.setattr(models, "load_model", lambda *a, **k: asked.append(k.get("quantize")) or real(*a, **k))
     code, out, err = run(capsys, "run", str(recipe), "--json")
     assert code == 0, err
-    assert asked == ["int8"]  # the re-run loads the model as recorded, quantised
+    assert asked == [mode]  # the re-run loads the model as recorded, quantised
     rerun = json.loads(out)
     assert rerun["reproduced"] is True and rerun["differences"] == []
     assert rerun["record"]["outputs"]["rows"][0]["token_ids"] == saved["outputs"]["rows"][0]["token_ids"]
     assert first  # the generate output itself was JSON
 
 
-def test_int8_refused_in_one_line_where_it_cannot_apply(capsys, tiny_llama, tmp_path):
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_refused_in_one_line_where_it_cannot_apply(capsys, tiny_llama, tmp_path, mode):
     code, _, err = run(capsys, "info", "--model", str(tiny_llama), "--device", "cpu", "--dtype", "bfloat16",
-                         "--quantize", "int8")
-    assert code == 2 and err.count("error") == 1 and "float32" in err and "Loading" not in err, err
-    code, _, err = run(capsys, "info", "--model", str(tiny_llama), "--quantize", "int4")
-    assert code == 2 and "int4" in err
+                       "--quantize", mode)
+    assert code == 2 and err.count("error") == 1 and "float32" in err and mode in err and "Loading" not in err, err
+    code, _, err = run(capsys, "info", "--model", str(tiny_llama), "--quantize", "int2")
+    assert code == 2 and "int2" in err

@@ -6,6 +6,7 @@ import pytest
 import torch
 from tinylm import strong_vectors
 
+from steerdesk.core.datasets import Dataset, Example
 from steerdesk.core.errors import SteerdeskError
 from steerdesk.core.generate import SamplingSettings, generate
 from steerdesk.core.quantize import Int8Linear, quantize_int8
@@ -86,14 +87,15 @@ def test_int8_refuses_models_without_linear_blocks(fresh_tiny):
         quantize_int8(lm.model, lm.blocks)
 
 
-def test_fused_group_members_equal_their_own_int8_linears():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_group_members_equal_their_own_quantised_linears(bits):
     torch.manual_seed(1)
-    from steerdesk.core.quantize import Int8Group, Int8GroupMember
+    from steerdesk.core.quantize import FusedGroup, FusedMember, quantized_linear
 
-    lins = [torch.nn.Linear(64, n, bias=b) for n, b in ((64, True), (16, False), (16, True))]
-    singles = [Int8Linear(lin) for lin in lins]
-    group = Int8Group(singles)
-    members = [Int8GroupMember(group, i, s.out_features) for i, s in enumerate(singles)]
+    lins = [torch.nn.Linear(64, n, bias=b) for n, b in ((64, True), (16, False), (32, True))]
+    singles = [quantized_linear(lin, bits) for lin in lins]
+    group = FusedGroup(lins, bits)
+    members = [FusedMember(group, i, lin.out_features) for i, lin in enumerate(lins)]
     x = torch.randn(2, 3, 64)
     # the fused path: every member called with the same tensor object, as an attention module does
     outs = [m(x) for m in members]
@@ -115,15 +117,43 @@ def test_fused_group_members_equal_their_own_int8_linears():
     assert torch.equal(members[2](w), singles[2](w))
 
 
+def test_int4_linear_is_q4_1_blocks():
+    from steerdesk.core.quantize import Int4Linear
+
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(96, 48)
+    q = Int4Linear(lin)
+    x = torch.randn(5, 96)
+    # Independent reference (ggml's block_q4_1): per 32 weights of a row, d = (max - min) / 15,
+    # q = round((w - min) / d) in 0..15, w' = d q + min; d and min + 8 d stored in bfloat16.
+    w = lin.weight.detach().double().reshape(48, 3, 32)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    d = (high - low) / 15
+    codes = torch.clamp(torch.round((w - low) / d), 0, 15)
+    d16 = d.float().to(torch.bfloat16).double()
+    z16 = (low + 8 * d).float().to(torch.bfloat16).double()
+    w_q = ((codes - 8) * d16 + z16).reshape(48, 96)
+    ref = x.to(torch.bfloat16).double() @ w_q.T + lin.bias.detach().double()
+    out = q(x)
+    assert out.shape == (5, 48) and out.dtype == torch.float32
+    assert torch.allclose(out.double(), ref, rtol=2e-2, atol=2e-2)
+    exact = lin(x).detach()
+    rel = (out - exact).norm() / exact.norm()
+    assert 0.005 < rel < 0.1, rel  # 16 levels per block: a few % of the output's norm, more than int8
+    with pytest.raises(ValueError, match="int4 needs"):
+        Int4Linear(torch.nn.Linear(40, 48))  # 40 inputs are not whole blocks of 32
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("family, fused_per_block", [("llama", 5), ("qwen2", 5), ("mistral", 5), ("gemma2", 5),
                                                      ("phi3", 0)])  # phi3 ships qkv_proj / gate_up_proj fused
-def test_fused_int8_model_equals_unfused_bit_for_bit(fresh_tiny, family, fused_per_block):
-    from steerdesk.core.quantize import Int8GroupMember
+def test_fused_model_equals_unfused_bit_for_bit(fresh_tiny, family, fused_per_block, bits):
+    from steerdesk.core.quantize import FusedMember, quantize_weights
 
     fused, plain = fresh_tiny(family), fresh_tiny(family)
-    quantize_int8(fused.model, fused.blocks)
-    quantize_int8(plain.model, plain.blocks, fuse=False)
-    n_members = sum(isinstance(m, Int8GroupMember) for m in fused.model.modules())
+    quantize_weights(fused.model, fused.blocks, bits=bits)
+    quantize_weights(plain.model, plain.blocks, bits=bits, fuse=False)
+    n_members = sum(isinstance(m, FusedMember) for m in fused.model.modules())
     assert n_members == fused_per_block * len(fused.blocks)  # q k v and gate up in every block
     v = strong_vectors(fused)
     s = SamplingSettings(max_new_tokens=10)
@@ -134,3 +164,34 @@ def test_fused_int8_model_equals_unfused_bit_for_bit(fresh_tiny, family, fused_p
     a = generate(fused, ["Tell me about cats.", "Hi"], steer, sampling=s)
     b = generate(plain, ["Tell me about cats.", "Hi"], steer, sampling=s)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+def test_int4_model_steering_cache_and_identity(fresh_tiny):
+    from steerdesk.core.quantize import Int4Linear, is_quantized, quantize_weights
+
+    lm = fresh_tiny("llama")
+    n = quantize_weights(lm.model, lm.blocks, bits=4)
+    assert n == 4 * 7 + 1 and is_quantized(lm.model)
+    assert sum(isinstance(m, Int4Linear) for m in lm.model.modules()) == 4 * 4  # 2 fused groups + o + down
+    v = strong_vectors(lm)
+    s = SamplingSettings(max_new_tokens=12)
+    steer = [Steer(layer=1, vector=v[1], scale=1.0)]
+    on = generate(lm, ["Tell me about cats."], steer, sampling=s, use_cache=True)[0]
+    off = generate(lm, ["Tell me about cats."], steer, sampling=s, use_cache=False)[0]
+    assert on.token_ids == off.token_ids and len(on.token_ids) > 0
+    plain = generate(lm, ["Tell me about cats."], sampling=s)[0]
+    zero = generate(lm, ["Tell me about cats."], [Steer(layer=1, vector=v[1], scale=0.0)], sampling=s)[0]
+    assert zero.token_ids == plain.token_ids
+    assert on.token_ids != plain.token_ids
+
+
+def test_optimize_refuses_an_int4_model(fresh_tiny):
+    from steerdesk.core.optimize import optimize_vectors
+    from steerdesk.core.quantize import quantize_weights
+
+    lm = fresh_tiny("llama")
+    quantize_weights(lm.model, lm.blocks, bits=4)
+    topics = ("owls", "kites", "tea", "rain")
+    data = Dataset([Example(f"Tell me about {t}.", f"{t} are fine.", f"Meh, {t}.") for t in topics], name="four")
+    with pytest.raises(SteerdeskError, match="gradients"):
+        optimize_vectors(lm, data, layers=[1])
