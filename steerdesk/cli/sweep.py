@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SteerdeskError
-from .common import dataset_spec, heldout_pairs_args, load_model, load_vectors_for, model_arg, progress_bar
+from .common import (
+    POSITIONS_HELP,
+    dataset_spec,
+    heldout_pairs_args,
+    load_model,
+    load_vectors_for,
+    model_arg,
+    positions_arg,
+    progress_bar,
+)
 
 NAME = "sweep"
 
@@ -24,8 +33,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--sets", help="extra rows steering several layers at once: NAME=LAYERS;... e.g. mid=12-15")
     p.add_argument("--mode", choices=["add", "project", "clamp"], default="add")
     p.add_argument("--normalize", action="store_true", help="scale the unit vector instead of the raw one")
-    p.add_argument("--positions", choices=["all", "prompt", "generated"], default="all",
-                   help="steer all tokens, the prompt only, or the reply only")
+    p.add_argument("--positions", type=positions_arg, default="all",
+                   help=POSITIONS_HELP + "; a reply's token k counts as generated token k")
+    p.add_argument("--condition", help="condition vector file: steer only the pairs whose prompt opens its gate "
+                   "(needs --condition-layer and --threshold, e.g. from 'steerdesk calibrate'); closed pairs "
+                   "are scored unsteered, KL on neutral texts is not gated")
+    p.add_argument("--condition-layer", type=int, help="the gate's layer")
+    p.add_argument("--threshold", type=float, help="the gate's threshold on the CAST score (-1..1)")
+    p.add_argument("--gate-side", choices=["above", "below"], default="above",
+                   help="open the gate when the score is above (default) or below the threshold")
     p.add_argument("--fluency-budget", type=float, default=0.5,
                    help="largest fluency loss (nats/token) the best cell may have (default 0.5)")
     p.add_argument("--kl", action="store_true", help="also measure KL to unsteered on built-in neutral texts")
@@ -59,6 +75,12 @@ def run(args: argparse.Namespace) -> int:
         raise SteerdeskError("--fluency-budget must be >= 0.")
     if not Path(args.vector).is_file():
         raise SteerdeskError(f"Vector file not found: {args.vector}")
+    if args.condition and (args.condition_layer is None or args.threshold is None):
+        raise SteerdeskError("--condition needs --condition-layer and --threshold (see 'steerdesk calibrate').")
+    if not args.condition and (args.condition_layer is not None or args.threshold is not None):
+        raise SteerdeskError("--condition-layer and --threshold set a gate: they need --condition.")
+    if args.condition and not Path(args.condition).is_file():
+        raise SteerdeskError(f"Condition vector file not found: {args.condition}")
     loaded = resolve_dataset(args.dataset, args.target_file)
     held = loaded.split(args.heldout)[1] if args.heldout else loaded
     neutral = None
@@ -73,13 +95,23 @@ def run(args: argparse.Namespace) -> int:
     n = lm.info.num_layers
     layers = parse_layers(args.layers, n) if args.layers else list(range(n))
     sets = parse_sets(args.sets, n) if args.sets else None
+    gate = None
+    if args.condition:
+        from ..core.condition import ConditionGate, condition_read
+
+        cs = load_vectors_for(args.condition, lm.info)
+        cs.require_layers([args.condition_layer])
+        gate = ConditionGate(args.condition_layer, cs.directions[args.condition_layer], args.threshold,
+                             args.gate_side, condition_read(cs))
+        gate.check(lm)
     spec = jobs.SweepSpec(vectors=vs, heldout=held, layers=tuple(layers), scales=tuple(scales),
                           sets={k: tuple(v) for k, v in sets.items()} if sets else None, mode=args.mode,
                           normalize=args.normalize, positions=args.positions, fluency_budget=args.fluency_budget,
                           neutral=tuple(neutral) if neutral else None, system=args.system, max_pairs=args.max_pairs,
                           batch_size=args.batch_size, max_rows=args.max_rows, prefix_reuse=not args.no_prefix_reuse,
                           vector_path=str(Path(args.vector).resolve()), dataset=loaded,
-                          dataset_spec=dataset_spec(args), heldout_fraction=args.heldout, model=args.model)
+                          dataset_spec=dataset_spec(args), heldout_fraction=args.heldout, model=args.model,
+                          gate=gate)
     bar = progress_bar("sweep")
     result = jobs.sweep.run(lm, spec, jobs.JobContext(on_progress=lambda done, total, _msg: bar(done, total)))
     result.save(args.output)
@@ -89,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
         jobs.sweep.record(lm, spec, result).save(args.record)
     if args.json:
         print(json.dumps({"output": args.output, "png": args.png, "best": result.best, "baseline": result.baseline,
-                          "seconds": result.seconds, "path": result.path}))
+                          "seconds": result.seconds, "path": result.path, "positions": result.settings["positions"],
+                          **({"gate": {k: v for k, v in result.gate.items() if k not in ("scores", "open")}}
+                             if result.gate is not None else {})}))
     else:
         print(format_table(result))
         print(f"wrote {args.output}" + (f" and {args.png}" if args.png else "")

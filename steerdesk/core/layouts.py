@@ -34,6 +34,7 @@ class EvalTexts:
     n_pairs: int
     dataset_name: str = ""
     dataset_sha256: str = ""
+    prompts: list[str] = field(default_factory=list)  # the user prompt of each item ("" for neutral texts)
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -75,7 +76,7 @@ def prepare_texts(
         if n_scored(e) < 1:
             raise SteerdeskError(f"The reply {reply[:40]!r} has no token to score (it is empty after formatting).")
     return EvalTexts(encoded, kinds, n_pairs=min(len(base), len(target)), dataset_name=heldout.name,
-                     dataset_sha256=heldout.sha256())
+                     dataset_sha256=heldout.sha256(), prompts=[p for p, _ in base + target + neutral_pairs])
 
 
 def n_scored(e: Encoded) -> int:
@@ -141,6 +142,13 @@ class Layout:
     def n_tokens(self) -> int:
         """Real (unpadded) tokens in the batch."""
         return int(self.tok.shape[0])
+
+    @property
+    def prompt_starts(self) -> torch.Tensor:
+        """``[rows]`` long: the column of each row's first real token (its left padding), which is
+        where a ``prompt:A-B`` steering window counts from. Meaningful for unpacked layouts
+        (:func:`make_layout`: one text per row) only."""
+        return (self.mask.cumsum(-1) == 0).sum(-1)
 
     @property
     def model_mask(self) -> torch.Tensor:

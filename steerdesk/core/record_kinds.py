@@ -181,10 +181,13 @@ def record_sweep(
     seed: int = 0,
     vector_path: str | None = None,
     model: str | None = None,
+    gate: ConditionGate | None = None,
 ) -> RunRecord:
     """Record a :func:`~steerdesk.core.sweep.sweep` (``dataset`` as loaded, before the held-out split).
 
-    Without a vector file the swept layers' vectors are embedded.
+    Without a vector file the swept layers' vectors are embedded. ``positions`` (a named position
+    or a token window) is the record's ``positions``; ``gate`` (a conditional sweep) is recorded in
+    ``settings["gate"]`` (:func:`gate_settings`) and its per-prompt decisions in ``outputs["gate"]``.
     """
     s = result.settings
     used = sorted(set(result.layers) | {x for row in result.sets for x in row.layers})
@@ -210,11 +213,13 @@ def record_sweep(
         positions=s.get("positions"),
         settings={"sets": {row.name: row.layers for row in result.sets}, "fluency_budget": result.fluency_budget,
                   "batch_size": s.get("batch_size"), "max_rows": s.get("max_rows"),
-                  "prefix_reuse": s.get("prefix_reuse"), "neutral_texts": s.get("neutral_texts")},
+                  "prefix_reuse": s.get("prefix_reuse"), "neutral_texts": s.get("neutral_texts"),
+                  **({"gate": gate_settings(gate)} if gate is not None else {})},
         outputs={"margin_delta": result.margin_delta, "fluency_delta": result.fluency_delta, "kl": result.kl,
                  "sets": [{"name": r.name, "margin_delta": r.margin_delta, "fluency_delta": r.fluency_delta}
                           for r in result.sets],
-                 "best": result.best, "baseline": result.baseline, "path": result.path},
+                 "best": result.best, "baseline": result.baseline, "path": result.path,
+                 **({"gate": result.gate} if result.gate is not None else {})},
     )
 
 
@@ -303,8 +308,14 @@ def record_grid(
     vector_path: str | None = None,
     model: str | None = None,
     seconds: float = 0.0,
+    positions: str = "all",
+    gate: ConditionGate | None = None,
 ) -> RunRecord:
-    """Record a :func:`~steerdesk.core.textgrid.generation_grid` run (rows in grid order)."""
+    """Record a :func:`~steerdesk.core.textgrid.generation_grid` run (rows in grid order).
+
+    ``positions`` (a named position or a token window) is the record's ``positions``; ``gate`` is
+    recorded in ``settings["gate"]`` (:func:`gate_settings`), each row's decision in its output row.
+    """
     from dataclasses import asdict
 
     sampling = sampling or SamplingSettings()
@@ -319,9 +330,11 @@ def record_grid(
         scales=[float(x) for x in scales],
         mode=mode,
         normalize=normalize,
+        positions=positions,
         sampling=sampling_fields(sampling),
         seed=sampling.seed,
-        settings={"pattern": pattern, "regex": regex, "batch_rows": batch_rows},
+        settings={"pattern": pattern, "regex": regex, "batch_rows": batch_rows,
+                  **({"gate": gate_settings(gate)} if gate is not None else {})},
         outputs={"rows": [asdict(r) for r in rows]},
     )
 

@@ -21,6 +21,19 @@ Two tricks make a sweep cheap:
   (:func:`steerdesk.core.evaluate.make_packed_layouts`); used only after the packed unsteered scores
   matched the model's own unpacked ones (``result.packed``).
 
+Token windows (``positions`` ``first:N``, ``gen:A-B``, ``gen:A-``, ``prompt:A-B``) mean what they
+mean in generation: reply token k of a held-out text is produced by the hidden state one position
+before it, so ``gen:A-B`` steers the hidden states at the columns ``reply_col - 1 + A .. reply_col - 1 + B``
+(``first:1`` steers the last prompt position only), and ``prompt:A-B`` counts the text's own prompt
+tokens (chat template included, padding excluded). Windows run on unpacked layouts.
+
+A condition ``gate`` (:class:`~steerdesk.core.condition.ConditionGate`) is decided once per pair from
+its unsteered prompt, as :func:`~steerdesk.core.generate.generate` decides it per row (one batched
+:func:`~steerdesk.core.condition.gate_scores` call for the sweep's distinct prompts); the replies of a
+pair whose gate stays closed are scored unsteered in every cell (delta exactly 0). KL on neutral
+texts is not gated: it measures what steering costs wherever it fires (the neutral texts have no
+prompt for the gate to read).
+
 Cells where steering is the identity (``add`` or ``project`` at scale 0) are not computed: their
 delta is exactly 0. Rows whose layer(s) the vector set has no direction for (a GGUF control vector
 has no block 0) are not computed either: their cells are null and the row is marked ``no_vector``.
@@ -33,6 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,13 +55,16 @@ from .errors import SteerdeskError
 from .evaluate import Scores, json_float
 from .heatmap import NO_VECTOR_BG, NO_VECTOR_HATCH, NO_VECTOR_LABEL, heatmap_png
 from .identity import directions_of, model_identity, vector_identity
-from .layouts import prepare_texts
+from .layouts import EvalTexts, prepare_texts
 from .models import LoadedModel
-from .parsing import check_layers
-from .steering import MODES, POSITIONS, Steer
+from .parsing import check_layers, parse_positions
+from .steering import MODES, Steer
 from .sweep_engine import CACHE_BUDGET_BYTES, CPU_FORWARD_TOKENS, Cell, Sweeper, is_identity
 from .sweep_result import DEFAULT_BUDGET, DEFAULT_SCALES, FORMAT, SetRow, SweepResult, format_table, pick_best
 from .vectors import VectorSet, layers_without_direction, rows_without_direction
+
+if TYPE_CHECKING:
+    from .condition import ConditionGate
 
 #: ``on_cell(row, col, margin_delta, fluency_delta)``: row indexes ``layers`` then ``sets``.
 CellCallback = Callable[[int, int, float, float], None]
@@ -78,6 +95,7 @@ def sweep(
     on_cell: CellCallback | None = None,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    gate: ConditionGate | None = None,
 ) -> SweepResult:
     """Score every (layer or layer set) x scale cell on held-out pairs; see the module docstring.
 
@@ -86,7 +104,10 @@ def sweep(
     each steered with its layers' own vectors at the cell's scale. ``on_cell(row, col, margin_delta,
     fluency_delta)`` is called as each cell is done (rows: ``layers`` first, then ``sets``; identity
     cells first). ``progress(done, total)`` counts forward passes; ``cancel`` is checked before each
-    and raises :class:`~steerdesk.core.errors.Cancelled`.
+    and raises :class:`~steerdesk.core.errors.Cancelled`. ``positions`` is a named position or a
+    token window (module docstring); ``gate`` steers only the pairs whose prompt opens it (module
+    docstring; ``result.gate`` holds the per-prompt scores and decisions). Raises ``SteerdeskError``
+    for bad settings (unreadable positions, a gate that does not fit the model, ...).
     """
     from .. import __version__
 
@@ -97,8 +118,10 @@ def sweep(
         raise SteerdeskError(f"The vectors have hidden size {directions.shape[1]}, the model {info.hidden_size}.")
     if mode not in MODES:
         raise SteerdeskError(f"Unknown steering mode {mode!r}; use one of {', '.join(MODES)}.")
-    if positions not in POSITIONS:
-        raise SteerdeskError(f"Unknown positions {positions!r}; use one of {', '.join(POSITIONS)}.")
+    positions = str(positions).replace(" ", "")
+    parse_positions(positions)  # a named position or a token window; raises with the accepted forms
+    if gate is not None:
+        gate.check(lm)
     if not (isinstance(fluency_budget, (int, float)) and math.isfinite(fluency_budget) and fluency_budget >= 0):
         raise SteerdeskError("The fluency budget must be a number >= 0.")
     n_vec = directions.shape[0]
@@ -135,6 +158,7 @@ def sweep(
             cells.append(Cell(r, c, steers, start=min(ls), identity=is_identity(steers), index=len(cells)))
 
     texts = prepare_texts(lm, heldout, neutral=neutral, system=system, max_pairs=max_pairs)
+    open_texts, gate_info = gate_texts(lm, texts, gate, system) if gate is not None else (None, None)
     n_rows, n_cols = len(row_layers), len(scale_list)
     margin = [[math.nan] * n_cols for _ in range(n_rows)]
     fluency = [[math.nan] * n_cols for _ in range(n_rows)]
@@ -155,7 +179,8 @@ def sweep(
             on_cell(cell.row, cell.col, m, f)
 
     sweeper = Sweeper(lm, texts, cells, batch_size=batch_size, max_rows=max_rows, prefix_reuse=prefix_reuse,
-                       cache_budget=cache_budget, cancel=cancel, on_cell=cell_done, progress=tick, pack=pack)
+                       cache_budget=cache_budget, cancel=cancel, on_cell=cell_done, progress=tick, pack=pack,
+                       open_texts=open_texts)
     baseline = sweeper.run()
 
     to_json = lambda rows: [[json_float(x) for x in row] for row in rows]
@@ -201,11 +226,38 @@ def sweep(
         path=sweeper.path,
         packed=sweeper.path == "prefix" and sweeper.layouts is sweeper.packed,
         no_vector=[bool(m) for m in missing[:n_layers]],
+        gate=gate_info,
     )
+
+
+def gate_texts(lm: LoadedModel, texts: EvalTexts, gate: ConditionGate,
+               system: str | None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Decide ``gate`` once per distinct held-out prompt (unsteered, formatted as generation formats it).
+
+    Returns ``open_texts`` (``[len(texts)]`` bool: the held-out replies whose prompt opens the gate;
+    neutral texts always True, KL is not gated) and the result's ``gate`` entry: ``layer``,
+    ``threshold``, ``side``, ``read``, ``kl`` (``"ungated"``), ``n_prompts``, ``n_open`` and per
+    distinct prompt (dataset order) its ``scores`` (CAST cosine) and ``open`` flag.
+    Raises ``SteerdeskError`` for a gate that does not fit the model or an empty prompt.
+    """
+    from .condition import gate_scores
+
+    held = texts.indices("base", "target")
+    prompts = list(dict.fromkeys(texts.prompts[i] for i in held))
+    if any(not p.strip() for p in prompts):
+        raise SteerdeskError("A condition gate reads each pair's prompt: the held-out set has an empty prompt.")
+    scores = gate_scores(lm, prompts, gate, system=system)
+    opened = gate.opens(scores)
+    by_prompt = dict(zip(prompts, opened))
+    open_texts = torch.tensor([k == "neutral" or by_prompt[p] for p, k in zip(texts.prompts, texts.kinds)])
+    info = {"layer": int(gate.layer), "threshold": float(gate.threshold), "side": gate.side, "read": gate.read,
+            "kl": "ungated", "n_prompts": len(prompts), "n_open": sum(opened),
+            "scores": [json_float(float(x)) for x in scores], "open": opened}
+    return open_texts, info
 
 
 # Names other modules and the window import from here (the engine's result, PNG, parsers, identities).
 __all__ = ["CACHE_BUDGET_BYTES", "CPU_FORWARD_TOKENS", "DEFAULT_BUDGET", "DEFAULT_SCALES", "FORMAT", "NO_VECTOR_BG",
            "NO_VECTOR_HATCH", "NO_VECTOR_LABEL", "SetRow", "SweepResult", "format_table", "heatmap_png",
            "layers_without_direction", "model_identity", "pick_best",
-           "rows_without_direction", "sweep", "vector_identity"]
+           "gate_texts", "rows_without_direction", "sweep", "vector_identity"]

@@ -19,6 +19,7 @@ from .evaluate import Scores, TextScorer, aggregate, model_logits, reference_log
 from .layouts import EvalTexts, Layout, make_packed_layouts
 from .memory import oom_guard
 from .models import LoadedModel
+from .parsing import parse_positions
 from .prefix import Capture, Tail, Unsupported, run_blocks
 from .steering import Steer, Steering
 
@@ -52,6 +53,12 @@ def is_identity(steers: Sequence[Steer]) -> bool:
     return all(s.mode in ("add", "project") and s.scale == 0 for s in steers)
 
 
+def is_window(positions: str) -> bool:
+    """True for a token window (``first:N``, ``gen:A-B``, ``prompt:A-B``), False for all / prompt /
+    generated. Raises ``SteerdeskError`` for text that is neither (:func:`~steerdesk.core.parsing.parse_positions`)."""
+    return parse_positions(positions).kind in ("gen", "prompt_window")
+
+
 # ================================================================================= sweep
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -68,13 +75,21 @@ class _PackMismatch(Exception):
 
 class Sweeper:
     """Runs the cells of a sweep: the unsteered pass, then steered forwards grouped by first steered layer
-    (prefix reuse and packing where the self-checks allow), reporting each finished cell to ``on_cell``."""
+    (prefix reuse and packing where the self-checks allow), reporting each finished cell to ``on_cell``.
+
+    Token windows run on unpacked layouts only (one text per row, replies aligned at ``reply_col``,
+    so a ``gen`` window's columns are the same reply tokens in every row and a ``prompt`` window
+    counts from each row's first real token). ``open_texts`` (``[len(texts)]`` bool, a condition
+    gate decided per pair): a text it marks False is scored unsteered in every cell (its steered
+    scores are replaced by the baseline's before aggregation, so its delta is exactly 0).
+    """
 
     def __init__(self, lm: LoadedModel, texts: EvalTexts, cells: list[Cell], *, batch_size: int, max_rows: int,
                  prefix_reuse: bool, cache_budget: int, cancel: threading.Event | None,
                  on_cell: Callable[[Cell, Scores, Scores], None], progress: Callable[[], None],
-                 pack: bool = True, pack_tokens: int = 320):
+                 pack: bool = True, pack_tokens: int = 320, open_texts: torch.Tensor | None = None):
         self.lm = lm
+        self.open_texts = open_texts
         self.texts = texts
         self.cells = cells
         self.scorer = TextScorer(lm, texts, batch_size=batch_size, max_rows=max_rows)
@@ -101,8 +116,9 @@ class Sweeper:
         self._pieces: dict[tuple[int, int], list[Layout]] = {}
         self.packed: list[Layout] | None = None
         self.verify = False  # check each packed baseline against the model's own unpacked scores
-        if pack and self.path == "prefix" and self.starts:
-            positions = {s.positions for c in self.work for s in c.steers}
+        positions = {s.positions for c in self.work for s in c.steers}
+        self.windowed = any(is_window(p) for p in positions)
+        if pack and self.path == "prefix" and self.starts and not self.windowed:
             self.packed = make_packed_layouts(lm, texts, row_tokens=pack_tokens, max_rows=max(1, batch_size),
                                               positions="all" if positions == {"all"} else "mixed")
         if self.packed is not None:  # the unpacked reference pass, then everything on packed layouts
@@ -236,7 +252,7 @@ class Sweeper:
         src = torch.as_tensor(lay.source_rows, dtype=torch.long)
         idx = src.repeat(c)
         rows = [list(cfg) for cfg in configs for _ in range(lay.rows)]
-        with Steering(self.lm, rows, prompt_length=lay.reply_col):
+        with Steering(self.lm, rows, prompt_length=lay.reply_col, prompt_starts=lay.prompt_starts.repeat(c)):
             h = run_blocks(self.lm, cap, start, recorded_rows or lay.rows, idx)
         tail = self.tail
         assert tail is not None  # the direct path runs only with a tail
@@ -253,7 +269,7 @@ class Sweeper:
         lay = self.layouts[li]
         if cap is None:
             with oom_guard("sweeping", OOM_HINT):
-                parts = [(lay, *self.scorer.forward(li, configs))]
+                parts = [(lay, *self._full(li, configs))]
         else:
             parts = []
             for piece in self.pieces(li):
@@ -267,6 +283,27 @@ class Sweeper:
                 if row_kl is not None:
                     self.kl[cell.index, piece.texts] = row_kl[sl]
         self.tick()
+
+    def _full(self, li: int, configs: Sequence[Sequence[Steer]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``configs x rows`` of layout ``li`` in one full forward pass: :meth:`TextScorer.forward`'s
+        computation, with each row's prompt start given to the steering (``prompt:A-B`` windows)."""
+        lay = self.layouts[li]
+        c = len(configs)
+        ids, mask, positions = lay.tiled(c)
+        rows = [list(cfg) for cfg in configs for _ in range(lay.rows)]
+        with Steering(self.lm, rows, prompt_length=lay.reply_col, prompt_starts=lay.prompt_starts.repeat(c)), \
+                torch.inference_mode():
+            logits, lo = model_logits(self.lm, ids, mask, positions, lay.keep())
+        return score_tokens(lay, c, lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)],
+                            self.scorer.vocab, self.scorer.refs.get(li))
+
+    def gated(self, index: int) -> None:
+        """Replace cell ``index``'s scores of the texts the gate keeps closed by the baseline's."""
+        if self.open_texts is None:
+            return
+        base = self.scorer.baseline_lp
+        assert base is not None
+        self.lp[index] = torch.where(self.open_texts, self.lp[index], base)
 
     def pieces(self, li: int) -> list[Layout]:
         """Layout ``li`` cut into row groups of at most ``CPU_FORWARD_TOKENS`` tokens (CPU, no KL
@@ -351,10 +388,11 @@ class Sweeper:
                 if last_chunk:
                     assert base is not None
                     for cell in group:
+                        self.gated(cell.index)
                         self.on_cell(cell, aggregate(self.texts, self.lp[cell.index], self.kl[cell.index]), base)
             caps.clear()
         assert base is not None
         return base
 
 
-__all__ = ["CACHE_BUDGET_BYTES", "CPU_FORWARD_TOKENS", "OOM_HINT", "Cell", "Sweeper", "is_identity"]
+__all__ = ["CACHE_BUDGET_BYTES", "CPU_FORWARD_TOKENS", "OOM_HINT", "Cell", "Sweeper", "is_identity", "is_window"]

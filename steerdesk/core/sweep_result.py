@@ -58,6 +58,7 @@ class SweepResult:
     path: str = "prefix"  # "prefix" (prefix reuse) or "full" (full forward passes)
     packed: bool = False  # steered forwards ran on packed layouts (texts sharing prompt tokens)
     no_vector: list[bool] = field(default_factory=list)  # per layer row: no direction, not evaluated
+    gate: dict[str, Any] | None = None  # a condition gate's settings, per-prompt scores and decisions
 
     # -- cells -----------------------------------------------------------------------
     @property
@@ -116,6 +117,7 @@ class SweepResult:
             "seconds": self.seconds,
             "path": self.path,
             "packed": self.packed,
+            **({"gate": self.gate} if self.gate is not None else {}),
         }
 
     @classmethod
@@ -136,6 +138,7 @@ class SweepResult:
                 steerdesk_version=str(obj.get("steerdesk_version", "")), created=str(obj.get("created", "")),
                 seconds=float(obj.get("seconds", 0.0)), path=str(obj.get("path", "prefix")),
                 packed=bool(obj.get("packed", False)),
+                gate=dict(obj["gate"]) if obj.get("gate") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SteerdeskError(f"A sweep file is missing or has a bad field: {exc}.") from None
@@ -198,6 +201,10 @@ def format_table(result: SweepResult) -> str:
                      f"fluency {b['fluency_delta']:+.3f} (budget {result.fluency_budget:g})")
     else:
         lines.append(f"no cell within the fluency budget {result.fluency_budget:g}")
+    if result.gate:
+        g = result.gate
+        lines.append(f"gate at layer {g.get('layer')} ({g.get('side')} {g.get('threshold')}): "
+                     f"{g.get('n_open')} of {g.get('n_prompts')} prompts open; closed pairs scored unsteered")
     missing = [result.row_label(r) for r in range(result.n_rows) if not result.row_has_vector(r)]
     if missing:
         lines.append(f"no vector (not evaluated): {', '.join(missing)}")

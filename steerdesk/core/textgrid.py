@@ -10,15 +10,19 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import Cancelled, SteerdeskError
 from .generate import SamplingSettings, generate
 from .models import LoadedModel
-from .parsing import check_layers
+from .parsing import check_layers, parse_positions
 from .steering import Steer
 from .vectors import VectorSet
+
+if TYPE_CHECKING:
+    from .condition import ConditionGate
 
 
 @dataclass
@@ -31,6 +35,8 @@ class GridRow:
     text: str | None  # None: not generated, the vector set has no direction for ``layer``
     matches: int | None = None
     no_vector: bool = False
+    gate_open: bool | None = None  # with a condition gate: did the prompt open it (None: no gate, or unsteered)
+    token_ids: list[int] | None = None  # the generated tokens (None: not generated)
 
 
 def compile_pattern(pattern: str | None, regex: bool = False) -> re.Pattern[str] | None:
@@ -61,6 +67,8 @@ def generation_grid(
     include_unsteered: bool = True,
     on_row: Callable[[GridRow], None] | None = None,
     cancel: threading.Event | None = None,
+    positions: str = "all",
+    gate: ConditionGate | None = None,
 ) -> list[GridRow]:
     """Generate every (layer, scale, prompt) combination, ``batch_rows`` rows per batched pass.
 
@@ -69,7 +77,18 @@ def generation_grid(
     ``[num_layers, hidden]`` tensor (all-zero rows = no direction). Cells at a layer the set
     has no direction for are not generated: ``text`` is ``None`` and ``no_vector`` is True
     (never an unsteered text passed off as a steered one).
+
+    ``positions`` (a named position or a token window, :func:`~steerdesk.core.parsing.parse_positions`)
+    and ``gate`` (:class:`~steerdesk.core.condition.ConditionGate`) are passed to
+    :func:`~steerdesk.core.generate.generate` as they are: a steered row is what ``generate`` gives
+    for its prompt with that steering, window and gate (``gate_open`` records the decision; a closed
+    row is the unsteered text). Raises ``SteerdeskError`` for unreadable positions, a gate that does
+    not fit the model, or no prompt.
     """
+    positions = str(positions).replace(" ", "")
+    parse_positions(positions)
+    if gate is not None:
+        gate.check(lm)
     vs = vectors if isinstance(vectors, VectorSet) else VectorSet(vectors, torch.full((vectors.shape[0],), math.nan))
     check_layers(layers, vs.num_layers, of="vectors")
     absent = set(vs.layers_without_direction(layers))
@@ -98,13 +117,14 @@ def generation_grid(
         if cancel is not None and cancel.is_set():
             raise Cancelled("Generation sweep cancelled.")
         chunk = todo[start:start + batch_rows]
-        rows = [[] if layer is None else [Steer(layer, vs.directions[layer], scale, mode, normalize)]
+        rows = [[] if layer is None else [Steer(layer, vs.directions[layer], scale, mode, normalize, positions)]
                 for layer, scale, _ in (cells[i] for i in chunk)]
-        results = generate(lm, [cells[i][2] for i in chunk], rows, sampling=sampling, stop=cancel)
+        results = generate(lm, [cells[i][2] for i in chunk], rows, sampling=sampling, stop=cancel, gate=gate)
         for i, res in zip(chunk, results):
             layer, scale, prompt = cells[i]
             done[i] = GridRow(layer, scale, prompt, res.text,
-                              len(pattern.findall(res.text)) if pattern is not None else None)
+                              len(pattern.findall(res.text)) if pattern is not None else None,
+                              gate_open=res.gate_open if layer is not None else None, token_ids=list(res.token_ids))
         flush()
     return [done[i] for i in range(len(cells))]
 

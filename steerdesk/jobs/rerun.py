@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.errors import SteerdeskError
 from ..core.generate import SamplingSettings
@@ -25,6 +25,9 @@ from .grid import GridSpec
 from .steering_spec import SteeringSpec
 from .sweep import SweepSpec
 from .versus import VersusSpec
+
+if TYPE_CHECKING:
+    from ..core.condition import ConditionGate
 
 JobSpec = GenerateSpec | ComputeSpec | SweepSpec | DiagnoseSpec | VersusSpec | GridSpec
 """The Specs a record can be turned back into."""
@@ -98,14 +101,9 @@ def spec_for(recipe: RunRecord, lm: LoadedModel, changes: list[str], output: str
             raise SteerdeskError("The recipe has no prompt.")
         steering = _steering(recipe, lm, changes)
         flags = recipe.steered_rows or [steering is not None] * len(recipe.prompts)
-        gate = None
-        if s.get("gate") is not None:
-            from ..core.record_kinds import gate_from_settings
-
-            gate = gate_from_settings(s["gate"])
         return generate.GenerateSpec(prompts=tuple(recipe.prompts), steering=steering, steered_rows=tuple(flags),
                                      sampling=_sampling(recipe), system=recipe.system, model=recipe.model,
-                                     gate=gate)
+                                     gate=_gate(s))
     if kind == "versus":
         loaded, used = dataset_of(recipe, changes)
         steering = _steering(recipe, lm, changes)
@@ -140,7 +138,8 @@ def spec_for(recipe: RunRecord, lm: LoadedModel, changes: list[str], output: str
         return grid.GridSpec(vectors=vs, layers=tuple(recipe.layers), scales=tuple(recipe.scales),
                              prompts=tuple(recipe.prompts), mode=recipe.mode or "add", normalize=recipe.normalize,
                              sampling=_sampling(recipe), pattern=s.get("pattern"), regex=bool(s.get("regex")),
-                             batch_rows=int(s.get("batch_rows") or 16), vector_path=path, model=recipe.model)
+                             batch_rows=int(s.get("batch_rows") or 16), vector_path=path, model=recipe.model,
+                             positions=recipe.positions or "all", gate=_gate(s))
     loaded, used = dataset_of(recipe, changes)  # sweep
     vs, _, path = vectors_of(recipe, lm, changes)
     sets = s.get("sets") or None
@@ -153,7 +152,16 @@ def spec_for(recipe: RunRecord, lm: LoadedModel, changes: list[str], output: str
                            batch_size=int(s.get("batch_size") or 16), max_rows=int(s.get("max_rows") or 64),
                            prefix_reuse=bool(s.get("prefix_reuse", True)), vector_path=path, dataset=loaded,
                            dataset_spec=d.get("spec"), heldout_fraction=float(d.get("heldout") or 0.0),
-                           model=recipe.model)
+                           model=recipe.model, gate=_gate(s))
+
+
+def _gate(settings: dict[str, Any]) -> ConditionGate | None:
+    """The ``ConditionGate`` of a record's ``settings["gate"]``, or None when it has none."""
+    if settings.get("gate") is None:
+        return None
+    from ..core.record_kinds import gate_from_settings
+
+    return gate_from_settings(settings["gate"])
 
 
 def _load(recipe: RunRecord, device: str | None, ctx: JobContext) -> LoadedModel:
@@ -228,8 +236,11 @@ def compare(recipe: RunRecord, record: RunRecord) -> list[str]:
         same = want is None or new["directions_sha256"] == want
         return [] if same else ["the vectors differ from the recorded ones (directions hash)"]
     if recipe.kind == "sweep":
-        return [f"{key.replace('_', ' ')} differs from the record by more than 1e-4"
-                for key in ("margin_delta", "fluency_delta") if not close(old.get(key), new.get(key), 1e-4)]
+        out = [f"{key.replace('_', ' ')} differs from the record by more than 1e-4"
+               for key in ("margin_delta", "fluency_delta") if not close(old.get(key), new.get(key), 1e-4)]
+        if "gate" in old and (old["gate"] or {}).get("open") != (new.get("gate") or {}).get("open"):
+            out.append("the gate opened for other prompts than in the record")
+        return out
     if recipe.kind == "diagnose":
         was, now = old.get("diagnostics") or {}, new["diagnostics"]
         return [f"{key.replace('_', ' ')} differs from the record by more than 1e-4"
@@ -246,7 +257,7 @@ def compare(recipe: RunRecord, record: RunRecord) -> list[str]:
         return out + ([f"the record has {len(a_c)} conditions, the re-run {len(b_c)}"] if len(a_c) != len(b_c) else [])
     a_r, b_r = old.get("rows", []), new["rows"]  # grid
     out = [f"grid row {i}: text differs from the record" for i, (o, n) in enumerate(zip(a_r, b_r))
-           if o.get("text") != n.get("text")]
+           if o.get("text") != n.get("text") or ("token_ids" in o and o["token_ids"] != n.get("token_ids"))]
     return out + ([f"the record has {len(a_r)} rows, the re-run {len(b_r)}"] if len(a_r) != len(b_r) else [])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..core.datasets import Dataset
 from ..core.models import LoadedModel
@@ -11,6 +12,9 @@ from ..core.records import RunRecord
 from ..core.sweep import DEFAULT_BUDGET, DEFAULT_SCALES, SweepResult
 from ..core.vectors import VectorSet
 from .context import JobContext
+
+if TYPE_CHECKING:
+    from ..core.condition import ConditionGate
 
 NAME = "sweep"
 TITLE = "Sweep failed"
@@ -31,7 +35,9 @@ class SweepSpec:
     """Arguments of :func:`steerdesk.core.sweep.sweep`, plus how a record names its inputs.
 
     ``heldout`` is the pairs scored; ``dataset`` (as loaded) and ``heldout_fraction`` let a
-    record name where they came from (``dataset.split(heldout_fraction)[1]``).
+    record name where they came from (``dataset.split(heldout_fraction)[1]``). ``positions`` is a
+    named position or a token window (``first:N``, ``gen:A-B``, ``prompt:A-B``); ``gate`` steers only
+    the pairs whose prompt opens it (:func:`steerdesk.core.sweep.sweep`).
     """
 
     vectors: VectorSet = field(compare=False)
@@ -54,6 +60,7 @@ class SweepSpec:
     dataset_spec: str | None = None
     heldout_fraction: float = 0.0
     model: str | None = None
+    gate: ConditionGate | None = field(default=None, compare=False)
 
 
 def run(lm: LoadedModel, spec: SweepSpec, ctx: JobContext) -> SweepResult:
@@ -71,7 +78,7 @@ def run(lm: LoadedModel, spec: SweepSpec, ctx: JobContext) -> SweepResult:
                  system=spec.system, max_pairs=spec.max_pairs, batch_size=spec.batch_size, max_rows=spec.max_rows,
                  prefix_reuse=spec.prefix_reuse, vector_path=spec.vector_path,
                  on_cell=(lambda r, c, m, f: ctx.partial(SweepCell(r, c, m, f))) if ctx.on_partial else None,
-                 progress=ctx.progress_counter("Sweeping"), cancel=ctx.cancel)
+                 progress=ctx.progress_counter("Sweeping"), cancel=ctx.cancel, gate=spec.gate)
 
 
 def record(lm: LoadedModel, spec: SweepSpec, result: SweepResult) -> RunRecord:
@@ -80,4 +87,4 @@ def record(lm: LoadedModel, spec: SweepSpec, result: SweepResult) -> RunRecord:
 
     return record_sweep(lm, result, spec.dataset if spec.dataset is not None else spec.heldout, spec.vectors,
                         dataset_spec=spec.dataset_spec, heldout=spec.heldout_fraction,
-                        vector_path=spec.vector_path, model=spec.model)
+                        vector_path=spec.vector_path, model=spec.model, gate=spec.gate)
