@@ -38,6 +38,10 @@ class BakeAction(QObject):
         from ..core.errors import SteerdeskError
         from ..jobs import BakeSpec
 
+        gate = getattr(self.steering, "gate_group", None)
+        if gate is not None and gate.isChecked():  # a checkpoint cannot tell prompts apart: refuse, never drop
+            raise SteerdeskError("Gated steering cannot be baked: a baked checkpoint steers every prompt alike "
+                                 "(switch the pane's gate off to bake the steering for all prompts).")
         steering = self.steering.steering_spec()  # raises for no layer / a layer without a direction
         if steering is None:
             raise SteerdeskError("Pick a vector set and layers in the generation pane first: that is what is baked.")

@@ -101,6 +101,33 @@ class SweepPanel(QWidget):
         self.max_pairs.setRange(1, 10000)
         self.max_pairs.setValue(16)
         self.max_pairs.setToolTip("Held-out pairs scored per cell (from the dataset's held-out split).")
+        self.positions = QLineEdit("all")
+        self.positions.setObjectName("sweepPositions")
+        self.positions.setPlaceholderText("all, prompt, generated, first:N, gen:A-B, gen:A-, prompt:A-B")
+        self.positions.setToolTip("Tokens to steer: all, prompt, generated, or a window: first:N (the first N "
+                                  "reply tokens), gen:A-B / gen:A- (reply tokens A..B, 0-based), prompt:A-B.")
+        # Optional condition gate (CAST): steer only the pairs whose prompt opens it.
+        self.condition = QLineEdit()
+        self.condition.setObjectName("sweepCondition")
+        self.condition.setPlaceholderText("no gate (condition vector file)")
+        self.condition.setToolTip("Condition vectors (steerdesk calibrate): only pairs whose prompt opens the gate "
+                                  "are steered; the others are scored unsteered. KL on neutral texts is not gated.")
+        self.condition_browse = QPushButton("…")
+        self.condition_browse.setFixedWidth(28)
+        self.condition_browse.setToolTip("Choose a condition vector file")
+        self.gate_layer = QSpinBox()
+        self.gate_layer.setRange(0, 999)
+        self.gate_layer.setPrefix("L ")
+        self.gate_layer.setToolTip("The gate's layer")
+        self.threshold = QDoubleSpinBox()
+        self.threshold.setRange(-1.0, 1.0)
+        self.threshold.setDecimals(4)
+        self.threshold.setSingleStep(0.01)
+        self.threshold.setToolTip("The gate's threshold on the CAST score (-1..1)")
+        self.gate_side = QComboBox()
+        for side in ("above", "below"):
+            self.gate_side.addItem(side, side)
+        self.gate_side.setToolTip("Open the gate when the score is above or below the threshold")
         self.run_button = QPushButton("Run sweep")
         self.run_button.setObjectName("sweepButton")
         self.cancel_button = QPushButton("Cancel")
@@ -121,6 +148,19 @@ class SweepPanel(QWidget):
         form.addRow("Mode", self.mode)
         form.addRow("Fluency budget", self.budget)
         form.addRow("Held-out pairs", self.max_pairs)
+        form.addRow("Positions", self.positions)
+        gate_file = QHBoxLayout()
+        gate_file.setContentsMargins(0, 0, 0, 0)
+        gate_file.addWidget(self.condition, 1)
+        gate_file.addWidget(self.condition_browse)
+        form.addRow("Gate", gate_file)
+        gate_at = QHBoxLayout()
+        gate_at.setContentsMargins(0, 0, 0, 0)
+        gate_at.addWidget(self.gate_layer)
+        gate_at.addWidget(self.threshold)
+        gate_at.addWidget(self.gate_side)
+        gate_at.addStretch(1)
+        form.addRow("Gate opens at", gate_at)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -151,19 +191,51 @@ class SweepPanel(QWidget):
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.save_button.clicked.connect(self._on_save)
+        self.condition_browse.clicked.connect(self._choose_condition)
         self.heatmap.cell_clicked.connect(self._on_cell_clicked)
 
     # -- settings ------------------------------------------------------------------------
     def settings(self, num_layers: int) -> dict[str, Any]:
         """Parsed controls; raises ``SteerdeskError`` with a sentence on bad text."""
-        from ...core.parsing import parse_layers, parse_scales, parse_sets
+        from ...core.parsing import parse_layers, parse_positions, parse_scales, parse_sets
 
         text = self.layers.text().strip()
         layers = parse_layers(text, num_layers) if text else list(range(num_layers))
         sets = parse_sets(self.sets.text(), num_layers) if self.sets.text().strip() else {}
+        positions = self.positions.text().replace(" ", "") or "all"
+        parse_positions(positions)  # the one parser: one line naming the accepted forms
         return {"layers": layers, "sets": sets, "scales": parse_scales(self.scales.text()),
                 "mode": self.mode.currentData(), "fluency_budget": self.budget.value(),
-                "max_pairs": self.max_pairs.value()}
+                "max_pairs": self.max_pairs.value(), "positions": positions}
+
+    def gate(self, info: Any) -> Any:
+        """The ``ConditionGate`` of the gate controls, or None when no condition file is given.
+
+        Raises ``SteerdeskError`` for a missing or unreadable file, vectors that are not conditions
+        or do not fit the model ``info``, or a layer they have no direction for.
+        """
+        path = self.condition.text().strip()
+        if not path:
+            return None
+        from pathlib import Path
+
+        from ...core.condition import ConditionGate, condition_read
+        from ...core.errors import SteerdeskError
+        from ...core.vectors import load_vectors
+
+        if not Path(path).is_file():
+            raise SteerdeskError(f"Condition vector file not found: {path}")
+        cs = load_vectors(path, model_layers=info.num_layers)
+        cs.check_compatible(info)
+        read = condition_read(cs)
+        layer = self.gate_layer.value()
+        cs.require_layers([layer])
+        return ConditionGate(layer, cs.directions[layer], self.threshold.value(), self.gate_side.currentData(), read)
+
+    def _choose_condition(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Condition vectors", "", "Vectors (*.safetensors *.gguf)")
+        if path:
+            self.condition.setText(path)
 
     def _show_scored(self, *_: Any) -> None:
         """Say which vector set the shown (or running) sweep scores and which one Run sweep would."""
@@ -192,6 +264,7 @@ class SweepPanel(QWidget):
         return SweepSpec(vectors=item.vectors, heldout=heldout, layers=tuple(st["layers"]),
                          scales=tuple(st["scales"]), sets={k: tuple(v) for k, v in st["sets"].items()} or None,
                          mode=st["mode"], fluency_budget=st["fluency_budget"], max_pairs=st["max_pairs"],
+                         positions=st["positions"], gate=self.gate(info),
                          dataset=self.pairs.dataset(), heldout_fraction=self.pairs.heldout_fraction())
 
     def run(self) -> None:
