@@ -14,6 +14,7 @@ from .controller import ModelController
 from .dialogs import show_error
 from .layout import clamp_to_screen, scrolled
 from .panels.analysis_panel import AnalysisPanel
+from .panels.condition_panel import ConditionPanel
 from .panels.dataset_panel import DatasetPanel
 from .panels.generation_panel import GenerationPanel
 from .panels.search_panel import SearchPanel, window_inputs
@@ -63,6 +64,9 @@ class MainWindow(QMainWindow):
         self.tabifyDockWidget(self.sweep_dock, self.analysis_dock)
         self.search_dock = self._dock("Search", "searchDock", self.search_panel)
         self.tabifyDockWidget(self.analysis_dock, self.search_dock)
+        self.condition_panel = ConditionPanel(c)  # calibrate a CAST gate; 'Use this gate' fills the pane's gate
+        self.condition_dock = self._dock("Condition", "conditionDock", self.condition_panel)
+        self.tabifyDockWidget(self.search_dock, self.condition_dock)
         self.dataset_dock.raise_()
         self.resizeDocks([self.dataset_dock], [640], Qt.Orientation.Horizontal)
 
@@ -108,7 +112,7 @@ class MainWindow(QMainWindow):
         dp.modified_changed.connect(lambda _m: self._update_title())
         dp.dataset_changed.connect(self._update_title)
         dp.path_changed.connect(self._update_title)
-        for panel in (dp, vp, sp, ap, gp, self.baker, self.search_panel):
+        for panel in (dp, vp, sp, ap, gp, self.baker, self.search_panel, self.condition_panel):
             panel.error_occurred.connect(self.show_user_error)
             if hasattr(panel, "status_message"):
                 panel.status_message.connect(self.show_status)
@@ -117,6 +121,7 @@ class MainWindow(QMainWindow):
         sp.cell_chosen.connect(lambda c: gp.try_steering(c.name, c.layers, c.scale, c.mode, c.normalize, c.positions))
         ap.shown.connect(self.analysis_dock.raise_)
         self.search_panel.started.connect(self.search_dock.raise_)
+        self.condition_panel.gate_chosen.connect(gp.use_gate)
         self.search_panel.settings_chosen.connect(
             lambda d: gp.try_steering("", list(d["layers"]), d["scale"], d["mode"], d["normalize"], d["positions"]))
 

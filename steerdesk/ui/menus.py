@@ -106,7 +106,7 @@ def build(win: Any) -> None:
     win.act_conventions = a("Steering &conventions (README)", lambda: open_conventions(win))
 
     menu = win.menuBar()
-    docks = (win.dataset_dock, win.vector_dock, win.sweep_dock, win.analysis_dock)
+    docks = (win.dataset_dock, win.vector_dock, win.sweep_dock, win.analysis_dock, win.condition_dock)
     for title, actions in (
             ("&File", [win.act_save, win.act_export_heat, None, win.act_quit]),
             ("&Edit", [dp.undo_action, dp.redo_action, win.act_copy]),  # undo/redo: scoped to the table

@@ -7,11 +7,23 @@ import time
 from typing import Any
 
 import numpy as np
-from PySide6.QtCore import QTimer
-from PySide6.QtGui import QColor
-from PySide6.QtWidgets import QApplication, QCheckBox, QGridLayout, QHBoxLayout, QLabel, QSpinBox, QTextEdit, QWidget
+from PySide6.QtCore import QRectF, QTimer
+from PySide6.QtGui import QColor, QPen
+from PySide6.QtWidgets import (
+    QApplication,
+    QCheckBox,
+    QGraphicsRectItem,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QSpinBox,
+    QTextEdit,
+    QWidget,
+)
 
 from ..widgets.heatmap import HeatmapView
+
+HEAT_TITLE = "Projection on the steering direction (per token, / typical |h|)"
 
 
 class GenerationOutput(QWidget):
@@ -28,6 +40,9 @@ class GenerationOutput(QWidget):
         self._heat = np.zeros((1, 0), dtype=np.float32)
         self._levels = 0.05
         self._t0: float | None = None
+        self._window: Any = None  # the steering's TokenWindow (None: unsteered)
+        self._steered_cols: list[int] | None = None  # generated tokens steered in the shown row (None: not known)
+        self._outline: Any = None
         self.stats = QLabel("")  # elapsed time and tokens/s, while and after a run
         self.stats.setObjectName("runStats")
         self.unsteered_view = QTextEdit()
@@ -39,8 +54,7 @@ class GenerationOutput(QWidget):
         self.color_by = QCheckBox("Colour steered text by projection at layer")
         self.color_layer = QSpinBox()
         self.color_layer.setRange(0, 0)
-        self.heatmap = HeatmapView("Projection on the steering direction (per token, / typical |h|)",
-                                   row_label="layer", col_label="generated token")
+        self.heatmap = HeatmapView(HEAT_TITLE, row_label="layer", col_label="generated token")
         self.heatmap.describe = self._describe_cell
 
         self.texts = QWidget()
@@ -67,9 +81,15 @@ class GenerationOutput(QWidget):
         self.color_by.toggled.connect(self._render_steered)
         self.color_layer.valueChanged.connect(self._render_steered)
 
-    def start(self, num_layers: int, compare: bool, steered_row: int, steered: Any) -> None:
-        """Clear the outputs for a new run: ``steered`` (a ``NamedVectors`` or None) at batch row ``steered_row``."""
+    def start(self, num_layers: int, compare: bool, steered_row: int, steered: Any, positions: str = "all") -> None:
+        """Clear the outputs for a new run: ``steered`` (a ``NamedVectors`` or None) at batch row ``steered_row``,
+        steering the token ``positions`` (a named position or a window, ``core.parsing.parse_positions``)."""
+        from ...core.parsing import parse_positions
+
         self._num_layers, self._compare, self._steered_row, self._steered = num_layers, compare, steered_row, steered
+        self._window = parse_positions(positions) if steered is not None else None
+        self._steered_cols = None
+        self._mark_steered(None, "")
         self._steps = []
         self._results = None
         self.unsteered_view.clear()
@@ -183,8 +203,72 @@ class GenerationOutput(QWidget):
             view = self._view_for_row(row)
             if view is not None and view.toPlainText() != res.text:
                 view.setPlainText(res.text)
+        self._show_gate(results)
+        self._show_window(steered, n)
         self._render_steered()
         return n
+
+    def _show_gate(self, results: list[Any]) -> None:
+        """Each row's gate state (open / closed and its score) next to its text's title."""
+        for row, res in enumerate(results):
+            view = self._view_for_row(row)
+            if view is None or res.gate_score is None:
+                continue
+            label = self.unsteered_label if view is self.unsteered_view else self.steered_label
+            title = "Unsteered" if view is self.unsteered_view else "Steered"
+            state = "open" if res.gate_open else "closed"
+            if view is self.steered_view:
+                note = "" if res.gate_open else " (not steered)"
+                label.setText(f"<b>{title}</b> · gate {state}, score {res.gate_score:+.4f}{note}")
+            else:  # the comparison row is never steered: what the gate would have said
+                label.setText(f"<b>{title}</b> · gate score {res.gate_score:+.4f} (would be {state})")
+
+    def steered_columns(self) -> list[int] | None:
+        """The generated tokens of the shown (steered) row whose producing pass was steered: the
+        window's (``TokenWindow.steered_tokens``), none when the gate closed the row; None when not
+        known (no steering, or a prompt window: it depends on the prompt's length in tokens)."""
+        return None if self._steered_cols is None else list(self._steered_cols)
+
+    def _show_window(self, steered: Any, n: int) -> None:
+        from ...core.errors import SteerdeskError
+
+        w = self._window
+        if w is None or self._steered is None:
+            self._steered_cols = None
+            return
+        if steered.gate_open is False:
+            self._steered_cols = []
+            self._mark_steered([], "gate closed: no token steered")
+            return
+        try:
+            cols = w.steered_tokens(n)
+        except SteerdeskError:  # a prompt window: only token 0 could be, and that depends on the prompt length
+            self._steered_cols = None
+            self._mark_steered(None, "prompt window: it steers prompt tokens")
+            return
+        self._steered_cols = cols
+        if w.kind == "all" and steered.gate_open is None:
+            self._mark_steered(None, "")  # every token, no gate: the plain picture
+            return
+        self._mark_steered(cols, "outlined: tokens produced under steering" if cols else "no token steered")
+
+    def _mark_steered(self, cols: list[int] | None, note: str) -> None:
+        """Outline the steered tokens' columns on the heatmap (they form one run) and say so in its title."""
+        if self._outline is not None:
+            self.heatmap.plot.removeItem(self._outline)
+            self._outline = None
+        self.heatmap.plot.setTitle(f"{HEAT_TITLE} · {note}" if note else HEAT_TITLE)
+        if not cols:
+            return
+        rows = max(self._heat.shape[0], 1)
+        item = QGraphicsRectItem(QRectF(cols[0], 0, cols[-1] + 1 - cols[0], rows))
+        outline = QPen(QColor(230, 126, 34))
+        outline.setWidth(3)
+        outline.setCosmetic(True)
+        item.setPen(outline)
+        item.setZValue(10)
+        self.heatmap.plot.addItem(item)
+        self._outline = item
 
     def _token_texts(self) -> list[str]:
         row = self._steered_row
@@ -213,7 +297,9 @@ class GenerationOutput(QWidget):
     def _describe_cell(self, row: int, col: int, value: float) -> str:
         texts = [st["texts"][self._steered_row] for st in self._steps]
         token = repr(texts[col]) if col < len(texts) else "?"
-        return f"token {col} {token}, layer {row}: {value:+.3f} of typical |h|"
+        cols = self._steered_cols
+        steered = "" if cols is None else (" (steered)" if col in cols else " (not steered)")
+        return f"token {col} {token}{steered}, layer {row}: {value:+.3f} of typical |h|"
 
     def copy_text(self) -> None:
         """Copy both outputs to the clipboard."""

@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
 
 from ..layout import Reflow, scrolled
 from ..vector_sets import NamedVectors, VectorSets
+from .condition_panel import GateChoice, GateGroup
 from .generation_output import GenerationOutput
 from .inputs import Refused, checked
 
@@ -39,6 +40,10 @@ MODE_TIPS = {
 }
 SLIDER_STEPS = 20  # slider units per 1.0 of scale
 HEATMAP_MIN_HEIGHT = 170  # px: a layer x token heatmap stays readable
+WINDOW_ITEM = "window…"  # the positions entry that starts a typed token window
+WINDOW_TIP = ("Which tokens are steered: all, prompt only, generated only, or a typed window - first:N (the first "
+              "N answer tokens), gen:A-B / gen:A- (answer tokens A..B, 0-based), prompt:A-B (prompt tokens A..B). "
+              "A gen window steers the passes that produce its tokens.")
 
 
 class GenerationPanel(QWidget):
@@ -100,9 +105,21 @@ class GenerationPanel(QWidget):
         self.normalize = QCheckBox("Normalize")
         self.normalize.setToolTip("Use the unit vector: the scale is then an absolute length.")
         self.positions = QComboBox()
+        self.positions.setObjectName("positionsCombo")
+        self.positions.setEditable(True)
+        self.positions.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
         self.positions.addItem("all tokens", "all")
         self.positions.addItem("prompt only", "prompt")
         self.positions.addItem("generated only", "generated")
+        self.positions.addItem(WINDOW_ITEM, "")
+        self.positions.setToolTip(WINDOW_TIP)
+        self.positions.lineEdit().setPlaceholderText("first:N, gen:A-B, prompt:A-B")
+        self.positions_error = QLabel("")
+        self.positions_error.setObjectName("positionsError")
+        self.positions_error.setStyleSheet("color: #c0392b;")
+        self.positions_error.setWordWrap(True)
+        self.positions_error.hide()
+        self.gate_group = GateGroup()
         self.compare = QCheckBox("Compare with unsteered")
         self.compare.setChecked(True)
 
@@ -155,6 +172,7 @@ class GenerationPanel(QWidget):
         sg.addWidget(QLabel("Positions"), 5, 0)
         sg.addWidget(self.positions, 5, 1)
         sg.addWidget(self.compare, 5, 2, 1, 2)
+        sg.addWidget(self.positions_error, 6, 1, 1, 3)
         samp_box = QGroupBox("Sampling")
         sf = QFormLayout(samp_box)
         sf.addRow("Temperature", self.temperature)
@@ -176,6 +194,7 @@ class GenerationPanel(QWidget):
         row.addWidget(steer_box, 3)
         row.addWidget(samp_box, 2)
         cl.addLayout(row)
+        cl.addWidget(self.gate_group)
         cl.addStretch(1)
         self._reflow = Reflow(self, row, 860)  # Sampling under Steering in a narrow pane
 
@@ -201,6 +220,9 @@ class GenerationPanel(QWidget):
         self.layers.itemSelectionChanged.connect(self._update_readout)
         self.normalize.toggled.connect(self._update_readout)
         self.mode.currentIndexChanged.connect(self._update_readout)
+        self.positions.activated.connect(self._positions_picked)
+        self.positions.editTextChanged.connect(self._check_positions)
+        self.gate_group.error_occurred.connect(self.error_occurred)
         self.generate_button.clicked.connect(self.generate)
         self.stop_button.clicked.connect(self.stop)
         self.vector_sets.changed.connect(lambda: self.set_vector_sets(self.vector_sets.sets()))
@@ -263,6 +285,8 @@ class GenerationPanel(QWidget):
 
     def _on_model_ready(self, info: Any) -> None:
         self.set_num_layers(info.num_layers)
+        self.gate_group.model_info = info
+        self.gate_group.set_num_layers(info.num_layers)
         layers = [i for i in self._saved_layers if i < info.num_layers]
         if layers:
             self.set_layers(layers)
@@ -364,9 +388,61 @@ class GenerationPanel(QWidget):
             raise SteerdeskError("Select at least one layer to steer.")
         spec = SteeringSpec(vectors=s.vectors, layers=tuple(layers), scale=self.scale.value(),
                             mode=self.mode.currentData(), normalize=self.normalize.isChecked(),
-                            positions=self.positions.currentData())
+                            positions=self.positions_value())
         s.vectors.require_layers(layers)  # the no-direction check, before the outputs are cleared
         return spec
+
+    def positions_value(self) -> str:
+        """The steering positions: a named choice's key, or the typed window without spaces.
+
+        Raises ``SteerdeskError`` (one line, with the accepted forms) for text ``parse_positions``
+        cannot read; the text stays in the box.
+        """
+        from ...core.errors import SteerdeskError
+        from ...core.parsing import parse_positions
+
+        text = self.positions.currentText()
+        idx = self.positions.findText(text)
+        if idx >= 0 and self.positions.itemData(idx):
+            return str(self.positions.itemData(idx))
+        if not text.strip() or text == WINDOW_ITEM:
+            raise SteerdeskError("Type a token window in Positions, e.g. first:8, gen:2-10 or prompt:0-5.")
+        parse_positions(text)
+        return text.replace(" ", "").lower()
+
+    def set_positions(self, positions: str) -> None:
+        """Show ``positions`` (a named position or a window string)."""
+        idx = self.positions.findData(positions) if positions else -1
+        if idx >= 0:
+            self.positions.setCurrentIndex(idx)
+        else:
+            self.positions.setEditText(positions)
+        self._check_positions()
+
+    def _positions_picked(self, index: int) -> None:
+        if self.positions.itemText(index) == WINDOW_ITEM:  # start a typed window
+            self.positions.setEditText("first:8")
+            self.positions.lineEdit().selectAll()
+            self.positions.setFocus()
+
+    def _check_positions(self, *_: Any) -> bool:
+        """Validate the positions box as it is typed: a one-line error under it, nothing changed."""
+        from ...core.errors import SteerdeskError
+
+        try:
+            self.positions_value()
+        except SteerdeskError as exc:
+            self.positions_error.setText(str(exc))
+            self.positions_error.show()
+            return False
+        self.positions_error.hide()
+        return True
+
+    def use_gate(self, choice: GateChoice) -> None:
+        """The calibration view's 'Use this gate': fill the gate group and switch it on."""
+        self.gate_group.use(choice)
+        self.status_message.emit(f"Gate from the calibration: layer {choice.layer}, "
+                                 f"score {'>' if choice.side == 'above' else '<'} {choice.threshold:g}.")
 
     def steering_options(self) -> tuple[str, bool]:
         """``(mode, normalize)`` of the Steering box (the generation grid uses them)."""
@@ -381,9 +457,12 @@ class GenerationPanel(QWidget):
         if not prompt:
             raise SteerdeskError("Write a prompt first.")
         steering = self.steering_spec()
+        gate = self.gate_group.gate()
+        if gate is not None and steering is None:
+            raise SteerdeskError("The gate decides whether a row is steered: pick a vector set to steer with.")
         return GenerateSpec.single(prompt, steering, compare=steering is not None and self.compare.isChecked(),
                                    sampling=self.sampling(), system=self.system.text().strip() or None,
-                                   watch=steering is not None)
+                                   watch=steering is not None, gate=gate)
 
     def generate(self) -> None:
         """Generate (the Generate button, Ctrl+Enter): submit the Spec and stream the result here.
@@ -396,7 +475,8 @@ class GenerationPanel(QWidget):
             self.error_occurred.emit(exc.title, str(exc))
             return
         flags = spec.flags()
-        self.output.start(self._num_layers, len(flags) > 1, len(flags) - 1, self.current_set())
+        self.output.start(self._num_layers, len(flags) > 1, len(flags) - 1, self.current_set(),
+                          spec.steering.positions if spec.steering is not None else "all")
         self.set_busy(True)
         self._job = job = self.controller.submit(spec)
         job.text.connect(self.output.append_text)
@@ -426,7 +506,7 @@ class GenerationPanel(QWidget):
         self.set_scale(scale)
         self.mode.setCurrentIndex(max(0, self.mode.findData(mode)))
         self.normalize.setChecked(normalize)
-        self.positions.setCurrentIndex(max(0, self.positions.findData(positions)))
+        self.set_positions(positions)
         self.compare.setChecked(True)
         where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {','.join(map(str, layers))}"
         self.status_message.emit(f"Loaded the sweep cell: {name or 'current set'}, {where}, scale {scale:g}, "
