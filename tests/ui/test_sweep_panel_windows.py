@@ -8,6 +8,7 @@ import pytest
 import torch
 from PySide6.QtCore import Qt
 from test_panel_specs import INFO, RecordingController, click, vectors
+from test_sweep_panel import click_cell
 from test_window import ARTIFACTS
 
 from steerdesk import jobs
@@ -71,7 +72,16 @@ def test_window_and_gate_go_into_the_spec(qtbot, bench, tmp_path):
     g = spec.gate
     assert (g.layer, g.threshold, g.side, g.read) == (2, 0.125, "below", "last")
     assert torch.equal(g.direction, cs.directions[2])
-    assert sp._swept_with == ("add", False, "first:3")  # a clicked cell loads the window too
+    # A clicked cell hands over the sweep's full settings: the window and the gate.
+    chosen = []
+    sp.cell_chosen.connect(chosen.append)
+    qtbot.wait(50)
+    click_cell(qtbot, sp.heatmap, 0, 1)
+    (cell,) = chosen
+    assert cell.positions == "first:3" and cell.layers == [0] and cell.scale == 0.5
+    assert (cell.gate.layer, cell.gate.threshold, cell.gate.side) == (2, 0.125, "below")
+    assert torch.equal(cell.gate.conditions.directions, cs.directions)
+    assert "gate at layer 2 (below 0.125)" in cell.describe()
     click(qtbot, sp.cancel_button)
 
 
@@ -81,6 +91,11 @@ def test_without_a_condition_there_is_no_gate(qtbot, bench):
     click(qtbot, sp.run_button)
     (spec,) = c.specs
     assert spec.positions == "prompt:0-4" and spec.gate is None
+    chosen = []
+    sp.cell_chosen.connect(chosen.append)
+    qtbot.wait(50)
+    click_cell(qtbot, sp.heatmap, 1, 2)
+    assert chosen[0].gate is None and chosen[0].positions == "prompt:0-4"
 
 
 @pytest.mark.parametrize("case,match", [

@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 
 from ..vector_sets import VectorSets
 from ..widgets.heatmap import HeatmapView
+from .condition_panel import GateChoice
 from .inputs import PairsSource, Refused, need_heldout, need_model, need_vectors
 
 
@@ -44,12 +45,15 @@ class CellChoice:
     mode: str
     normalize: bool = False
     positions: str = "all"
+    gate: Any = None  # the sweep's gate as a condition_panel.GateChoice (None: the sweep was not gated)
 
     def describe(self) -> str:
         """The settings in one line (what the generation pane loads)."""
         where = f"layer {self.layers[0]}" if len(self.layers) == 1 else f"layers {','.join(map(str, self.layers))}"
+        gate = "" if self.gate is None else (f", gate at layer {self.gate.layer} "
+                                             f"({self.gate.side} {self.gate.threshold:g})")
         return (f"{self.name or 'the current vector set'}, {where}, scale {self.scale:g}, mode {self.mode}, "
-                f"normalize {'on' if self.normalize else 'off'}, positions {self.positions}")
+                f"normalize {'on' if self.normalize else 'off'}, positions {self.positions}{gate}")
 
 
 class SweepPanel(QWidget):
@@ -73,6 +77,8 @@ class SweepPanel(QWidget):
         self.pairs = pairs
         self._swept = ""  # name of the vector set being swept
         self._swept_with: tuple[str, bool, str] | None = None  # (mode, normalize, positions) of the sweep
+        self._swept_gate: Any = None  # the GateChoice the sweep ran with (None: not gated)
+        self._built_gate: Any = None  # the GateChoice of the last Spec built
         self.result: Any = None
         self._rows: list[list[int]] = []
         self._row_labels: list[str] = []
@@ -208,8 +214,9 @@ class SweepPanel(QWidget):
                 "mode": self.mode.currentData(), "fluency_budget": self.budget.value(),
                 "max_pairs": self.max_pairs.value(), "positions": positions}
 
-    def gate(self, info: Any) -> Any:
-        """The ``ConditionGate`` of the gate controls, or None when no condition file is given.
+    def gate_choice(self, info: Any) -> GateChoice | None:
+        """The gate controls as a :class:`GateChoice` (condition vectors loaded and checked), or None
+        when no condition file is given.
 
         Raises ``SteerdeskError`` for a missing or unreadable file, vectors that are not conditions
         or do not fit the model ``info``, or a layer they have no direction for.
@@ -219,7 +226,7 @@ class SweepPanel(QWidget):
             return None
         from pathlib import Path
 
-        from ...core.condition import ConditionGate, condition_read
+        from ...core.condition import condition_read
         from ...core.errors import SteerdeskError
         from ...core.vectors import load_vectors
 
@@ -227,10 +234,22 @@ class SweepPanel(QWidget):
             raise SteerdeskError(f"Condition vector file not found: {path}")
         cs = load_vectors(path, model_layers=info.num_layers)
         cs.check_compatible(info)
-        read = condition_read(cs)
+        condition_read(cs)  # refuses steering vectors
         layer = self.gate_layer.value()
         cs.require_layers([layer])
-        return ConditionGate(layer, cs.directions[layer], self.threshold.value(), self.gate_side.currentData(), read)
+        return GateChoice(cs, path, layer, round(self.threshold.value(), 4), str(self.gate_side.currentData()))
+
+    def gate(self, info: Any) -> Any:
+        """The ``ConditionGate`` of the gate controls, or None when no condition file is given
+        (errors: :meth:`gate_choice`)."""
+        from ...core.condition import ConditionGate, condition_read
+
+        choice = self._built_gate = self.gate_choice(info)
+        if choice is None:
+            return None
+        cs = choice.conditions
+        return ConditionGate(choice.layer, cs.directions[choice.layer], choice.threshold, choice.side,
+                             condition_read(cs))
 
     def _choose_condition(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Condition vectors", "", "Vectors (*.safetensors *.gguf)")
@@ -282,6 +301,7 @@ class SweepPanel(QWidget):
         item = self.vector_sets.for_analysis()
         self._swept = item.name if item is not None else str(spec.vectors.metadata.get("name", ""))
         self._swept_with = (spec.mode, spec.normalize, spec.positions)
+        self._swept_gate = self._built_gate if spec.gate is not None else None
         self.start(list(spec.layers), {k: list(v) for k, v in (spec.sets or {}).items()}, list(spec.scales),
                    spec.fluency_budget, vectors=spec.vectors)  # no-vector rows show as such from the start
         self.set_busy(True)
@@ -477,7 +497,7 @@ class SweepPanel(QWidget):
         if self._rows and row < len(self._rows) and col < len(self._scales):
             mode, normalize, positions = self._swept_with or self._result_settings()
             self.cell_chosen.emit(CellChoice(self._swept, list(self._rows[row]), float(self._scales[col]),
-                                             mode, normalize, positions))
+                                             mode, normalize, positions, self._swept_gate))
 
     def _result_settings(self) -> tuple[str, bool, str]:
         """(mode, normalize, positions) the shown result was swept with (the controls when unknown)."""
