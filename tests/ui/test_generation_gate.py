@@ -81,8 +81,29 @@ def _job_rows(lm, gp, gate):
     return jobs.run(lm, spec).rows
 
 
+def _cli_rows(capsys, tmp_path, model, gp, conditions, threshold):
+    """The same generation with 'steerdesk generate --json' (the window's vectors saved to a file)."""
+    import json
+
+    from steerdesk import cli
+    from steerdesk.core.vectors import save_vectors
+
+    vector = tmp_path / "steer.safetensors"
+    save_vectors(gp.current_set().vectors, vector)
+    capsys.readouterr()
+    code = cli.main(["generate", "--model", model, "--device", "cpu", "--dtype", "float32", "--prompt", PROMPT,
+                     "--vector", str(vector), "--layers", str(LAYER), "--scale", str(SCALE), "--positions", WINDOW,
+                     "--condition", str(conditions), "--condition-layer", str(GATE_LAYER),
+                     "--threshold", str(threshold), "--gate-side", "above", "--max-new-tokens", "10",
+                     "--compare", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return json.loads(out.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("opened", [True, False])
-def test_gated_windowed_generation_from_the_pane_equals_the_job(qtbot, ready, conditions_file, opened):  # noqa: F811
+def test_gated_windowed_generation_from_the_pane_equals_the_job_and_the_cli(qtbot, ready, conditions_file, opened,  # noqa: F811
+                                                                            capsys, tmp_path):
     from steerdesk.core.condition import ConditionGate, gate_scores
 
     lm, vs, path = conditions_file
@@ -115,11 +136,14 @@ def test_gated_windowed_generation_from_the_pane_equals_the_job(qtbot, ready, co
     gate = ConditionGate(GATE_LAYER, vs.directions[GATE_LAYER].float(), threshold, "above", "mean")
     expected = _job_rows(lm, gp, gate)
     assert [r.token_ids for r in rows] == [r.token_ids for r in expected]
+    cli = _cli_rows(capsys, tmp_path, ready.controller.model_info.name, gp, path, threshold)
+    assert cli["token_ids"] == rows[1].token_ids and cli["unsteered"]["token_ids"] == rows[0].token_ids
+    assert cli["gate"]["open"] is opened
     assert [r.gate_open for r in rows] == [opened, opened]
     assert rows[1].gate_score == pytest.approx(score, abs=1e-5)
     if opened:
         assert rows[1].token_ids != rows[0].token_ids, "steering under the window must change the tokens"
-        assert gp.output.steered_columns() == [1, 2, 3]
+        assert gp.output.steered_columns() == [1, 2, 3] and gp.output.outlined() == (1, 3)
         assert "gate open" in gp.output.steered_label.text()
     else:
         assert rows[1].token_ids == rows[0].token_ids  # a closed gate: exactly unsteered
@@ -157,3 +181,37 @@ def test_gate_without_vectors_or_with_steering_vectors_is_refused(qtbot, ready, 
     assert "not condition vectors" in errors[-1]
     assert gp.gate_group.file.text() == str(steering)  # kept to fix
     assert gp.gate_group.conditions() is None
+
+
+@pytest.mark.parametrize("positions,gated,gate_open,expected", [
+    ("gen:2-4", False, None, [2, 3, 4]),     # no gate: the window's tokens
+    ("first:2", True, True, [0, 1]),          # gate open: the window's tokens
+    ("gen:2-4", True, False, []),             # gate closed: nothing steered
+    ("gen:2-4", True, None, None),            # a gated run stopped before its result: not known
+    ("prompt:0-3", False, None, None),        # a prompt window: depends on the prompt length
+    ("generated", False, None, [1, 2, 3, 4, 5]),
+])
+def test_heatmap_outline_follows_window_and_gate(qtbot, positions, gated, gate_open, expected):
+    import torch
+
+    from steerdesk.core.generate import GenerationResult
+    from steerdesk.core.vectors import VectorSet
+    from steerdesk.ui.panels.generation_output import GenerationOutput
+    from steerdesk.ui.vector_sets import NamedVectors
+
+    out = GenerationOutput()
+    qtbot.addWidget(out.texts)
+    qtbot.addWidget(out.heatmap)
+    steered = NamedVectors("v", VectorSet(torch.ones(4, 8), torch.ones(4)))
+    out.start(4, True, 1, steered, positions, gated)
+    rows = [GenerationResult(f"row {r}", list(range(6)), "length", gate_score=None if gate_open is None else 0.1,
+                             gate_open=gate_open) for r in range(2)]
+    out.finish(rows, 1.0)
+    assert out.steered_columns() == expected
+    title = out.heatmap.plot.plotItem.titleLabel.text
+    if expected:
+        assert "outlined" in title and out.outlined() == (expected[0], expected[-1])
+    else:
+        assert out.outlined() is None
+    if gate_open is False:
+        assert "gate closed" in title

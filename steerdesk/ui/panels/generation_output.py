@@ -41,6 +41,7 @@ class GenerationOutput(QWidget):
         self._levels = 0.05
         self._t0: float | None = None
         self._window: Any = None  # the steering's TokenWindow (None: unsteered)
+        self._gated = False  # a condition gate decides whether the steered row is steered
         self._steered_cols: list[int] | None = None  # generated tokens steered in the shown row (None: not known)
         self._outline: Any = None
         self.stats = QLabel("")  # elapsed time and tokens/s, while and after a run
@@ -81,11 +82,14 @@ class GenerationOutput(QWidget):
         self.color_by.toggled.connect(self._render_steered)
         self.color_layer.valueChanged.connect(self._render_steered)
 
-    def start(self, num_layers: int, compare: bool, steered_row: int, steered: Any, positions: str = "all") -> None:
+    def start(self, num_layers: int, compare: bool, steered_row: int, steered: Any, positions: str = "all",
+              gated: bool = False) -> None:
         """Clear the outputs for a new run: ``steered`` (a ``NamedVectors`` or None) at batch row ``steered_row``,
-        steering the token ``positions`` (a named position or a window, ``core.parsing.parse_positions``)."""
+        steering the token ``positions`` (a named position or a window, ``core.parsing.parse_positions``);
+        ``gated``: a condition gate decides whether the row is steered."""
         from ...core.parsing import parse_positions
 
+        self._gated = gated
         self._num_layers, self._compare, self._steered_row, self._steered = num_layers, compare, steered_row, steered
         self._window = parse_positions(positions) if steered is not None else None
         self._steered_cols = None
@@ -229,6 +233,13 @@ class GenerationOutput(QWidget):
         known (no steering, or a prompt window: it depends on the prompt's length in tokens)."""
         return None if self._steered_cols is None else list(self._steered_cols)
 
+    def outlined(self) -> tuple[int, int] | None:
+        """The first and last token column outlined on the heatmap, or None when nothing is outlined."""
+        if self._outline is None:
+            return None
+        r = self._outline.rect()
+        return int(r.left()), int(r.right()) - 1
+
     def _show_window(self, steered: Any, n: int) -> None:
         from ...core.errors import SteerdeskError
 
@@ -239,6 +250,10 @@ class GenerationOutput(QWidget):
         if steered.gate_open is False:
             self._steered_cols = []
             self._mark_steered([], "gate closed: no token steered")
+            return
+        if self._gated and steered.gate_open is None:  # stopped before the result: the decision is unknown
+            self._steered_cols = None
+            self._mark_steered(None, "")
             return
         try:
             cols = w.steered_tokens(n)

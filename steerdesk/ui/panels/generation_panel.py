@@ -476,7 +476,7 @@ class GenerationPanel(QWidget):
             return
         flags = spec.flags()
         self.output.start(self._num_layers, len(flags) > 1, len(flags) - 1, self.current_set(),
-                          spec.steering.positions if spec.steering is not None else "all")
+                          spec.steering.positions if spec.steering is not None else "all", spec.gate is not None)
         self.set_busy(True)
         self._job = job = self.controller.submit(spec)
         job.text.connect(self.output.append_text)
