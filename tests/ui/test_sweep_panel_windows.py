@@ -82,7 +82,16 @@ def test_window_and_gate_go_into_the_spec(qtbot, bench, tmp_path):
     assert (cell.gate.layer, cell.gate.threshold, cell.gate.side) == (2, 0.125, "below")
     assert torch.equal(cell.gate.conditions.directions, cs.directions)
     assert "gate at layer 2 (below 0.125)" in cell.describe()
-    click(qtbot, sp.cancel_button)
+    # The finished result's gate decisions are summarised under the heatmap.
+    from steerdesk.core.sweep import SweepResult
+
+    rows = [[0.0, 0.1, 0.2, 0.3, 0.4] for _ in spec.layers]
+    result = SweepResult(layers=list(spec.layers), scales=list(spec.scales), margin_delta=rows,
+                         fluency_delta=[[0.0] * 5 for _ in rows], kl=None, sets=[], baseline={}, fluency_budget=0.5,
+                         best=None, settings={"positions": "first:3"}, model={}, vector={}, dataset={},
+                         gate={"n_open": 3, "n_prompts": 7})
+    c.handles[0].finished.emit(result)
+    assert "Gate open for 3 of 7 prompts" in sp.summary.text()
 
 
 def test_without_a_condition_there_is_no_gate(qtbot, bench):

@@ -418,6 +418,10 @@ class SweepPanel(QWidget):
         if self._no_vector:
             names = ", ".join(self._row_name(r) for r in sorted(self._no_vector))
             self.summary.setText(self.summary.text() + f" No vector (not evaluated): {names}.")
+        gate = getattr(result, "gate", None)
+        if gate:
+            self.summary.setText(self.summary.text() + f" Gate open for {gate.get('n_open')} of "
+                                 f"{gate.get('n_prompts')} prompts (the others scored unsteered; KL not gated).")
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
         self.save_button.setEnabled(True)
