@@ -119,6 +119,9 @@ def test_histogram_counts_follow_the_dragged_threshold(qtbot, ready):  # noqa: F
     assert panel.threshold_value() == pytest.approx(thr, abs=1e-6) and panel.side.currentData() == side
     assert panel.confusion_now() == count(cal.scores[cal.layers.index(other)].tolist(), labels, thr, side)
 
+    ready.resize(1024, 700)  # the smallest window every panel must fit (tests/ui/test_layout.py)
+    qtbot.wait(100)
+    assert clipped(ready.condition_dock) == []
     ready.resize(1366, 768)
     panel.layer.setCurrentIndex(panel.layer.findData(cal.layer))
     qtbot.wait(100)

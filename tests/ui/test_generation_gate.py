@@ -159,9 +159,17 @@ def test_gated_windowed_generation_from_the_pane_equals_the_job_and_the_cli(qtbo
     assert [r["gate_open"] for r in rec.outputs["rows"]] == [opened, opened]
 
     if opened:
+        from test_layout import clipped
+
+        ready.resize(1024, 700)
+        qtbot.wait(50)
+        assert clipped(ready.centralWidget()) == []  # the gate's row fits the smallest window too
         ready.resize(1366, 768)
+        ready.resizeDocks([ready.dataset_dock], [640], Qt.Orientation.Horizontal)  # a wide dock: a narrower pane
         ARTIFACTS.mkdir(exist_ok=True)
         qtbot.wait(50)
+        plot = gp.heatmap.plot  # the titled plot fits its widget: every token column and the colour bar show
+        assert plot.getPlotItem().sceneBoundingRect().width() <= plot.viewport().width() + 1
         assert ready.grab().save(str(ARTIFACTS / "generation_gate_1366x768.png"))
         assert gp.grab().save(str(ARTIFACTS / "generation_gate_pane.png"))
 

@@ -24,6 +24,7 @@ from PySide6.QtWidgets import (
 from ..widgets.heatmap import HeatmapView
 
 HEAT_TITLE = "Projection on the steering direction (per token, / typical |h|)"
+SHORT_TITLE = "Projection on v per token (/ typical |h|)"  # with a note: a long title would widen the plot
 
 
 class GenerationOutput(QWidget):
@@ -249,7 +250,7 @@ class GenerationOutput(QWidget):
             return
         if steered.gate_open is False:
             self._steered_cols = []
-            self._mark_steered([], "gate closed: no token steered")
+            self._mark_steered([], "gate closed: none steered")
             return
         if self._gated and steered.gate_open is None:  # stopped before the result: the decision is unknown
             self._steered_cols = None
@@ -259,20 +260,20 @@ class GenerationOutput(QWidget):
             cols = w.steered_tokens(n)
         except SteerdeskError:  # a prompt window: only token 0 could be, and that depends on the prompt length
             self._steered_cols = None
-            self._mark_steered(None, "prompt window: it steers prompt tokens")
+            self._mark_steered(None, "prompt window (not marked)")
             return
         self._steered_cols = cols
         if w.kind == "all" and steered.gate_open is None:
             self._mark_steered(None, "")  # every token, no gate: the plain picture
             return
-        self._mark_steered(cols, "outlined: tokens produced under steering" if cols else "no token steered")
+        self._mark_steered(cols, "outlined: steered tokens" if cols else "no token steered")
 
     def _mark_steered(self, cols: list[int] | None, note: str) -> None:
         """Outline the steered tokens' columns on the heatmap (they form one run) and say so in its title."""
         if self._outline is not None:
             self.heatmap.plot.removeItem(self._outline)
             self._outline = None
-        self.heatmap.plot.setTitle(f"{HEAT_TITLE} · {note}" if note else HEAT_TITLE)
+        self.heatmap.plot.setTitle(f"{SHORT_TITLE} · {note}" if note else HEAT_TITLE)
         if not cols:
             return
         rows = max(self._heat.shape[0], 1)
