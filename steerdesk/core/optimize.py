@@ -54,58 +54,11 @@ from .extract import Encoded, compute_vectors, encode
 from .layouts import Layout, make_layout
 from .memory import oom_guard
 from .models import LoadedModel
+from .optimize_settings import MIN_PAIRS, EpochReport, OptimizeSettings
 from .steering import block_hidden
 from .vectors import VectorSet
 
-#: Fewest pairs accepted: one held out for validation (early stopping), two to train on.
-MIN_PAIRS = 3
-
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class OptimizeSettings:
-    """Hyper-parameters of :func:`optimize_vectors` (defaults and their sources: docs/decisions.md).
-
-    ``beta``: DPO/BiPO inverse temperature on summed reply log-probs (nats). ``lr``: Adam step size
-    *relative* to the root-mean-square component of the layer's mean-difference vector (so the same
-    value suits any model's activation scale). ``kl_weight``: weight of the neutral-text KL (nats per
-    token). ``max_norm``: bound on ``|v| / |v_meandiff|``. ``epochs``: most passes over the training
-    pairs; ``patience``: epochs without a better validation loss before stopping. ``batch_size``:
-    pairs per step (each pair is two rows). ``val_fraction``: share of the pairs held out for
-    validation. ``seed``: shuffling, directions and the validation split.
-    """
-
-    beta: float = 0.1
-    lr: float = 0.05
-    kl_weight: float = 1.0
-    max_norm: float = 2.0
-    epochs: int = 10
-    patience: int = 2
-    batch_size: int = 8
-    val_fraction: float = 0.2
-    seed: int = 0
-
-    def check(self) -> None:
-        """Raise ``SteerdeskError`` (one line) for a value that cannot train."""
-        finite = {"beta": self.beta, "lr": self.lr, "kl_weight": self.kl_weight, "max_norm": self.max_norm}
-        for name, value in finite.items():
-            if not math.isfinite(value) or value < 0 or (value == 0 and name != "kl_weight"):
-                raise SteerdeskError(f"Optimisation setting {name} must be a positive number, got {value}.")
-        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
-            raise SteerdeskError("Epochs, patience and batch size must each be at least 1.")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise SteerdeskError(f"The validation fraction must be in (0, 1), got {self.val_fraction}.")
-
-
-@dataclass
-class EpochReport:
-    """One point of a layer's loss curves: ``epoch`` 0 is the mean-difference start (no train loss)."""
-
-    layer: int
-    epoch: int
-    train_loss: float | None  # mean loss of the epoch's steps (random directions), nats
-    val_loss: float  # validation loss (both directions), nats
 
 
 @dataclass
@@ -171,10 +124,10 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
 
 # ============================================================================ log-probs
 
-def _reply_logprobs(lm: LoadedModel, lay: Layout, steer: AddVector | None,
-                    full: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed reply log-prob per row ``[rows]`` (float32, differentiable) and, with ``full``, the
-    ``[N, V]`` log-softmax at the scored tokens (else an empty tensor)."""
+def _reply_logprobs(lm: LoadedModel, lay: Layout, steer: AddVector | None, full: bool = False,
+                    mean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed (``mean``: per-token mean) reply log-prob per row ``[rows]`` (float32, differentiable)
+    and, with ``full``, the ``[N, V]`` log-softmax at the scored tokens (else an empty tensor)."""
     if steer is None:
         logits, lo = model_logits(lm, lay.ids, lay.mask, lay.positions, lay.keep())
     else:
@@ -185,6 +138,8 @@ def _reply_logprobs(lm: LoadedModel, lay: Layout, steer: AddVector | None,
     logp = logits[rows, cols].float().log_softmax(-1)
     tok_lp = logp.gather(-1, lay.tok.to(logp.device)[:, None]).squeeze(-1)
     sums = torch.zeros(lay.rows, dtype=torch.float32, device=tok_lp.device).index_add(0, rows, tok_lp)
+    if mean:
+        sums = sums / lay.counts.to(sums.device)
     return sums, (logp if full else torch.empty(0))
 
 
@@ -195,13 +150,13 @@ def _pair_layout(lm: LoadedModel, pairs: Sequence[tuple[Encoded, Encoded]]) -> L
 
 
 def _pair_losses(lm: LoadedModel, layer: int, v: torch.Tensor, pairs: Sequence[tuple[Encoded, Encoded]],
-                 ref: torch.Tensor, dirs: torch.Tensor, beta: float) -> torch.Tensor:
+                 ref: torch.Tensor, dirs: torch.Tensor, beta: float, mean: bool = False) -> torch.Tensor:
     """Per-pair preference loss ``[P]`` (differentiable in ``v``); ``ref`` ``[P, 2]`` (base, target)
-    unsteered summed log-probs, ``dirs`` ``[P]`` of +-1."""
+    unsteered summed (``mean``: per-token mean) log-probs, ``dirs`` ``[P]`` of +-1."""
     lay = _pair_layout(lm, pairs)
     p = len(pairs)
     signs = torch.cat([dirs, dirs]).float()
-    sums, _ = _reply_logprobs(lm, lay, AddVector(lm, layer, v, signs))
+    sums, _ = _reply_logprobs(lm, lay, AddVector(lm, layer, v, signs), mean=mean)
     sums = sums.cpu()
     gain = (sums[p:] - ref[:, 1]) - (sums[:p] - ref[:, 0])
     return -F.logsigmoid(beta * dirs.float() * gain)
@@ -257,7 +212,8 @@ class _Trainer:
             for start in range(0, len(pairs), bs):
                 _check(cancel)
                 chunk = list(range(start, min(start + bs, len(pairs))))
-                sums, _ = _reply_logprobs(lm, _pair_layout(lm, [pairs[i] for i in chunk]), None)
+                sums, _ = _reply_logprobs(lm, _pair_layout(lm, [pairs[i] for i in chunk]), None,
+                                          mean=settings.reply_logprob == "mean")
                 sums = sums.cpu()
                 self.ref[chunk, 0], self.ref[chunk, 1] = sums[:len(chunk)], sums[len(chunk):]
         self.neutral: _Neutral | None = None
@@ -273,7 +229,7 @@ class _Trainer:
              kl_signs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean preference loss, KL term) over pairs ``idx`` with directions ``dirs``."""
         pref = _pair_losses(self.lm, layer, v, [self.pairs[i] for i in idx], self.ref[list(idx)], dirs,
-                            self.s.beta).mean()
+                            self.s.beta, self.s.reply_logprob == "mean").mean()
         kl = torch.zeros(())
         if self.neutral is not None and kl_signs is not None:
             kl = _neutral_kl(self.lm, layer, v, self.neutral, kl_signs)

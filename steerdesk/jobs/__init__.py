@@ -13,7 +13,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import bake, calibrate, compute, diagnose, generate, grid, load, rerun, search, sweep, versus
+from . import bake, calibrate, compute, diagnose, generate, grid, load, method_compare, rerun, search, sweep, versus
 from .bake import BakeSpec
 from .calibrate import CalibrateSpec
 from .compute import ComputeSpec
@@ -22,6 +22,7 @@ from .diagnose import DiagnoseSpec
 from .generate import GenerateSpec
 from .grid import GridSpec
 from .load import LoadSpec
+from .method_compare import CompareSpec
 from .rerun import Rerun, RerunSpec
 from .search import SearchSpec
 from .steering_spec import SteeringSpec
@@ -40,6 +41,7 @@ JOBS: dict[type, ModuleType] = {
     SearchSpec: search,
     RerunSpec: rerun,
     CalibrateSpec: calibrate,
+    CompareSpec: method_compare,
 }
 
 
@@ -70,6 +72,7 @@ __all__ = [
     "JOBS",
     "BakeSpec",
     "CalibrateSpec",
+    "CompareSpec",
     "ComputeSpec",
     "DiagnoseSpec",
     "GenerateSpec",

@@ -176,3 +176,24 @@ def test_compute_job_optimized_and_cancel(llama):
         jobs.compute.run(llama, jobs.ComputeSpec(dataset=ds, method="optimized"), jobs.JobContext())
     with pytest.raises(SteerdeskError, match="only for the optimized"):
         jobs.compute.run(llama, jobs.ComputeSpec(dataset=ds, layers=(1,)), jobs.JobContext())
+
+
+def test_mean_reply_logprob_loss_matches_per_pair_evaluation(llama):
+    """``reply_logprob="mean"``: the objective equals -log sigmoid(beta * d * margin gain) averaged over
+    pairs and both directions, with each pair's margin gain (per-token mean log-probs, target minus
+    base, steered with d*v minus unsteered) measured on its own by ``core.evaluate``."""
+    ds = synthetic(TOPICS[:4])
+    torch.manual_seed(3)
+    v = torch.randn(llama.info.hidden_size) * 2
+    s = OptimizeSettings(reply_logprob="mean", kl_weight=0.0, beta=2.0)
+    expected = []
+    for ex in ds.examples:
+        for d in (1.0, -1.0):
+            gain = evaluate(llama, Dataset([ex], name="one"), [Steer(LAYER, v, scale=d)]).margin_delta
+            expected.append(float(-torch.nn.functional.logsigmoid(torch.tensor(s.beta * d * gain))))
+    got = preference_loss(llama, ds, LAYER, v, settings=s)
+    assert got == pytest.approx(sum(expected) / len(expected), rel=1e-4, abs=1e-5)
+    summed = preference_loss(llama, ds, LAYER, v, settings=OptimizeSettings(kl_weight=0.0, beta=2.0))
+    assert summed != pytest.approx(got, rel=1e-3)  # the two normalisations differ on these replies
+    with pytest.raises(SteerdeskError, match="reply_logprob"):
+        OptimizeSettings(reply_logprob="max").check()
