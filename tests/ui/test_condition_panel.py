@@ -158,3 +158,36 @@ def test_use_this_gate_fills_the_generation_pane_and_generates_gated(qtbot, read
                               ConditionGate(cal.layer, gate.direction, gate.threshold, gate.side, gate.read))[0])
     assert rows[1].gate_score == pytest.approx(score, abs=1e-5)
     assert rows[1].gate_open == (score > gate.threshold if gate.side == "above" else score < gate.threshold)
+
+
+def test_stop_calibration_leaves_nothing_half_done(qtbot, window, tiny_model_dirs):
+    from test_window import load
+
+    load(qtbot, window, tiny_model_dirs["tiny-a"])
+    panel = window.condition_panel
+    window.condition_dock.raise_()
+    panel.dataset.setCurrentText("cooking")
+    done, stopped = [], []
+    panel.finished.connect(done.append)
+    window.controller.job_cancelled.connect(stopped.append)
+    qtbot.mouseClick(panel.calibrate_button, Qt.MouseButton.LeftButton)
+    assert panel.stop_button.isEnabled() and not panel.calibrate_button.isEnabled()
+    qtbot.mouseClick(panel.stop_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(panel.calibrate_button.isEnabled, timeout=60000)
+    assert not done and panel.choice() is None and not panel.use_button.isEnabled()
+    assert not panel.stop_button.isEnabled()
+
+
+def test_bad_condition_set_is_one_line(qtbot, window, tiny_model_dirs, tmp_path):
+    from test_window import load
+
+    load(qtbot, window, tiny_model_dirs["tiny-a"])
+    panel = window.condition_panel
+    errors = []
+    panel.error_occurred.connect(lambda title, msg: errors.append((title, msg)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "on": true}\n{"prompt": "b"}\n')
+    panel.dataset.setCurrentText(str(bad))
+    qtbot.mouseClick(panel.calibrate_button, Qt.MouseButton.LeftButton)
+    assert errors == [("Cannot calibrate", f"{bad}:2: expected a JSON object with 'prompt' and 'on'.")]
+    assert panel.dataset.currentText() == str(bad) and panel.calibrate_button.isEnabled()
