@@ -118,6 +118,7 @@ class MainWindow(QMainWindow):
                 panel.status_message.connect(self.show_status)
         vp.vectors_ready.connect(lambda _item: self.vector_dock.raise_())
         sp.started.connect(self.sweep_dock.raise_)
+        sp.cell_chosen.connect(lambda c: gp.set_gate(c.gate))  # first: the cell's gate (or none), then generate
         sp.cell_chosen.connect(lambda c: gp.try_steering(c.name, c.layers, c.scale, c.mode, c.normalize, c.positions))
         ap.shown.connect(self.analysis_dock.raise_)
         self.search_panel.started.connect(self.search_dock.raise_)

@@ -223,3 +223,29 @@ def test_heatmap_outline_follows_window_and_gate(qtbot, positions, gated, gate_o
         assert out.outlined() is None
     if gate_open is False:
         assert "gate closed" in title
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_a_sweep_cell_loads_its_gate_into_the_pane(qtbot, ready, conditions_file, gated):  # noqa: F811
+    """The sweep panel's chosen cell carries the sweep's gate (or none): the window loads it into the
+    pane's gate group before it generates, so the comparison runs with the sweep's own gate."""
+    from steerdesk.ui.panels.condition_panel import GateChoice
+    from steerdesk.ui.panels.sweep_panel import CellChoice
+
+    _lm, vs, path = conditions_file
+    gp = ready.generation_panel
+    gp.gate_group.setChecked(not gated)  # the opposite state before the click
+    gp.gate_group.load_file(str(path))
+    gp.max_tokens.setValue(4)
+    gate = GateChoice(vs, str(path), GATE_LAYER, -0.5, "above") if gated else None
+    cell = CellChoice("neutral_rude", [LAYER], 2.0, "add", False, "first:2", gate)
+    with qtbot.waitSignal(gp.finished, timeout=60000) as blocker:
+        ready.sweep_panel.cell_chosen.emit(cell)
+    rows = blocker.args[0].rows
+    assert gp.gate_group.isChecked() is gated
+    assert gp.positions_value() == "first:2" and gp.selected_layers() == [LAYER]
+    if gated:
+        assert (gp.gate_group.layer.value(), gp.gate_group.threshold.value()) == (GATE_LAYER, -0.5)
+        assert rows[1].gate_score is not None and rows[1].gate_open is (rows[1].gate_score > -0.5)
+    else:
+        assert rows[1].gate_score is None and rows[1].gate_open is None

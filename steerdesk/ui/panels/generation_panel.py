@@ -438,6 +438,14 @@ class GenerationPanel(QWidget):
         self.positions_error.hide()
         return True
 
+    def set_gate(self, choice: GateChoice | None) -> None:
+        """Load a gate with a sweep cell's settings: its gate (switched on), or the gate switched off
+        (an ungated sweep; the group keeps its values for later)."""
+        if choice is None:
+            self.gate_group.setChecked(False)
+        else:
+            self.gate_group.use(choice)
+
     def use_gate(self, choice: GateChoice) -> None:
         """The calibration view's 'Use this gate': fill the gate group and switch it on."""
         self.gate_group.use(choice)
