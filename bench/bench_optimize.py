@@ -9,13 +9,14 @@ Two measurements on SmolLM2-135M-Instruct (CPU, float32 unless told otherwise):
   mean-difference vectors and the optimised vector of ``--layer``; both are swept on the held-out
   part (``core.sweep``, layer ``--layer`` x ``--scales``, add, all positions) and the best margin
   delta with a fluency loss of at most ``--budget`` (0.5 nats/token) is reported for each, with
-  the ratio optimised / mean-diff (acceptance: >= 1.5 on at least two of the three sets). The
-  prompt baseline of the issue is not measured here.
+  the ratio optimised / mean-diff (acceptance: >= 1.5 on at least two of the three sets). Now
+  ``core.method_compare.compare_methods``: mean-diff, PCA and optimized over the same ``--layers`` x
+  ``--scales``, and the prompt baseline (``INSTRUCTIONS``, as system message).
 
 Usage::
 
-    .venv/bin/python bench/bench_optimize.py time --threads 2
-    .venv/bin/python bench/bench_optimize.py compare --sets neutral_rude --epochs 3 --json out.json
+    .venv/bin/python bench/bench_optimize.py time --threads 1
+    .venv/bin/python bench/bench_optimize.py compare --threads 1 --sets neutral_rude --layers 12,15 --json out.json
 """
 
 from __future__ import annotations
@@ -40,12 +41,21 @@ def log(msg: str) -> None:
     print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+#: The prompt baseline's instruction per bundled set (the system message, no vector).
+INSTRUCTIONS = {"neutral_rude": "Reply rudely.",
+                "formal_casual": "Reply casually, like a friend texting.",
+                "assistant_golden_retriever": "Reply as an excited golden retriever dog."}
+
+
 def _settings(args: argparse.Namespace) -> Any:
     from steerdesk.core.optimize import OptimizeSettings
 
     d = OptimizeSettings()
     return OptimizeSettings(epochs=args.epochs or d.epochs, batch_size=args.batch_size or d.batch_size,
-                            lr=args.lr or d.lr, seed=args.seed)
+                            lr=args.lr or d.lr, seed=args.seed,
+                            kl_weight=d.kl_weight if args.kl_weight is None else args.kl_weight,
+                            beta=args.beta or d.beta, reply_logprob=args.reply_logprob or d.reply_logprob,
+                            patience=args.patience or d.patience)
 
 
 def _train(lm: Any, ds: Any, layer: int, settings: Any) -> tuple[Any, float]:
@@ -63,37 +73,37 @@ def run_time(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     full = load_bundled("neutral_rude")
     ds = Dataset(full.examples[:args.pairs], name=f"neutral_rude[:{args.pairs}]")
-    vs, seconds = _train(lm, ds, args.layer, _settings(args))
+    vs, seconds = _train(lm, ds, args.layers[0], _settings(args))
     meta = json.loads(vs.metadata["optimize"])
-    return {"pairs": len(ds), "layer": args.layer, "seconds": round(seconds, 1), "optimize": meta}
+    return {"pairs": len(ds), "layer": args.layers[0], "seconds": round(seconds, 1), "optimize": meta,
+            "load_average_after": os.getloadavg()}
 
 
 def run_compare(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Per set: ``core.method_compare.compare_methods`` (the same computation as ``steerdesk inspect
+    --compare`` and the Analysis dock), every method over the same layers x scales."""
     from steerdesk.core.datasets import load_bundled
-    from steerdesk.core.extract import compute_vectors
-    from steerdesk.core.sweep import sweep
-    from steerdesk.core.sweep_result import pick_best
+    from steerdesk.core.method_compare import compare_methods
 
     out: dict[str, Any] = {}
     for name in args.sets.split(","):
         train, held = load_bundled(name).split(0.25)
-        log(f"{name}: {len(train)} training pairs, {len(held)} held out")
-        md = compute_vectors(lm, train, batch_size=16)
-        opt, seconds = _train(lm, train, args.layer, _settings(args))
-        row: dict[str, Any] = {"train_pairs": len(train), "heldout_pairs": len(held),
-                               "optimize_seconds": round(seconds, 1),
-                               "optimize": json.loads(opt.metadata["optimize"])["curves"]}
-        for label, vs in (("mean-diff", md), ("optimized", opt)):
-            res = sweep(lm, vs, held, layers=[args.layer], scales=list(args.scales), fluency_budget=args.budget)
-            best = pick_best(res.margin_delta, res.fluency_delta, args.budget)
-            cells = [{"scale": s, "margin": m, "fluency": f}
-                     for s, m, f in zip(res.scales, res.margin_delta[0], res.fluency_delta[0])]
-            row[label] = {"best_margin": None if best is None else res.margin_delta[best[0]][best[1]],
-                          "best_scale": None if best is None else res.scales[best[1]], "cells": cells}
-            log(f"{name} {label}: best within budget {row[label]['best_margin']} at x{row[label]['best_scale']}")
-        m0, m1 = row["mean-diff"]["best_margin"], row["optimized"]["best_margin"]
-        row["ratio"] = None if not m0 or m1 is None else m1 / m0
+        log(f"{name}: {len(train)} training pairs, {len(held)} held out; load {os.getloadavg()}")
+        t0 = time.perf_counter()
+        cmp = compare_methods(lm, train, held, layers=args.layers, scales=args.scales, budget=args.budget,
+                              instruction=INSTRUCTIONS.get(name), methods=args.methods.split(","),
+                              optimize=_settings(args),
+                              on_epoch=lambda r: log(f"{name} layer {r.layer} epoch {r.epoch}: train "
+                                                     f"{r.train_loss}, val {r.val_loss:.4f} "
+                                                     f"({time.perf_counter() - t0:.0f} s)"),
+                              progress=lambda d, t: log(f"{name}: stage {d}/{t} ({time.perf_counter() - t0:.0f} s)"))
+        log("\n" + cmp.format_table())
+        row = cmp.to_dict()
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        row["load_average_after"] = os.getloadavg()
         out[name] = row
+        if args.json:
+            Path(args.json).write_text(json.dumps({"partial": out}, indent=1))
     return out
 
 
@@ -101,7 +111,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["time", "compare"])
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=[15],
+                    help="layers compared (each method swept over all; 'time' trains the first)")
+    ap.add_argument("--methods", default="mean-diff,pca,optimized")
     ap.add_argument("--pairs", type=int, default=64, help="pairs trained on ('time')")
     ap.add_argument("--sets", default=",".join(SETS), help="bundled sets ('compare'), comma-separated")
     ap.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",")], default=list(SCALES))
@@ -110,6 +122,10 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=0, help="0: the default")
     ap.add_argument("--lr", type=float, default=0.0, help="0: the default")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kl-weight", type=float, default=None, help="None: the default")
+    ap.add_argument("--beta", type=float, default=0.0, help="0: the default")
+    ap.add_argument("--patience", type=int, default=0, help="0: the default")
+    ap.add_argument("--reply-logprob", choices=["sum", "mean"], default=None)
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()
 

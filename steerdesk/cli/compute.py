@@ -31,6 +31,17 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=float, default=0.0,
                    help="fraction of pairs held out (not used for the vector)")
     p.add_argument("--system", help="system message used when formatting examples")
+    optimize_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of the optimisation")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors (or .gguf)")
+    p.add_argument("--record", metavar="RECIPE", help="also write a JSON recipe of this run (see 'run')")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def optimize_args(p: argparse.ArgumentParser) -> None:
+    """Add the optimized method's settings (an argument group; ``--seed`` and ``--batch-size`` are the
+    caller's) to ``p``; :func:`optimize_settings` reads them back."""
     opt = p.add_argument_group("optimized method (defaults: docs/decisions.md, 'Optimized vectors')")
     d = OptimizeSettings()
     opt.add_argument("--epochs", type=int, default=d.epochs, help=f"most epochs (default {d.epochs})")
@@ -39,17 +50,24 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     opt.add_argument("--lr", type=float, default=d.lr,
                      help=f"Adam step relative to the mean difference's RMS component (default {d.lr})")
     opt.add_argument("--beta", type=float, default=d.beta, help=f"preference-loss beta (default {d.beta})")
+    opt.add_argument("--reply-logprob", choices=["sum", "mean"], default=d.reply_logprob,
+                     help=f"reply log-prob in the preference loss: summed (BiPO) or per-token mean "
+                          f"(default {d.reply_logprob})")
     opt.add_argument("--kl-weight", type=float, default=d.kl_weight,
                      help=f"weight of the KL to the unsteered model on neutral text (default {d.kl_weight})")
     opt.add_argument("--max-norm", type=float, default=d.max_norm,
                      help=f"bound on |v| / |mean difference| (default {d.max_norm})")
     opt.add_argument("--val-fraction", type=float, default=d.val_fraction,
                      help=f"share of the pairs held out for early stopping (default {d.val_fraction})")
-    opt.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of the optimisation")
-    p.add_argument("-o", "--output", required=True, help="output .safetensors (or .gguf)")
-    p.add_argument("--record", metavar="RECIPE", help="also write a JSON recipe of this run (see 'run')")
-    p.add_argument("--json", action="store_true")
-    return p
+
+
+def optimize_settings(args: argparse.Namespace) -> OptimizeSettings:
+    """The :class:`OptimizeSettings` of :func:`optimize_args`' options (checked: ``SteerdeskError``)."""
+    settings = OptimizeSettings(beta=args.beta, lr=args.lr, kl_weight=args.kl_weight, max_norm=args.max_norm,
+                                epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
+                                val_fraction=args.val_fraction, seed=args.seed, reply_logprob=args.reply_logprob)
+    settings.check()
+    return settings
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,10 +87,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.layers:
             raise SteerdeskError("--method optimized trains chosen layers: add --layers (e.g. --layers 12).")
         parse_layers(args.layers)
-        settings = OptimizeSettings(beta=args.beta, lr=args.lr, kl_weight=args.kl_weight, max_norm=args.max_norm,
-                                    epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
-                                    val_fraction=args.val_fraction, seed=args.seed)
-        settings.check()
+        settings = optimize_settings(args)
         if len(used) < MIN_PAIRS:
             raise SteerdeskError(
                 f"--method optimized needs at least {MIN_PAIRS} pairs to train on, {loaded.name!r} gives {len(used)}: "

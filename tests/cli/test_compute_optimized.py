@@ -73,3 +73,53 @@ def test_optimized_compute_recipe_reruns_to_the_same_vector(capsys, tiny_llama_f
     out, err = capsys.readouterr()
     assert code == 0, err
     assert json.loads(out)["reproduced"] is True
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--layers", "2"], "--heldout"),
+    (["--heldout", "0.25"], "--layers"),
+    (["--heldout", "0.25", "--layers", "2", "--methods", "mean-diff,lora"], "Unknown method 'lora'"),
+    (["--heldout", "0.25", "--layers", "2", "--scales", "1,x"], "Cannot read scales"),
+    (["--heldout", "0.25", "--layers", "2", "--kl-weight", "-1"], "kl_weight"),
+])
+def test_inspect_compare_refused_before_the_model_loads(capsys, monkeypatch, tmp_path, extra, fragment):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model should not load")
+
+    vec = tmp_path / "v.safetensors"
+    vec.write_bytes(b"x")
+    monkeypatch.setattr(models, "load_model", no_load)
+    code = cli.main(["inspect", str(vec), "--dataset", _small(tmp_path, 8), "--compare", *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_inspect_compare_rows(capsys, tiny_llama_folder, tmp_path):
+    """`inspect --compare`: one row per method, the file as its own row, the prompt baseline. The file is
+    the mean difference of the same training split (written by `compute --heldout`), so its row must
+    equal the mean-diff row computed inside the comparison: the same split, layers, scales and budget."""
+    model = ["--model", str(tiny_llama_folder), "--device", "cpu", "--dtype", "float32"]
+    data = _small(tmp_path, 10)
+    vec = tmp_path / "md.safetensors"
+    assert cli.main(["compute", *model, "--dataset", data, "--heldout", "0.3", "-o", str(vec)]) == 0
+    capsys.readouterr()
+    code = cli.main(["inspect", str(vec), *model, "--dataset", data, "--heldout", "0.3", "--compare",
+                     "--layers", "1,2", "--scales", "0.5,1,4", "--budget", "100", "--instruction", "Reply rudely.",
+                     "--epochs", "1", "--batch-size", "4", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    got = json.loads(out)
+    rows = {m["method"]: m for m in got["methods"]}
+    assert list(rows) == ["mean-diff", "pca", "optimized", "md.safetensors"]
+    assert got["train_pairs"] == 7 and got["heldout_pairs"] == 3 and got["layers"] == [1, 2]
+    for a, b in zip(rows["md.safetensors"]["margin_delta"], rows["mean-diff"]["margin_delta"]):
+        assert a == pytest.approx(b, abs=1e-5)
+    for row in rows.values():  # budget 100: the best is the largest margin of the grid
+        assert row["best_margin"] == pytest.approx(max(max(r) for r in row["margin_delta"]))
+    assert got["prompt"]["instruction"] == "Reply rudely." and got["winner"] is not None
+    code = cli.main(["inspect", str(vec), *model, "--dataset", data, "--heldout", "0.3", "--compare",
+                     "--layers", "2", "--methods", "mean-diff"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "mean-diff" in out and "Best within the budget" in out
