@@ -33,6 +33,7 @@ from ..layout import Reflow
 from ..vector_sets import VectorSets
 from ..widgets.heatmap import HeatmapView, _match_palette
 from .inputs import PairsSource, Refused, need_heldout, need_model, need_vectors
+from .methods_tab import MethodsTab
 
 WRITE_ERRORS = (OSError,)  # with SteerdeskError (imported lazily): a failed write is shown, never lost
 
@@ -353,7 +354,7 @@ class HistoryTab(QWidget):
 
 
 class AnalysisPanel(QTabWidget):
-    """Tabs: Diagnostics, Prompt vs vector, Generation grid, History; builds and submits their jobs."""
+    """Tabs: Diagnostics, Prompt vs vector, Methods, Generation grid, History; builds and submits their jobs."""
 
     shown = Signal()
     """A result arrived (the window brings this panel to the front)."""
@@ -373,13 +374,16 @@ class AnalysisPanel(QTabWidget):
         self.versus = VersusTab()
         self.grid = GridTab()
         self.history = HistoryTab()
+        self.methods = MethodsTab()
         self.addTab(self.diagnostics, "Diagnostics")
         self.addTab(self.versus, "Prompt vs vector")
+        self.addTab(self.methods, "Methods")
         self.addTab(self.grid, "Generation grid")
         self.addTab(self.history, "History")
         self.diagnostics.run_requested.connect(self.run_diagnose)
         self.versus.run_requested.connect(self.run_versus)
         self.grid.run_requested.connect(self.run_grid)
+        self.methods.run_requested.connect(self.run_methods)
         self.grid.error_occurred.connect(self.error_occurred)
         self.history.error_occurred.connect(self.error_occurred)
         if controller is not None:
@@ -387,7 +391,7 @@ class AnalysisPanel(QTabWidget):
 
     def set_busy(self, busy: bool) -> None:
         """The three Run buttons disabled while busy."""
-        for b in (self.diagnostics.run_button, self.versus.run_button, self.grid.run_button):
+        for b in (self.diagnostics.run_button, self.versus.run_button, self.grid.run_button, self.methods.run_button):
             b.setEnabled(not busy)
 
     # -- building Specs ----------------------------------------------------------------
@@ -456,6 +460,15 @@ class AnalysisPanel(QTabWidget):
     def run_versus(self) -> None:
         """Compare prompt vs vector (the tab's button)."""
         self._submit(self.versus_spec, self.versus, self.versus.show_result)
+
+    def run_methods(self) -> None:
+        """Compare mean-diff, PCA, optimized (and the analysis set) with the prompt (the tab's button)."""
+        vs = self.vector_sets
+        job = self._submit(lambda: self.methods.build_spec(self.controller, self.pairs, vs.for_analysis()),
+                           self.methods, self.methods.show_result)
+        if job is not None:
+            job.progress.connect(self.methods.set_progress)
+            job.partial.connect(self.methods.show_epoch)
 
     def run_grid(self) -> None:
         """Generate the grid (the tab's button); rows appear as they are done."""
