@@ -17,12 +17,15 @@ in one run (batched, one-at-a-time, per-trial evaluate, batched again):
   then 5 batches of 5 trials, each batch one ``TextScorer.score`` call (``Evaluator.score``);
 * **one at a time, shared baseline**: the same evaluator, 25 ``score`` calls of one trial each;
 * **per-trial evaluate**: ``core.evaluate.evaluate`` per trial (what an Optuna objective calling
-  the public one-configuration API costs: tokenising and the baseline again for every trial).
+  the public one-configuration API costs: tokenising and the baseline again for every trial);
+* **batched_sweep** (``--order``): 5 batches of 5, each one sweep-engine run
+  (``Evaluator.score(engine="sweep")``: prefix reuse and packing, block inputs recorded per batch).
 
 Usage::
 
     nice .venv/bin/python bench/bench_search.py accept --json accept.json
     nice .venv/bin/python bench/bench_search.py speed --json speed.json
+    .venv/bin/python bench/bench_search.py speed --study S.db --order batched_sweep,one_at_a_time,batched_sweep,one_at_a_time
     .venv/bin/python bench/bench_search.py accept --quick          # 1 dataset, 2 seeds, 6 layers
 """
 
@@ -202,10 +205,19 @@ def cmd_speed(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
             got.append((e.margin_delta, e.kl if e.kl is not None else float("nan"), e.fluency_delta))
         return got
 
+    def batched_sweep() -> list[tuple[float, float, float]]:
+        ev = Evaluator.prepare(lm, vs, held, neutral=neutral)
+        got: list[tuple[float, float, float]] = []
+        for i in range(0, len(settings), args.batch):
+            got.extend(ev.score(settings[i:i + args.batch], engine="sweep"))
+        return got
+
+    fns = {"batched": batched, "one_at_a_time": one_at_a_time, "per_trial_evaluate": per_trial_evaluate,
+           "batched_sweep": batched_sweep}
+    order = args.order.split(",")
     runs: list[dict[str, Any]] = []
     results: dict[str, list[tuple[float, float, float]]] = {}
-    for name, fn in (("batched", batched), ("one_at_a_time", one_at_a_time), ("per_trial_evaluate", per_trial_evaluate),
-                     ("batched", batched)):
+    for name, fn in ((n, fns[n]) for n in order):
         la = loadavg()
         c0, t0 = time.process_time(), time.perf_counter()
         results[name] = fn()
@@ -214,6 +226,20 @@ def cmd_speed(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
         log(f"{name}: {wall:.1f} s wall, {cpu:.1f} s CPU (load {la})")
         if args.json:
             Path(args.json).write_text(json.dumps({**out, "speed_runs": runs}, indent=1))
+    if "batched_sweep" in order:
+        sw = [r for r in runs if r["what"] == "batched_sweep"]
+        on = [r for r in runs if r["what"] == "one_at_a_time"]
+        ref = results.get("per_trial_evaluate") or results["one_at_a_time"]
+        out["speed_sweep"] = {
+            "runs": runs, "trials": len(settings), "batch": args.batch,
+            "cpu_ratio_one_at_a_time": round(sum(r["cpu"] for r in on) / len(on) / (sum(r["cpu"] for r in sw) / len(sw)), 3),
+            "wall_ratio_one_at_a_time": round(sum(r["wall"] for r in on) / len(on) / (sum(r["wall"] for r in sw) / len(sw)), 3),
+            "max_abs_diff_vs_reference": max(abs(x - y) for a, c in zip(results["batched_sweep"], ref)
+                                             for x, y in zip(a, c))}
+        log(f"sweep-engine batches: {out['speed_sweep']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+        return
     b = [r["wall"] for r in runs if r["what"] == "batched"]
     mean_b = sum(b) / len(b)
     one = next(r["wall"] for r in runs if r["what"] == "one_at_a_time")
@@ -249,6 +275,8 @@ def main() -> int:
     ap.add_argument("--random-start", action="store_true",
                     help="accept: Optuna's random first batch instead of the default depth-spread start points")
     ap.add_argument("--keep", metavar="DIR", help="accept: keep each search's study file in DIR")
+    ap.add_argument("--order", default="batched,one_at_a_time,per_trial_evaluate,batched",
+                    help="speed: contenders in run order (batched, one_at_a_time, per_trial_evaluate, batched_sweep)")
     ap.add_argument("--study", help="speed: take the 25 trial settings from this study (read-only)")
     ap.add_argument("--grid-from", help="reuse the grid of an earlier accept run's JSON (same vectors and pairs)")
     args = ap.parse_args()

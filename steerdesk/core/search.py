@@ -238,17 +238,49 @@ class Evaluator:
         base = scorer.baseline(cancel)
         return cls(lm, vectors, scorer, base)
 
-    def score(self, batch: Sequence[TrialSettings], cancel: threading.Event | None = None
-              ) -> list[tuple[float, float, float]]:
-        """``(margin delta, KL, fluency delta)`` per settings, from **one** ``TextScorer.score`` call."""
+    def score(self, batch: Sequence[TrialSettings], cancel: threading.Event | None = None,
+              engine: str = "scorer") -> list[tuple[float, float, float]]:
+        """``(margin delta, KL, fluency delta)`` per settings (nats/token, versus unsteered).
+
+        ``engine="scorer"``: **one** ``TextScorer.score`` call, full forwards with one batch row per
+        configuration and text, deltas against the baseline computed once in :meth:`prepare`.
+        ``engine="sweep"``: the batch as the cells of one :class:`~steerdesk.core.sweep_engine.Sweeper`
+        run (the sweep engine's prefix reuse and packing: the block inputs are recorded once per
+        batch and a trial whose range starts at layer L re-runs blocks L..end only); its deltas are
+        against that run's own unsteered pass, as a sweep's are (they agree with ``scorer`` to the
+        engine's self-check tolerance, 1e-4 in float32). Raises ``SteerdeskError`` for an unknown engine
+        and ``Cancelled`` when ``cancel`` is set.
+        """
         configs = [s.steers(self.vectors) for s in batch]
         info = self.lm.info
         for cfg in configs:
             for st in cfg:
                 st.check(info.num_layers, info.hidden_size)
+        if engine == "sweep":
+            return self._score_sweep(configs, cancel)
+        if engine != "scorer":
+            raise SteerdeskError(f"Unknown scoring engine {engine!r}; use scorer or sweep.")
         scores = self.scorer.score(configs, cancel=cancel)
         return [(s.margin - self.base.margin, s.kl if s.kl is not None else math.nan, s.fluency - self.base.fluency)
                 for s in scores]
+
+
+    def _score_sweep(self, configs: list[list[Any]], cancel: threading.Event | None
+                     ) -> list[tuple[float, float, float]]:
+        from .sweep_engine import CACHE_BUDGET_BYTES, Cell, Sweeper, is_identity
+
+        cells = [Cell(0, i, cfg, start=min(st.layer for st in cfg), identity=is_identity(cfg), index=i)
+                 for i, cfg in enumerate(configs)]
+        got: dict[int, tuple[float, float, float]] = {}
+
+        def done(cell: Cell, scores: Scores, base: Scores) -> None:
+            got[cell.index] = (scores.margin - base.margin, scores.kl if scores.kl is not None else math.nan,
+                               scores.fluency - base.fluency)
+
+        Sweeper(self.lm, self.scorer.texts, cells, batch_size=self.scorer.batch_size,
+                max_rows=self.scorer.max_rows, prefix_reuse=True, cache_budget=CACHE_BUDGET_BYTES, cancel=cancel,
+                on_cell=done, progress=lambda: None).run()
+        return [got[i] for i in range(len(configs))]  # every cell, identity ones too, is reported
 
 
 def search(

@@ -169,6 +169,26 @@ def test_a_new_study_starts_with_the_spread_points_and_a_resume_does_not_add_the
     assert [t.params for t in few.trials] == start_points(space, 2)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sweep_engine_scores_equal_evaluate_of_each_configuration(tiny, arch):
+    """``engine="sweep"`` (prefix reuse, packing) gives each trial what ``evaluate`` gives it alone:
+    ranges starting at different layers, every mode, normalisation, and an identity (x0 add)."""
+    vs = _vs(tiny, 0.5)
+    batch = [TrialSettings((0, 1), 0.8, "add", False), TrialSettings((2,), 1.5, "clamp", True),
+             TrialSettings((1, 2, 3), 0.6, "project", False), TrialSettings((3,), -1.0, "add", False),
+             TrialSettings((1,), 0.0, "add", False)]
+    ev = Evaluator.prepare(tiny, vs, rude4(), neutral=NEUTRAL, batch_size=3, max_rows=7)
+    got = ev.score(batch, engine="sweep")
+    for s, (m, kl, f) in zip(batch, got):
+        want = evaluate(tiny, rude4(), s.steers(vs), neutral=NEUTRAL)
+        assert m == pytest.approx(want.margin_delta, abs=1e-4)
+        assert f == pytest.approx(want.fluency_delta, abs=1e-4)
+        assert kl == pytest.approx(want.kl, abs=1e-4)
+    assert got[-1] == (0.0, 0.0, 0.0)
+    with pytest.raises(SteerdeskError, match="Unknown scoring engine"):
+        ev.score(batch, engine="fast")
+
+
 # ----------------------------------------------------------------------------- studies
 
 @pytest.mark.parametrize("arch", ["llama"])
