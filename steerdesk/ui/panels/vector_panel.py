@@ -30,6 +30,7 @@ from ..layout import Reflow
 from ..vector_sets import NamedVectors, VectorSets
 from ..widgets.heatmap import HeatmapView
 from .inputs import PairsSource, Refused, checked
+from .optimize_box import LossPlot, OptimizeBox, optimize_layout
 
 __all__ = ["NamedVectors", "VectorPanel"]
 
@@ -55,8 +56,11 @@ class VectorPanel(QWidget):
         self.method = QComboBox()
         self.method.addItem("Mean difference", "mean-diff")
         self.method.addItem("PCA of paired differences", "pca")
+        self.method.addItem("Optimized (trained on the pairs)", "optimized")
         self.method.setToolTip("Mean difference: v = mean(h_target) - mean(h_base).\n"
-                               "PCA: first principal axis of the paired differences, signed so target is positive.")
+                               "PCA: first principal axis of the paired differences, signed so target is positive.\n"
+                               "Optimized: start from the mean difference at the chosen layers and train the vector "
+                               "(BiPO preference loss + KL on neutral text, norm bound, early stopping).")
         self.read = QComboBox()
         self.read.addItem("Last reply token", "last")
         self.read.addItem("Mean over reply tokens", "mean")
@@ -90,6 +94,11 @@ class VectorPanel(QWidget):
         cl.addLayout(form)
         cl.addLayout(buttons)
         cl.addWidget(self.progress)
+        self.optimize = OptimizeBox()
+        self.loss_plot = LossPlot()
+        self.optimize_area = optimize_layout(self.optimize, self.loss_plot)
+        cl.addWidget(self.optimize_area)
+        self.optimize_area.setVisible(False)
 
         self.list = QListWidget()
         self.list.setObjectName("vectorList")
@@ -139,6 +148,8 @@ class VectorPanel(QWidget):
         layout.addLayout(top)
         layout.addWidget(plots, 1)
 
+        self.method.currentIndexChanged.connect(
+            lambda _i: self.optimize_area.setVisible(self.method.currentData() == "optimized"))
         self.compute_button.clicked.connect(self.compute)
         self.cancel_button.clicked.connect(self.cancel)
         self.list.currentRowChanged.connect(self._on_row_changed)
@@ -271,11 +282,13 @@ class VectorPanel(QWidget):
     def restore_settings(self, s: Any) -> None:
         """Method and read position from ``QSettings``."""
         self.method.setCurrentIndex(max(0, self.method.findData(s.value("compute/method", "mean-diff"))))
+        self.optimize.layers.setText(str(s.value("compute/optimize_layers", "") or ""))
         self.read.setCurrentIndex(max(0, self.read.findData(s.value("compute/read", "last"))))
 
     def save_settings(self, s: Any) -> None:
         """Store what :meth:`restore_settings` reads."""
         s.setValue("compute/method", self.method.currentData())
+        s.setValue("compute/optimize_layers", self.optimize.layers.text())
         s.setValue("compute/read", self.read.currentData())
 
     # -- actions -----------------------------------------------------------------------
@@ -290,10 +303,17 @@ class VectorPanel(QWidget):
         assert self.pairs is not None, "a computing VectorPanel needs a PairsSource"
         train, _held = self.pairs.train_and_heldout()
         train.validate()
-        return ComputeSpec(dataset=self.pairs.dataset(), method=self.method.currentData(),
+        method = self.method.currentData()
+        layers = settings = None
+        if method == "optimized":
+            info = self.vector_sets.model_info()
+            layers = self.optimize.chosen_layers(info.num_layers if info is not None else None)
+            settings = self.optimize.settings()
+        return ComputeSpec(dataset=self.pairs.dataset(), method=method,
                            read=self.read.currentData(), batch_size=self.batch.value(),
                            heldout=self.pairs.heldout_fraction(),
-                           name=self.name_edit.text().strip() or self.pairs.display_name())
+                           name=self.name_edit.text().strip() or self.pairs.display_name(),
+                           layers=layers, optimize=settings)
 
     def compute(self) -> None:
         """Compute (the Compute button, Ctrl+K): submit the Spec, show progress, add the set."""
@@ -305,6 +325,9 @@ class VectorPanel(QWidget):
         self.set_busy(True)
         self._job = job = self.controller.submit(spec)
         job.progress.connect(self.set_progress)
+        if spec.method == "optimized":
+            self.loss_plot.reset()
+            job.partial.connect(self.loss_plot.add)
         job.finished.connect(self._on_computed)
         job.ended.connect(lambda: self.set_busy(False) if self._job is job else None)
 
@@ -315,6 +338,7 @@ class VectorPanel(QWidget):
 
     def _on_computed(self, result: Any) -> None:
         self.set_busy(False)
+        self.progress.setValue(100)
         vs = result.vectors
         item = self.add_vectors(vs)
         self.vectors_ready.emit(item)
