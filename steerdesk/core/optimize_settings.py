@@ -29,7 +29,7 @@ class OptimizeSettings:
 
     beta: float = 0.1
     lr: float = 0.05
-    kl_weight: float = 0.25
+    kl_weight: float = 0.1
     max_norm: float = 2.0
     epochs: int = 10
     patience: int = 2
