@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QToolButton,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -118,8 +119,8 @@ class SweepPanel(QWidget):
         self.condition.setPlaceholderText("no gate (condition vector file)")
         self.condition.setToolTip("Condition vectors (steerdesk calibrate): only pairs whose prompt opens the gate "
                                   "are steered; the others are scored unsteered. KL on neutral texts is not gated.")
-        self.condition_browse = QPushButton("…")
-        self.condition_browse.setFixedWidth(28)
+        self.condition_browse = QToolButton()  # a tool button's minimum is its text, not 80 px
+        self.condition_browse.setText("…")
         self.condition_browse.setToolTip("Choose a condition vector file")
         self.gate_layer = QSpinBox()
         self.gate_layer.setRange(0, 999)
