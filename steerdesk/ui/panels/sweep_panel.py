@@ -23,8 +23,8 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QToolButton,
     QSpinBox,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
