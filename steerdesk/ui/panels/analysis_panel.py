@@ -422,7 +422,8 @@ class AnalysisPanel(QTabWidget):
                           prompt=gen.prompts[0], sampling=gen.sampling)
 
     def grid_spec(self) -> Any:
-        """``GridSpec``: the grid tab's layers (default: the generation pane's), scales, prompts and pattern."""
+        """``GridSpec``: the grid tab's layers (default: the generation pane's), scales, prompts and pattern;
+        mode, normalize, positions (token windows too) and gate from the generation pane."""
         from dataclasses import replace
 
         from ...core.errors import SteerdeskError
@@ -444,13 +445,14 @@ class AnalysisPanel(QTabWidget):
             if not prompts:
                 raise SteerdeskError("Give at least one prompt (one a line).")
             compile_pattern(grid.pattern.text(), grid.regex.isChecked())
+            positions, gate = self.steering.steering_conditions()  # the pane's window and gate
         except SteerdeskError as exc:
             raise Refused("Cannot run the grid", str(exc)) from None
         mode, normalize = self.steering.steering_options()
         sampling = replace(self.steering.sampling(), max_new_tokens=grid.tokens.value())
         return GridSpec(vectors=item.vectors, layers=tuple(layers), scales=tuple(scales), prompts=tuple(prompts),
                         mode=mode, normalize=normalize, sampling=sampling, pattern=grid.pattern.text(),
-                        regex=grid.regex.isChecked())
+                        regex=grid.regex.isChecked(), positions=positions, gate=gate)
 
     # -- running -----------------------------------------------------------------------
     def run_diagnose(self) -> None:

@@ -456,6 +456,12 @@ class GenerationPanel(QWidget):
         """``(mode, normalize)`` of the Steering box (the generation grid uses them)."""
         return self.mode.currentData(), self.normalize.isChecked()
 
+    def steering_conditions(self) -> tuple[str, Any]:
+        """``(positions, gate)`` of the Steering box and the gate group (the generation grid uses them):
+        the positions key or typed window, and the ``ConditionGate`` or None. Raises ``SteerdeskError``
+        (one line) for a window or gate the pane cannot read."""
+        return self.positions_value(), self.gate_group.gate()
+
     def build_spec(self) -> Any:
         """The ``GenerateSpec`` of the pane: the prompt once, or unsteered and steered side by side."""
         from ...core.errors import SteerdeskError
