@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..core.models import LoadedModel, ModelInfo
 from ..core.vectors import VectorSet
@@ -82,6 +83,22 @@ def load_vectors_for(path: str, info: ModelInfo) -> VectorSet:
     vs = load_vectors(path, model_layers=info.num_layers)
     vs.check_compatible(info)
     return vs
+
+
+def gate_from_args(args: argparse.Namespace, lm: LoadedModel) -> Any:
+    """The ``ConditionGate`` of ``--condition F --condition-layer L --threshold T --gate-side S`` for
+    the loaded model ``lm`` (None without ``--condition``). Raises ``SteerdeskError`` for a file that
+    does not fit the model, is not a condition set, or has no direction at the layer."""
+    if not args.condition:
+        return None
+    from ..core.condition import ConditionGate, condition_read
+
+    cs = load_vectors_for(args.condition, lm.info)
+    cs.require_layers([args.condition_layer])
+    gate = ConditionGate(args.condition_layer, cs.directions[args.condition_layer], args.threshold,
+                         args.gate_side, condition_read(cs))
+    gate.check(lm)
+    return gate
 
 
 def dataset_spec(args: argparse.Namespace) -> str | None:

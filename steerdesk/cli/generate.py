@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from ..core.errors import SteerdeskError
-from .common import POSITIONS_HELP, load_model, load_vectors_for, model_arg, positions_arg
+from .common import POSITIONS_HELP, gate_from_args, load_model, load_vectors_for, model_arg, positions_arg
 
 NAME = "generate"
 
@@ -61,15 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.condition and not args.vector:
         raise SteerdeskError("--condition gates steering: it needs --vector.")
     lm = load_model(args)
-    gate = None
-    if args.condition:
-        from ..core.condition import ConditionGate, condition_read
-
-        cs = load_vectors_for(args.condition, lm.info)
-        cs.require_layers([args.condition_layer])
-        gate = ConditionGate(args.condition_layer, cs.directions[args.condition_layer], args.threshold,
-                             args.gate_side, condition_read(cs))
-        gate.check(lm)
+    gate = gate_from_args(args, lm)
     steering = None
     if args.vector:
         vs = load_vectors_for(args.vector, lm.info)

@@ -11,6 +11,7 @@ from ..core.errors import SteerdeskError
 from .common import (
     POSITIONS_HELP,
     dataset_spec,
+    gate_from_args,
     heldout_pairs_args,
     load_model,
     load_vectors_for,
@@ -95,15 +96,7 @@ def run(args: argparse.Namespace) -> int:
     n = lm.info.num_layers
     layers = parse_layers(args.layers, n) if args.layers else list(range(n))
     sets = parse_sets(args.sets, n) if args.sets else None
-    gate = None
-    if args.condition:
-        from ..core.condition import ConditionGate, condition_read
-
-        cs = load_vectors_for(args.condition, lm.info)
-        cs.require_layers([args.condition_layer])
-        gate = ConditionGate(args.condition_layer, cs.directions[args.condition_layer], args.threshold,
-                             args.gate_side, condition_read(cs))
-        gate.check(lm)
+    gate = gate_from_args(args, lm)
     spec = jobs.SweepSpec(vectors=vs, heldout=held, layers=tuple(layers), scales=tuple(scales),
                           sets={k: tuple(v) for k, v in sets.items()} if sets else None, mode=args.mode,
                           normalize=args.normalize, positions=args.positions, fluency_budget=args.fluency_budget,
