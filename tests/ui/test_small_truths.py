@@ -16,7 +16,7 @@ from steerdesk.ui.panels.analysis_panel import best_separation
 def test_view_toggles_are_enabled_and_work(qtbot, window):
     view = next(a.menu() for a in window.menuBar().actions() if a.text() == "&View")
     toggles = view.actions()
-    assert len(toggles) == 4 and all(a.isEnabled() and a.isCheckable() for a in toggles)
+    assert len(toggles) == 5 and all(a.isEnabled() and a.isCheckable() for a in toggles)  # + Condition
     sweep = next(a for a in toggles if a.text() == "Sweep")
     sweep.trigger()
     assert not window.sweep_dock.isVisible()
