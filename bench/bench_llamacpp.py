@@ -45,10 +45,7 @@ import build  # noqa: E402
 
 PROMPT = "Write a long story about a dragon."
 LAYER, SCALE, N = 14, 2.0, 128
-# Micro-batches of one token: on CPUs that report AMX but fault on its tile instructions (SIGILL in
-# ggml's AMX prompt kernel; seen on the 2-core Intel Xeon VM), the prompt then runs through the same
-# AVX-512 kernels as decoding. Decode-only tok/s (what is compared) does not depend on it.
-UBATCH = ("-ub", "1")
+UBATCH = build.UBATCH  # prompts token by token (CPUs whose AMX kernels fault; build.py)
 EVAL = re.compile(r"eval time =\s*([\d.]+) ms /\s*(\d+) runs.*?([\d.]+) tokens per second")
 
 

@@ -22,6 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 WORK = ROOT / "build" / "llamacpp"
 TARGETS = ("llama-completion", "llama-bench", "steerdesk-cvec-check")
+# llama.cpp options for every run: prompts in micro-batches of one token. On CPUs that report AMX but
+# fault on its tile instructions (SIGILL in ggml's AMX prompt kernel; seen on a 2-core Intel Xeon VM)
+# the prompt then runs through the same AVX-512 kernels as decoding; elsewhere it only makes the
+# (short) prompts of these checks a little slower. cvec_check.cpp sets n_ubatch = 1 for the same reason.
+UBATCH = ("-ub", "1")
 
 
 def say(msg: str) -> None:

@@ -52,6 +52,7 @@ int main(int argc, char ** argv) {
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = 1024;
     cp.n_batch = 1024;
+    cp.n_ubatch = 1;  // token by token: see UBATCH in build.py (CPUs whose AMX kernels fault)
     cp.n_threads = 2;
     cp.n_threads_batch = 2;
     llama_context * ctx = llama_init_from_model(model, cp);
