@@ -3,8 +3,11 @@
 Two measurements on SmolLM2-135M-Instruct (CPU, float32 unless told otherwise):
 
 * ``time``: ``optimize_vectors`` on the first ``--pairs`` (64) pairs of ``neutral_rude``, one layer,
-  default settings unless overridden: wall time, epochs run, per-epoch curves. Target (issue): at
-  most 3 minutes on a 2-core CPU.
+  default settings unless overridden: wall time, epochs run, per-epoch curves, and where the time
+  goes (mean-difference seed, reference forwards, path check, validation passes, training steps;
+  the steps' neutral-KL forwards separately). Target (issue): at most 3 minutes on a 2-core CPU.
+  ``--paths prefix,hooks`` trains once per path in one process (alternating with ``--repeat``),
+  so the prefix cache's speed-up is measured under the same load; the vectors are compared.
 * ``compare``: per bundled set, ``Dataset.split(0.25)`` (seed 0): the training part gives the
   mean-difference vectors and the optimised vector of ``--layer``; both are swept on the held-out
   part (``core.sweep``, layer ``--layer`` x ``--scales``, add, all positions) and the best margin
@@ -16,6 +19,7 @@ Two measurements on SmolLM2-135M-Instruct (CPU, float32 unless told otherwise):
 Usage::
 
     .venv/bin/python bench/bench_optimize.py time --threads 1
+    .venv/bin/python bench/bench_optimize.py time --threads 2 --paths prefix,hooks
     .venv/bin/python bench/bench_optimize.py compare --threads 1 --sets neutral_rude --layers 12,15 --json out.json
 """
 
@@ -58,25 +62,86 @@ def _settings(args: argparse.Namespace) -> Any:
                             patience=args.patience or d.patience)
 
 
-def _train(lm: Any, ds: Any, layer: int, settings: Any) -> tuple[Any, float]:
+def _train(lm: Any, ds: Any, layer: int, settings: Any, prefix_cache: bool = True) -> tuple[Any, float]:
     from steerdesk.core.optimize import optimize_vectors
 
     t0 = time.perf_counter()
-    vs = optimize_vectors(lm, ds, [layer], settings=settings,
+    vs = optimize_vectors(lm, ds, [layer], settings=settings, prefix_cache=prefix_cache,
                           on_epoch=lambda r: log(f"layer {r.layer} epoch {r.epoch}: train {r.train_loss}, "
                                                  f"val {r.val_loss:.4f} ({time.perf_counter() - t0:.0f} s)"))
     return vs, time.perf_counter() - t0
 
 
+class _Phases:
+    """Wall time per phase of one ``optimize_vectors`` call, by wrapping its parts (seconds)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._undo: list[Any] = []
+
+    def wrap(self, owner: Any, name: str, phase: str) -> None:
+        real = getattr(owner, name)
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t
+        setattr(owner, name, timed)
+        self._undo.append((owner, name, real))
+
+    def __enter__(self) -> _Phases:
+        import steerdesk.core.optimize as opt
+        import steerdesk.core.optimize_steps as steps
+
+        self.wrap(opt, "compute_vectors", "mean-difference seed")
+        self.wrap(steps.StepScorer, "__init__", "reference forwards (and recording)")
+        self.wrap(steps.StepScorer, "prepare", "path choice and self-check")
+        self.wrap(opt._Trainer, "full_loss", "validation passes")
+        self.wrap(steps.StepScorer, "neutral_logp", "neutral log-probs (forward only; also inside validation)")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, name, real in reversed(self._undo):
+            setattr(owner, name, real)
+
+
 def run_time(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
     from steerdesk.core.datasets import Dataset, load_bundled
 
     full = load_bundled("neutral_rude")
     ds = Dataset(full.examples[:args.pairs], name=f"neutral_rude[:{args.pairs}]")
-    vs, seconds = _train(lm, ds, args.layers[0], _settings(args))
-    meta = json.loads(vs.metadata["optimize"])
-    return {"pairs": len(ds), "layer": args.layers[0], "seconds": round(seconds, 1), "optimize": meta,
-            "load_average_after": os.getloadavg()}
+    runs: list[dict[str, Any]] = []
+    vectors: dict[str, Any] = {}
+    for rep in range(args.repeat):
+        for path in args.paths.split(","):
+            log(f"run {rep + 1}/{args.repeat}, path {path}; load {os.getloadavg()}")
+            load_before = os.getloadavg()
+            with _Phases() as phases:
+                vs, seconds = _train(lm, ds, args.layers[0], _settings(args), prefix_cache=path == "prefix")
+            meta = json.loads(vs.metadata["optimize"])
+            curve = meta["curves"][str(args.layers[0])]
+            epochs = len(curve["train"])
+            phase = {k: round(v, 1) for k, v in phases.seconds.items()}
+            phase["training steps (incl. their neutral forwards)"] = round(
+                seconds - sum(v for k, v in phases.seconds.items() if not k.startswith("neutral")), 1)
+            runs.append({"path": path, "ran": curve["path"], "seconds": round(seconds, 1), "epochs": epochs,
+                         "stopped": curve["stopped"], "best_epoch": curve["best_epoch"], "phases": phase,
+                         "load_average_before": load_before, "load_average_after": os.getloadavg(),
+                         "curves": curve})
+            log(f"path {path} ({curve['path']}): {seconds:.1f} s, {epochs} epochs, phases {phase}")
+            vectors.setdefault(path, vs.directions[args.layers[0]])
+    out: dict[str, Any] = {"pairs": len(ds), "layer": args.layers[0], "settings": meta["settings"], "runs": runs}
+    if "prefix" in vectors and "hooks" in vectors:
+        a, b = vectors["prefix"], vectors["hooks"]
+        out["vector_relative_difference"] = float((a - b).norm() / b.norm())
+        mean = lambda p: sum(r["seconds"] for r in runs if r["path"] == p) / sum(r["path"] == p for r in runs)
+        out["speedup_prefix_vs_hooks"] = round(mean("hooks") / mean("prefix"), 3)
+    out["torch"] = torch.__version__
+    return out
 
 
 def run_compare(lm: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -115,6 +180,9 @@ def main() -> int:
                     help="layers compared (each method swept over all; 'time' trains the first)")
     ap.add_argument("--methods", default="mean-diff,pca,optimized")
     ap.add_argument("--pairs", type=int, default=64, help="pairs trained on ('time')")
+    ap.add_argument("--paths", default="prefix", help="'time': training paths, comma-separated: prefix (the "
+                    "prefix cache, default), hooks (full forwards through the hook, the old path)")
+    ap.add_argument("--repeat", type=int, default=1, help="'time': passes over --paths (alternating)")
     ap.add_argument("--sets", default=",".join(SETS), help="bundled sets ('compare'), comma-separated")
     ap.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",")], default=list(SCALES))
     ap.add_argument("--budget", type=float, default=0.5, help="fluency budget, nats/token")

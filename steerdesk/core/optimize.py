@@ -32,6 +32,12 @@ Steering hook: :class:`~steerdesk.core.steering.Steering` detaches its vectors (
 scorers run it under ``torch.inference_mode``, so no gradient could reach ``v`` through it;
 :class:`AddVector` is a minimal differentiable ``add`` hook used here instead (same convention: the
 output of block ``L``, every position, ``h + sign_row * v``).
+
+Speed (issue 17's 3-minute target): by default a layer trains on the **prefix cache**
+(:mod:`steerdesk.core.optimize_steps`): block ``L``'s unsteered output is recorded once per text, and
+every step and validation pass runs only blocks ``L+1..end`` and the LM head at the scored tokens,
+from ``recorded + sign * v``. Same loss and gradient as the hook path up to float rounding; checked
+against the model before a layer uses it, with the hook path as the fallback.
 """
 
 from __future__ import annotations
@@ -39,23 +45,20 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .datasets import Dataset
-from .errors import Cancelled, SteerdeskError
-from .evaluate import NEUTRAL_TEXTS, model_logits
+from .errors import SteerdeskError
+from .evaluate import NEUTRAL_TEXTS
 from .extract import Encoded, compute_vectors, encode
-from .layouts import Layout, make_layout
 from .memory import oom_guard
 from .models import LoadedModel
 from .optimize_settings import MIN_PAIRS, EpochReport, OptimizeSettings
-from .steering import block_hidden
+from .optimize_steps import AddVector, StepScorer, check_cancel, frozen, neutral_kl, steered
 from .vectors import VectorSet
 
 Progress = Callable[[int, int], None]
@@ -71,121 +74,10 @@ class LayerCurve:
     stopped: str = "max_epochs"  # or "early"
     seed_norm: float = 0.0
     final_norm: float = 0.0
-
-
-# ================================================================================ the hook
-
-class AddVector:
-    """Differentiable steering hook: adds ``signs[row] * vector`` to block ``layer``'s output.
-
-    ``vector`` ``[H]`` (float32, may require grad); ``signs`` ``[B]`` per batch row, or None for +1
-    on every row. Added at every position (steerdesk's ``add`` mode at scale 1, positions ``all``),
-    in the block's dtype. Used as a context manager; the hook is removed on exit, even on error.
-    """
-
-    def __init__(self, lm: LoadedModel, layer: int, vector: torch.Tensor, signs: torch.Tensor | None = None):
-        self.block = lm.blocks[layer]
-        self.vector = vector
-        self.signs = signs
-        self._handle: Any = None
-
-    def _hook(self, module: Any, args: Any, output: Any) -> Any:
-        h = block_hidden(output)
-        v = self.vector.to(device=h.device)
-        add = v.view(1, 1, -1) if self.signs is None else self.signs.to(h.device, v.dtype).view(-1, 1, 1) * v
-        new = (h.float() + add).to(h.dtype) if h.dtype != torch.float32 else h + add
-        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
-
-    def __enter__(self) -> AddVector:
-        self._handle = self.block.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-
-@contextmanager
-def frozen(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and ``requires_grad=False`` on every parameter inside; both restored on exit."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
-# ============================================================================ log-probs
-
-def _reply_logprobs(lm: LoadedModel, lay: Layout, steer: AddVector | None, full: bool = False,
-                    mean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed (``mean``: per-token mean) reply log-prob per row ``[rows]`` (float32, differentiable)
-    and, with ``full``, the ``[N, V]`` log-softmax at the scored tokens (else an empty tensor)."""
-    if steer is None:
-        logits, lo = model_logits(lm, lay.ids, lay.mask, lay.positions, lay.keep())
-    else:
-        with steer:
-            logits, lo = model_logits(lm, lay.ids, lay.mask, lay.positions, lay.keep())
-    rows = lay.src_row.to(logits.device)
-    cols = (lay.src_col - lo).to(logits.device)
-    logp = logits[rows, cols].float().log_softmax(-1)
-    tok_lp = logp.gather(-1, lay.tok.to(logp.device)[:, None]).squeeze(-1)
-    sums = torch.zeros(lay.rows, dtype=torch.float32, device=tok_lp.device).index_add(0, rows, tok_lp)
-    if mean:
-        sums = sums / lay.counts.to(sums.device)
-    return sums, (logp if full else torch.empty(0))
-
-
-def _pair_layout(lm: LoadedModel, pairs: Sequence[tuple[Encoded, Encoded]]) -> Layout:
-    """Rows ``[base_0..base_{P-1}, target_0..target_{P-1}]``, replies aligned."""
-    items = [b for b, _ in pairs] + [t for _, t in pairs]
-    return make_layout(items, list(range(len(items))), lm.tokenizer.pad_token_id, lm.input_device)
-
-
-def _pair_losses(lm: LoadedModel, layer: int, v: torch.Tensor, pairs: Sequence[tuple[Encoded, Encoded]],
-                 ref: torch.Tensor, dirs: torch.Tensor, beta: float, mean: bool = False) -> torch.Tensor:
-    """Per-pair preference loss ``[P]`` (differentiable in ``v``); ``ref`` ``[P, 2]`` (base, target)
-    unsteered summed (``mean``: per-token mean) log-probs, ``dirs`` ``[P]`` of +-1."""
-    lay = _pair_layout(lm, pairs)
-    p = len(pairs)
-    signs = torch.cat([dirs, dirs]).float()
-    sums, _ = _reply_logprobs(lm, lay, AddVector(lm, layer, v, signs), mean=mean)
-    sums = sums.cpu()
-    gain = (sums[p:] - ref[:, 1]) - (sums[:p] - ref[:, 0])
-    return -F.logsigmoid(beta * dirs.float() * gain)
-
-
-@dataclass
-class _Neutral:
-    lay: Layout
-    ref: torch.Tensor  # [N, V] unsteered log-probs at the scored tokens
-
-
-def _neutral_kl(lm: LoadedModel, layer: int, v: torch.Tensor, neutral: _Neutral,
-                signs: torch.Tensor) -> torch.Tensor:
-    """Mean over texts of the per-token mean KL(unsteered || steered) (scalar, differentiable)."""
-    lay = neutral.lay
-    _, logp = _reply_logprobs(lm, lay, AddVector(lm, layer, v, signs.float()), full=True)
-    ref = neutral.ref.to(logp.device)
-    kl_tok = (ref.exp() * (ref - logp)).sum(-1)
-    rows = lay.src_row.to(kl_tok.device)
-    per_text = torch.zeros(lay.rows, device=kl_tok.device).index_add(0, rows, kl_tok) / lay.counts.to(kl_tok.device)
-    return per_text.mean().cpu()
+    path: str = "hooks"  # "prefix": trained on the prefix cache (blocks L+1..end only), "hooks": full forwards
 
 
 # ================================================================================ training
-
-def _check(cancel: threading.Event | None) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("Optimisation cancelled.")
-
 
 def _split(n: int, settings: OptimizeSettings) -> tuple[list[int], list[int]]:
     """(train, validation) pair indices, seeded; refuses sets too small to hold out."""
@@ -200,39 +92,30 @@ def _split(n: int, settings: OptimizeSettings) -> tuple[list[int], list[int]]:
 
 
 class _Trainer:
-    """Shared state of one optimisation: encoded pairs, unsteered references, neutral layout."""
+    """One optimisation: the split, the settings and the :class:`~steerdesk.core.optimize_steps.StepScorer`
+    (references, and the prefix caches of ``cache_layers``; empty: every layer trains through the hook)."""
 
     def __init__(self, lm: LoadedModel, pairs: list[tuple[Encoded, Encoded]], train: list[int], val: list[int],
                  settings: OptimizeSettings, neutral: Sequence[str], system: str | None,
-                 cancel: threading.Event | None):
+                 cancel: threading.Event | None, cache_layers: Sequence[int] = ()):
         self.lm, self.pairs, self.train, self.val, self.s, self.cancel = lm, pairs, train, val, settings, cancel
-        self.ref = torch.zeros(len(pairs), 2)
-        bs = settings.batch_size
-        with torch.no_grad():
-            for start in range(0, len(pairs), bs):
-                _check(cancel)
-                chunk = list(range(start, min(start + bs, len(pairs))))
-                sums, _ = _reply_logprobs(lm, _pair_layout(lm, [pairs[i] for i in chunk]), None,
-                                          mean=settings.reply_logprob == "mean")
-                sums = sums.cpu()
-                self.ref[chunk, 0], self.ref[chunk, 1] = sums[:len(chunk)], sums[len(chunk):]
-        self.neutral: _Neutral | None = None
-        texts = [t for t in neutral if t.strip()]
-        if settings.kl_weight > 0 and texts:
-            enc = encode(lm, [("", t) for t in texts], system)
-            lay = make_layout(enc, list(range(len(enc))), lm.tokenizer.pad_token_id, lm.input_device, "neutral")
-            with torch.no_grad():
-                _, ref = _reply_logprobs(lm, lay, None, full=True)
-            self.neutral = _Neutral(lay, ref)
+        self.scorer = StepScorer(lm, pairs, settings, neutral, system, cancel, cache_layers)
+        self.ref = self.scorer.ref
+        self.neutral = self.scorer.neutral
 
     def loss(self, layer: int, v: torch.Tensor, idx: Sequence[int], dirs: torch.Tensor,
              kl_signs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean preference loss, KL term) over pairs ``idx`` with directions ``dirs``."""
-        pref = _pair_losses(self.lm, layer, v, [self.pairs[i] for i in idx], self.ref[list(idx)], dirs,
-                            self.s.beta, self.s.reply_logprob == "mean").mean()
+        """(mean preference loss, KL term) over pairs ``idx`` with directions ``dirs`` ``[P]`` of +-1 and
+        neutral signs ``kl_signs`` ``[texts]`` (None: no KL term); scalars on the CPU, differentiable in
+        ``v``. The path is ``self.scorer.paths[layer]`` (hooks unless ``prepare`` chose the prefix cache)."""
+        p = len(idx)
+        sums = self.scorer.pair_sums(layer, v, idx, torch.cat([dirs, dirs])).cpu()
+        ref = self.ref[list(idx)]
+        gain = (sums[p:] - ref[:, 1]) - (sums[:p] - ref[:, 0])
+        pref = -F.logsigmoid(self.s.beta * dirs.float() * gain).mean()
         kl = torch.zeros(())
         if self.neutral is not None and kl_signs is not None:
-            kl = _neutral_kl(self.lm, layer, v, self.neutral, kl_signs)
+            kl = neutral_kl(self.neutral, self.scorer.neutral_logp(layer, v, kl_signs))
         return pref, kl
 
     def full_loss(self, layer: int, v: torch.Tensor, idx: Sequence[int]) -> float:
@@ -242,7 +125,7 @@ class _Trainer:
         total = 0.0
         with torch.no_grad():
             for start in range(0, len(idx), bs):
-                _check(self.cancel)
+                check_cancel(self.cancel)
                 chunk = list(idx[start:start + bs])
                 for d in (1.0, -1.0):
                     dirs = torch.full((len(chunk),), d)
@@ -252,7 +135,8 @@ class _Trainer:
             if self.neutral is not None:
                 n = self.neutral.lay.rows
                 for d in (1.0, -1.0):
-                    kl += float(_neutral_kl(self.lm, layer, v, self.neutral, torch.full((n,), d))) / 2
+                    check_cancel(self.cancel)
+                    kl += float(neutral_kl(self.neutral, self.scorer.neutral_logp(layer, v, torch.full((n,), d)))) / 2
         return total / max(1, len(idx)) + self.s.kl_weight * kl
 
     def steps_per_epoch(self) -> int:
@@ -268,10 +152,11 @@ class _Trainer:
         if not bound > 0:
             raise SteerdeskError(f"The mean difference at layer {layer} is zero: there is nothing to start from.")
         rms = float(seed_vec.norm()) / math.sqrt(seed_vec.numel())
+        curve = LayerCurve(seed_norm=float(seed_vec.norm()))
+        curve.path = self.scorer.prepare(layer, seed_vec, self.train)
         v = seed_vec.to(device).clone().requires_grad_(True)
         opt = torch.optim.Adam([v], lr=s.lr * rms)
         g = torch.Generator().manual_seed(s.seed * 1000003 + layer)
-        curve = LayerCurve(seed_norm=float(seed_vec.norm()))
         best_val = self.full_loss(layer, v.detach(), self.val)
         best = v.detach().cpu().clone()
         curve.val.append(best_val)
@@ -285,7 +170,7 @@ class _Trainer:
             dirs_all = torch.randint(0, 2, (len(self.train),), generator=g).float() * 2 - 1
             epoch_loss = 0.0
             for start in range(0, len(perm), s.batch_size):
-                _check(self.cancel)
+                check_cancel(self.cancel)
                 sel = perm[start:start + s.batch_size]
                 idx = [self.train[i] for i in sel]
                 kl_signs = (torch.arange(n_neutral) + step) % 2 * -2.0 + 1.0 if n_neutral else None
@@ -315,6 +200,7 @@ class _Trainer:
                 if bad >= s.patience:
                     curve.stopped = "early"
                     break
+        self.scorer.caches.pop(layer, None)
         curve.final_norm = float(best.norm())
         return best, curve
 
@@ -355,6 +241,7 @@ def optimize_vectors(
     progress: Progress | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
     cancel: threading.Event | None = None,
+    prefix_cache: bool = True,
 ) -> VectorSet:
     """A :class:`~steerdesk.core.vectors.VectorSet` of preference-optimised vectors for ``layers``.
 
@@ -364,6 +251,9 @@ def optimize_vectors(
     ``metadata["method"]`` is ``"optimized"``, ``metadata["optimize"]`` a JSON object with the
     settings, the split and each layer's loss curves (nats). ``progress(done, total)`` counts
     optimiser steps (``total`` assumes no early stop); ``on_epoch`` receives each curve point.
+    ``prefix_cache``: train on recorded block outputs (blocks ``L+1..end`` per step, checked against
+    the model first; see the module docstring), False: full forwards through the hook every step (the
+    same vector up to float rounding, slower). Each layer's ``path`` in the curves says which ran.
 
     Raises ``SteerdeskError`` for an unpaired dataset, fewer than :data:`MIN_PAIRS` pairs, a layer out
     of range, an int8-quantised model (its product has no gradient) or bad settings; ``Cancelled``
@@ -386,14 +276,15 @@ def optimize_vectors(
                              "load the model without --quantize int8.")
     train, val = _split(len(dataset), s)
     train_ds = Dataset([dataset.examples[i] for i in train], name=dataset.name, paired=True)
-    _check(cancel)
+    check_cancel(cancel)
     seed_set: VectorSet = compute_vectors(lm, train_ds, method="mean-diff", read=read, batch_size=batch_size,
                                           system=system, cancel=cancel, keep_reads=True)
     pairs = pair_encodings(lm, dataset, system)
     curves: dict[int, LayerCurve] = {}
     directions = torch.zeros_like(seed_set.directions)
     with frozen(lm.model):
-        trainer = _Trainer(lm, pairs, train, val, s, neutral, system, cancel)
+        trainer = _Trainer(lm, pairs, train, val, s, neutral, system, cancel,
+                           cache_layers=layers if prefix_cache else ())
         total = trainer.steps_per_epoch() * s.epochs * len(layers)
         done = [0]
 
@@ -428,7 +319,8 @@ def optimize_vectors(
             "neutral_texts": trainer.neutral.lay.rows if trainer.neutral is not None else 0,
             "curves": {str(k): {"train": [round(x, 6) for x in c.train], "val": [round(x, 6) for x in c.val],
                                 "best_epoch": c.best_epoch, "stopped": c.stopped,
-                                "seed_norm": round(c.seed_norm, 6), "final_norm": round(c.final_norm, 6)}
+                                "seed_norm": round(c.seed_norm, 6), "final_norm": round(c.final_norm, 6),
+                                "path": c.path}
                        for k, c in curves.items()},
         }),
     })
@@ -437,5 +329,5 @@ def optimize_vectors(
                      proj_target=torch.einsum("nlh,lh->ln", ext.target, unit).contiguous(), present=present)
 
 
-__all__ = ["MIN_PAIRS", "OptimizeSettings", "EpochReport", "LayerCurve", "AddVector", "frozen",
+__all__ = ["MIN_PAIRS", "OptimizeSettings", "EpochReport", "LayerCurve", "AddVector", "frozen", "steered",
            "optimize_vectors", "preference_loss", "pair_encodings"]

@@ -197,3 +197,158 @@ def test_mean_reply_logprob_loss_matches_per_pair_evaluation(llama):
     assert summed != pytest.approx(got, rel=1e-3)  # the two normalisations differ on these replies
     with pytest.raises(SteerdeskError, match="reply_logprob"):
         OptimizeSettings(reply_logprob="max").check()
+
+
+# ============================================================== prefix cache (issue 17: training time)
+
+def _trainer(lm, ds, cache: bool, settings: OptimizeSettings | None = None, layer: int = LAYER):
+    from steerdesk.core.optimize import _split, _Trainer, pair_encodings
+
+    s = settings or OptimizeSettings(batch_size=3)
+    pairs = pair_encodings(lm, ds)
+    train, val = _split(len(pairs), s)
+    return _Trainer(lm, pairs, train, val, s, ["Water boils at sea level.", "The train leaves at nine today."],
+                    None, None, cache_layers=[layer] if cache else ())
+
+
+def _loss_and_grad(trainer, layer, v, idx, dirs, kl_signs):
+    w = v.clone().requires_grad_(True)
+    pref, kl = trainer.loss(layer, w, idx, dirs, kl_signs)
+    (pref + 0.7 * kl).backward()
+    return float(pref.detach()), float(kl.detach()), w.grad.clone()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "gpt2", "gptneox"])
+@pytest.mark.parametrize("layer", [1, 3])  # 3: the last block (no block runs after it, only the tail)
+def test_prefix_cache_same_losses_and_gradient_as_hooks(arch, layer, tokenizer, plain_tokenizer):
+    """The prefix-cache path (recorded block-L outputs, blocks L+1..end + norm + head on the scored tokens)
+    gives the hook path's preference loss, KL term and gradient in v (float32, ~1e-5 relative), on
+    batches of different padded widths, with both reply normalisations, with each pair packed in one
+    row (base and target sharing the prompt) and with one text per row."""
+    lm = build_tiny(arch, tokenizer, plain_tokenizer)
+    ds = Dataset([Example(f"Tell me about {t}{'!' * (i % 3)}.", f"{t.capitalize()} are fine." + " Yes." * (i % 4),
+                          f"Meh. {t} bore me." + " Whatever." * (i % 3)) for i, t in enumerate(TOPICS[:9])],
+                 name="mixed")
+    torch.manual_seed(1)
+    for mean in ("sum", "mean"):
+        s = OptimizeSettings(batch_size=3, reply_logprob=mean)
+        with frozen(lm.model):
+            trainer = _trainer(lm, ds, True, s, layer)
+            seed = torch.randn(lm.info.hidden_size) * 2
+            assert trainer.scorer.prepare(layer, seed, trainer.train) == "prefix"
+            fmt = trainer.scorer.pack
+            assert fmt == "additive"  # tiny models use eager attention: packed rows with an additive 4D mask
+            for idx in ([0, 4, 7], [2, 3], [8]):
+                dirs = torch.tensor([1.0, -1.0, 1.0][:len(idx)])
+                kl_signs = torch.tensor([1.0, -1.0])
+                v = torch.randn(lm.info.hidden_size) * 2
+                trainer.scorer.paths[layer] = "hooks"
+                want = _loss_and_grad(trainer, layer, v, idx, dirs, kl_signs)
+                trainer.scorer.paths[layer] = "prefix"
+                for pack in (fmt, None):  # each pair packed in one row (shared prompt), and one text per row
+                    trainer.scorer.pack = pack
+                    got = _loss_and_grad(trainer, layer, v, idx, dirs, kl_signs)
+                    assert got[0] == pytest.approx(want[0], rel=1e-5, abs=1e-6)
+                    assert got[1] == pytest.approx(want[1], rel=1e-5, abs=1e-7)
+                    assert float((got[2] - want[2]).norm()) <= 1e-5 * float(want[2].norm()) + 1e-8
+                trainer.scorer.pack = fmt
+            trainer.scorer.paths[layer] = "prefix"
+            a = trainer.full_loss(layer, v, trainer.val)
+            trainer.scorer.paths[layer] = "hooks"
+            assert a == pytest.approx(trainer.full_loss(layer, v, trainer.val), rel=1e-5)
+        assert all(p.grad is None for p in lm.model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_training_with_cache_gives_the_same_vector(arch, tokenizer, plain_tokenizer):
+    """Same seed, with and without the prefix cache: the same curves and vector up to float rounding;
+    the model's weights stay bit-identical and no hook is left behind."""
+    lm = build_tiny(arch, tokenizer, plain_tokenizer)
+    before = _state(lm)
+    ds = synthetic(TOPICS[:10])
+    s = OptimizeSettings(epochs=3, batch_size=3, patience=3, seed=2)
+    a = optimize_vectors(lm, ds, [1, 2], settings=s)
+    b = optimize_vectors(lm, ds, [1, 2], settings=s, prefix_cache=False)
+    ca, cb = (json.loads(x.metadata["optimize"])["curves"] for x in (a, b))
+    assert [ca[k]["path"] for k in ("1", "2")] == ["prefix", "prefix"]
+    assert [cb[k]["path"] for k in ("1", "2")] == ["hooks", "hooks"]
+    for k in ("1", "2"):
+        assert ca[k]["val"] == pytest.approx(cb[k]["val"], rel=1e-5)
+        assert ca[k]["train"] == pytest.approx(cb[k]["train"], rel=1e-5)
+        assert ca[k]["best_epoch"] == cb[k]["best_epoch"]
+    torch.testing.assert_close(a.directions, b.directions, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in _state(lm).items())
+    assert not any(steerdesk_hooks(blk) for blk in lm.blocks)
+
+
+def test_prefix_cache_falls_back_to_hooks(tokenizer, plain_tokenizer, monkeypatch):
+    """Where the direct path is unsupported (Gemma-2: a mask per attention type; no final norm found) or
+    fails its self-check, the layer trains through the hook: exactly the vector of prefix_cache=False."""
+    import steerdesk.core.optimize_cache as opt
+    from steerdesk.core.prefix import Unsupported
+
+    ds = synthetic(TOPICS[:6])
+    s = OptimizeSettings(epochs=2, batch_size=3, seed=1)
+    gemma = build_tiny("gemma2", tokenizer, plain_tokenizer)
+    a = optimize_vectors(gemma, ds, [LAYER], settings=s)
+    assert json.loads(a.metadata["optimize"])["curves"][str(LAYER)]["path"] == "hooks"
+    assert torch.equal(a.directions, optimize_vectors(gemma, ds, [LAYER], settings=s, prefix_cache=False).directions)
+
+    lm = build_tiny("llama", tokenizer, plain_tokenizer)
+    plain = optimize_vectors(lm, ds, [LAYER], settings=s, prefix_cache=False).directions
+
+    def no_tail(self, lm):
+        raise Unsupported("no final norm found")
+
+    with monkeypatch.context() as m:
+        m.setattr(opt.DirectPath, "__init__", no_tail)
+        b = optimize_vectors(lm, ds, [LAYER], settings=s)
+    assert json.loads(b.metadata["optimize"])["curves"][str(LAYER)]["path"] == "hooks"
+    assert torch.equal(b.directions, plain)
+
+    real = opt.DirectPath.logits
+    with monkeypatch.context() as m:  # a direct path whose logits are off fails the self-check
+        m.setattr(opt.DirectPath, "logits", lambda self, *a: real(self, *a).roll(1, dims=-1))
+        c = optimize_vectors(lm, ds, [LAYER], settings=s)
+    assert json.loads(c.metadata["optimize"])["curves"][str(LAYER)]["path"] == "hooks"
+    assert torch.equal(c.directions, plain)
+    assert not any(steerdesk_hooks(blk) for blk in lm.blocks)
+
+
+def test_prefix_cache_over_budget_records_each_layer_on_its_own(llama, monkeypatch):
+    """Over the memory budget the reference forwards record nothing; each layer's block outputs are
+    then recorded just before it trains (blocks 0..L only): the same vectors."""
+    import steerdesk.core.optimize_steps as steps
+
+    ds = synthetic(TOPICS[:6])
+    s = OptimizeSettings(epochs=2, batch_size=3, seed=3)
+    a = optimize_vectors(llama, ds, [1, 2], settings=s)
+    recorded = []
+    real = steps.StepScorer._record
+    monkeypatch.setattr(steps, "CACHE_BUDGET_BYTES", 1)
+    monkeypatch.setattr(steps.StepScorer, "_record", lambda self, layer: (recorded.append(layer), real(self, layer))[1])
+    b = optimize_vectors(llama, ds, [1, 2], settings=s)
+    assert recorded == [1, 2]
+    assert [c["path"] for c in json.loads(b.metadata["optimize"])["curves"].values()] == ["prefix", "prefix"]
+    torch.testing.assert_close(a.directions, b.directions, rtol=1e-5, atol=1e-6)
+
+
+def test_cancel_with_prefix_cache_leaves_no_vector(llama):
+    """A cancel during the cached training raises, returns nothing, leaves no hook and the weights intact."""
+    ds = synthetic(TOPICS[:8])
+    cancel = threading.Event()
+    before = _state(llama)
+    seen = []
+
+    def progress(done, total):
+        seen.append(done)
+        if done == 3:
+            cancel.set()
+
+    out = []
+    with pytest.raises(Cancelled):
+        out.append(optimize_vectors(llama, ds, [LAYER], settings=OptimizeSettings(epochs=3, batch_size=2),
+                                    progress=progress, cancel=cancel))
+    assert out == [] and seen == [1, 2, 3]
+    assert all(torch.equal(before[k], v) for k, v in _state(llama).items())
+    assert not any(steerdesk_hooks(b) for b in llama.blocks)
