@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import SteerdeskError
 from ..core.method_compare import METHODS
 from ..core.sweep_result import DEFAULT_BUDGET
-from .common import load_model, load_vectors_for, model_arg, progress_bar
+from .common import dataset_spec, load_model, load_vectors_for, model_arg, progress_bar
 from .compute import optimize_args, optimize_settings
 
 NAME = "inspect"
@@ -44,6 +45,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     c.add_argument("--instruction", help="system-message instruction of the prompt baseline, e.g. 'Reply rudely.'")
     c.add_argument("--methods", default=",".join(METHODS), help="methods compared (default: all three)")
     c.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of the optimisation")
+    c.add_argument("--record", metavar="RECIPE", help="also write a JSON recipe of the comparison (see 'run')")
     optimize_args(p)
     return p
 
@@ -98,7 +100,8 @@ def compare(args: argparse.Namespace, ds: Any) -> int:
     spec = jobs.CompareSpec(dataset=ds, layers=tuple(parse_layers(args.layers, lm.info.num_layers)), scales=scales,
                             heldout=args.heldout, seed=args.seed, budget=args.budget, instruction=args.instruction,
                             methods=methods, extra=((Path(args.vector).name, vs),), optimize=settings,
-                            read=args.read or "last", batch_size=args.batch_size)
+                            read=args.read or "last", batch_size=args.batch_size, dataset_spec=dataset_spec(args),
+                            model=args.model)
     bar = progress_bar("comparing")
 
     def epoch(report: EpochReport) -> None:
@@ -106,7 +109,10 @@ def compare(args: argparse.Namespace, ds: Any) -> int:
             print(f"optimized layer {report.layer} epoch {report.epoch}: validation {report.val_loss:.4f}",
                   file=sys.stderr)
 
+    t0 = time.perf_counter()
     result = jobs.method_compare.run(lm, spec, jobs.JobContext(
         on_progress=lambda done, total, _msg: bar(done, total), on_partial=epoch))
+    if args.record:
+        jobs.method_compare.record(lm, spec, result, seconds=time.perf_counter() - t0).save(args.record)
     print(json.dumps(result.to_dict()) if args.json else result.format_table())
     return 0

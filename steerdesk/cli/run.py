@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"--- row {i} ---\n{row['text']}")
     elif recipe.kind == "sweep":
         print(format_table(out.result))
-    elif recipe.kind == "diagnose":
+    elif recipe.kind in ("diagnose", "compare"):
         print(out.result.format_table())
     elif recipe.kind == "versus":
         for c in out.result.conditions:

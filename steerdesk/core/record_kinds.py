@@ -31,6 +31,7 @@ from .steering import Steer
 
 if TYPE_CHECKING:
     from .condition import ConditionGate
+    from .method_compare import MethodComparison
 from .sweep_result import SweepResult
 from .textgrid import GridRow
 from .vectors import VectorSet
@@ -339,4 +340,46 @@ def record_grid(
     )
 
 
-__all__ = ["record_compute", "record_diagnose", "record_generation", "record_grid", "record_sweep", "record_versus"]
+def record_compare(
+    lm: LoadedModel,
+    result: MethodComparison,
+    dataset: Dataset,
+    *,
+    dataset_spec: str | None = None,
+    heldout: float = 0.25,
+    seed: int = 0,
+    methods: Sequence[str] = (),
+    instruction: str | None = None,
+    optimize: dict[str, Any] | None = None,
+    read: str = "last",
+    batch_size: int = 8,
+    max_pairs: int | None = None,
+    extra: Sequence[tuple[str, VectorSet]] = (),
+    model: str | None = None,
+    seconds: float = 0.0,
+) -> RunRecord:
+    """Record a :func:`~steerdesk.core.method_compare.compare_methods` run of the ``compare`` job.
+
+    ``dataset`` is the dataset as loaded: the run split it with ``dataset.split(heldout, seed)``
+    (training part: the vectors; held-out part: the sweeps). ``optimize`` is the optimized method's
+    ``OptimizeSettings`` as a dict (the effective one, so a later change of defaults does not
+    change the re-run); ``extra`` rows (name, set) have their compared layers' vectors embedded.
+    ``outputs["comparison"]`` is :meth:`MethodComparison.to_dict`.
+    """
+    return RunRecord(
+        **RecordHeader.fields_for(lm, "compare", model, round(seconds, 3)),
+        dataset=dataset_fields(dataset, dataset_spec, heldout=heldout, seed=seed, part="all", max_pairs=max_pairs),
+        read_position=read,
+        layers=[int(x) for x in result.layers],
+        scales=[float(x) for x in result.scales],
+        mode="add",
+        positions="all",
+        settings={"methods": list(methods), "budget": float(result.budget), "instruction": instruction,
+                  "optimize": optimize, "batch_size": batch_size,
+                  "extra": [{"name": name, **vector_fields(vs, result.layers, None)} for name, vs in extra]},
+        outputs={"comparison": result.to_dict()},
+    )
+
+
+__all__ = ["record_compare", "record_compute", "record_diagnose", "record_generation", "record_grid", "record_sweep",
+           "record_versus"]

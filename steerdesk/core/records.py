@@ -34,7 +34,7 @@ from .vectors import VectorSet
 log = logging.getLogger(__name__)
 
 FORMAT = "steerdesk.recipe/1"
-KINDS = ("generate", "compute", "sweep", "diagnose", "versus", "grid")
+KINDS = ("generate", "compute", "sweep", "diagnose", "versus", "grid", "compare")
 
 
 # ================================================================================ payloads
@@ -87,6 +87,12 @@ class GridOutputs(TypedDict):
     """``outputs`` of a ``grid`` record: one entry per generated text, in grid order."""
 
     rows: list[dict[str, Any]]
+
+
+class CompareOutputs(TypedDict):
+    """``outputs`` of a ``compare`` record: :meth:`MethodComparison.to_dict`."""
+
+    comparison: dict[str, Any]
 
 
 # ================================================================================== record
@@ -184,6 +190,9 @@ class RunRecord(RecordHeader):
             return f"diagnose · {self.num_layers} layers · {name}"
         if self.kind == "versus":
             return f"versus · L{','.join(map(str, self.layers))} x{self.scales[0] if self.scales else 0:g} · {name}"
+        if self.kind == "compare":
+            methods = ", ".join(self.settings.get("methods") or [])
+            return f"compare · {methods} · L{','.join(map(str, self.layers))} · {name}"
         if self.kind == "grid":
             return f"grid · {len(self.layers)} layers x {len(self.scales)} scales x {len(self.prompts)} prompts"
         return f"sweep · {len(self.layers)} layers x {len(self.scales)} scales ({self.mode}) · {name}"
@@ -287,8 +296,8 @@ def sampling_fields(sampling: SamplingSettings) -> dict[str, Any]:
 
 
 # ============================================================================ constructors
-_CONSTRUCTORS = ("record_compute", "record_diagnose", "record_generation", "record_grid", "record_sweep",
-                 "record_versus")
+_CONSTRUCTORS = ("record_compare", "record_compute", "record_diagnose", "record_generation", "record_grid",
+                 "record_sweep", "record_versus")
 
 
 def __getattr__(name: str) -> Any:
@@ -300,8 +309,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["FORMAT", "KINDS", "ComputeOutputs", "DiagnoseOutputs", "GenerateOutputs", "GridOutputs", "RecordHeader",
-           "RowOutput", "RunRecord", "SweepOutputs", "VersusOutputs", "dataset_fields", "embed_vectors",
+__all__ = ["FORMAT", "KINDS", "CompareOutputs", "ComputeOutputs", "DiagnoseOutputs", "GenerateOutputs", "GridOutputs",
+           "RecordHeader", "RowOutput", "RunRecord", "SweepOutputs", "VersusOutputs", "dataset_fields", "embed_vectors",
            "model_spec", "sampling_fields", "sha256_text", "directions_sha256", "vector_fields", "vector_metadata"]
-# record_compute / record_diagnose / record_generation / record_grid / record_sweep / record_versus are
+# record_compare / record_compute / record_diagnose / record_generation / record_grid / record_sweep / record_versus are
 # importable from here too (module __getattr__); they are defined in steerdesk.core.record_kinds.

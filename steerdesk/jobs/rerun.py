@@ -4,13 +4,14 @@ The recorded model is loaded (``load`` job) unless one is given, checked against
 recorded inputs read back and checked by hash (:mod:`steerdesk.core.recipes`), and the job's Spec
 rebuilt from the record; the job runs through ``steerdesk.jobs`` exactly as it did the first time
 and records again. The outputs are compared with the recorded ones: tokens must be equal
-(generate, versus, grid), the directions hash equal (compute), scores within 1e-4 (sweep, diagnose).
+(generate, versus, grid), the directions hash equal (compute), scores within 1e-4 (sweep, diagnose,
+compare: every method's swept cells and best cell, and the prompt baseline).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..core.errors import SteerdeskError
@@ -22,6 +23,7 @@ from .context import JobContext
 from .diagnose import DiagnoseSpec
 from .generate import GenerateSpec
 from .grid import GridSpec
+from .method_compare import CompareSpec
 from .steering_spec import SteeringSpec
 from .sweep import SweepSpec
 from .versus import VersusSpec
@@ -29,7 +31,7 @@ from .versus import VersusSpec
 if TYPE_CHECKING:
     from ..core.condition import ConditionGate
 
-JobSpec = GenerateSpec | ComputeSpec | SweepSpec | DiagnoseSpec | VersusSpec | GridSpec
+JobSpec = GenerateSpec | ComputeSpec | SweepSpec | DiagnoseSpec | VersusSpec | GridSpec | CompareSpec
 """The Specs a record can be turned back into."""
 
 NAME = "rerun"
@@ -56,7 +58,8 @@ class Rerun:
     """What a re-run gave: a fresh record, whether the outputs match the recipe's, and how not.
 
     ``result`` is what the CLI shows: the rows' ``GenerationResult`` list (generate), the
-    ``VectorSet`` (compute), the ``SweepResult`` (sweep), ``Diagnostics``, ``Versus`` or the grid rows.
+    ``VectorSet`` (compute), the ``SweepResult`` (sweep), ``Diagnostics``, ``Versus``, the grid rows or
+    the ``MethodComparison`` (compare).
     """
 
     record: RunRecord
@@ -126,6 +129,8 @@ def spec_for(recipe: RunRecord, lm: LoadedModel, changes: list[str], output: str
                                    layers=tuple(recipe.layers) if optimized else None,
                                    optimize=OptimizeSettings(**s["optimize"]) if optimized and s.get("optimize")
                                    else None)
+    if kind == "compare":
+        return _compare_spec(recipe, lm, changes)
     if kind == "diagnose":
         loaded, used = dataset_of(recipe, changes)
         vs, _, path = vectors_of(recipe, lm, changes)
@@ -153,6 +158,26 @@ def spec_for(recipe: RunRecord, lm: LoadedModel, changes: list[str], output: str
                            prefix_reuse=bool(s.get("prefix_reuse", True)), vector_path=path, dataset=loaded,
                            dataset_spec=d.get("spec"), heldout_fraction=float(d.get("heldout") or 0.0),
                            model=recipe.model, gate=_gate(s))
+
+
+def _compare_spec(recipe: RunRecord, lm: LoadedModel, changes: list[str]) -> CompareSpec:
+    """The ``compare`` job's Spec of a record (the extra rows' embedded vectors read back)."""
+    from ..core.method_compare import METHODS
+    from ..core.optimize import OptimizeSettings
+    from ..core.recipes import dataset_of, vectors_of
+    from ..core.sweep_result import DEFAULT_BUDGET
+
+    s, d = recipe.settings, recipe.dataset or {}
+    loaded, _ = dataset_of(recipe, changes)
+    extra = tuple((str(e.get("name", f"extra {i}")), vectors_of(replace(recipe, vector=e), lm, changes)[0])
+                  for i, e in enumerate(s.get("extra") or []))
+    return CompareSpec(dataset=loaded, layers=tuple(int(x) for x in recipe.layers),
+                       scales=tuple(float(x) for x in recipe.scales), heldout=float(d.get("heldout") or 0.25),
+                       seed=int(d.get("seed") or 0), budget=float(s.get("budget", DEFAULT_BUDGET)),
+                       instruction=s.get("instruction"), methods=tuple(s.get("methods") or METHODS), extra=extra,
+                       optimize=OptimizeSettings(**s["optimize"]) if s.get("optimize") else None,
+                       read=recipe.read_position or "last", batch_size=int(s.get("batch_size") or 8),
+                       max_pairs=d.get("max_pairs"), dataset_spec=d.get("spec"), model=recipe.model)
 
 
 def _gate(settings: dict[str, Any]) -> ConditionGate | None:
@@ -194,7 +219,7 @@ def run(lm: LoadedModel | None, spec: RerunSpec, ctx: JobContext) -> Rerun:
     t0 = time.perf_counter()
     result = job.run(lm, job_spec, ctx)
     seconds = time.perf_counter() - t0
-    if recipe.kind in ("diagnose", "versus", "grid"):
+    if recipe.kind in ("diagnose", "versus", "grid", "compare"):
         record = job.record(lm, job_spec, result, seconds=seconds)
     else:
         record = job.record(lm, job_spec, result)
@@ -246,6 +271,8 @@ def compare(recipe: RunRecord, record: RunRecord) -> list[str]:
         return [f"{key.replace('_', ' ')} differs from the record by more than 1e-4"
                 for key in ("auc", "d_prime", "consistency", "alignment")
                 if not close(was.get(key), now.get(key), 1e-4)]
+    if recipe.kind == "compare":
+        return _compare_differences(old.get("comparison") or {}, new["comparison"])
     if recipe.kind == "versus":
         a_c = (old.get("versus") or {}).get("conditions", [])
         b_c = new["versus"]["conditions"]
@@ -259,6 +286,36 @@ def compare(recipe: RunRecord, record: RunRecord) -> list[str]:
     out = [f"grid row {i}: text differs from the record" for i, (o, n) in enumerate(zip(a_r, b_r))
            if o.get("text") != n.get("text") or ("token_ids" in o and o["token_ids"] != n.get("token_ids"))]
     return out + ([f"the record has {len(a_r)} rows, the re-run {len(b_r)}"] if len(a_r) != len(b_r) else [])
+
+
+def _compare_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """How a re-run comparison differs from the recorded one: per method its swept cells and best cell
+    (scores within 1e-4, the same layer and scale), and the prompt baseline's scores."""
+    from ..core.recipes import close
+
+    was = {m.get("method"): m for m in old.get("methods") or []}
+    out = []
+    for m in new["methods"]:
+        o = was.get(m["method"])
+        if o is None:
+            out.append(f"{m['method']}: not in the record")
+            continue
+        if not all(close(o.get(k), m[k], 1e-4) for k in ("margin_delta", "fluency_delta", "best_margin",
+                                                           "best_fluency")):
+            out.append(f"{m['method']}: scores differ from the record by more than 1e-4")
+        elif (o.get("best_layer"), o.get("best_scale")) != (m["best_layer"], m["best_scale"]):
+            out.append(f"{m['method']}: the best cell differs from the record")
+    if len(was) != len(new["methods"]):
+        out.append(f"the record has {len(was)} methods, the re-run {len(new['methods'])}")
+    p_old, p_new = old.get("prompt"), new.get("prompt")
+    if p_old is None or p_new is None:
+        same = p_old is None and p_new is None
+    else:
+        same = close([p_old.get("margin_delta"), p_old.get("fluency_delta")],
+                     [p_new["margin_delta"], p_new["fluency_delta"]], 1e-4)
+    if not same:
+        out.append("the prompt baseline differs from the record by more than 1e-4")
+    return out
 
 
 def rerun(recipe: RunRecord, *, lm: LoadedModel | None = None, device: str | None = None,

@@ -123,3 +123,20 @@ def test_inspect_compare_rows(capsys, tiny_llama_folder, tmp_path):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "mean-diff" in out and "Best within the budget" in out
+
+
+def test_inspect_compare_record_reruns(capsys, tiny_llama_folder, tmp_path):
+    """`inspect --compare --record R` writes a `compare` recipe; `steerdesk run R` re-runs the comparison
+    (the inspected file's row from its embedded vectors) and reproduces it."""
+    model = ["--model", str(tiny_llama_folder), "--device", "cpu", "--dtype", "float32"]
+    data = _small(tmp_path, 10)
+    vec = tmp_path / "md.safetensors"
+    assert cli.main(["compute", *model, "--dataset", data, "--heldout", "0.3", "-o", str(vec)]) == 0
+    recipe = tmp_path / "compare.json"
+    code = cli.main(["inspect", str(vec), *model, "--dataset", data, "--heldout", "0.3", "--compare",
+                     "--layers", "2", "--scales", "0.5,2", "--methods", "mean-diff", "--record", str(recipe)])
+    capsys.readouterr()
+    assert code == 0 and json.loads(recipe.read_text())["kind"] == "compare"
+    assert cli.main(["run", str(recipe), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "md.safetensors" in out and "compare: reproduced the recorded outputs" in out, out + err

@@ -129,3 +129,40 @@ def test_refusals_and_cancel(llama):
     stop.set()
     with pytest.raises(Cancelled):
         compare_methods(llama, train, held, layers=[1], scales=[1.0], cancel=stop)
+
+
+def test_compare_job_writes_a_record_that_reruns(llama, tmp_path):
+    """The compare job records its run like the other jobs (kind "compare": dataset embedded, split,
+    layers x scales, methods, the optimized method's effective settings, the extra rows' vectors
+    embedded, the comparison as outputs); ``steerdesk run`` re-runs it to the same numbers, and a
+    recorded number that differs is reported."""
+    from steerdesk import jobs
+    from steerdesk.core.records import RunRecord
+    from steerdesk.jobs.rerun import compare, rerun
+
+    ds = synthetic(TOPICS, "bored")
+    extra = compute_vectors(llama, ds.split(0.25, 0)[0], method="pca")
+    spec = jobs.CompareSpec(dataset=ds, layers=(1, 2), scales=(0.5, 2.0), heldout=0.25, budget=0.5,
+                            instruction=INSTRUCTION, optimize=OptimizeSettings(epochs=1, batch_size=4),
+                            extra=(("file.safetensors", extra),))
+    result = jobs.run(llama, spec)
+    record = jobs.record(llama, spec, result, seconds=2.5)
+    assert record.kind == "compare" and record.seconds == 2.5
+    assert record.outputs["comparison"] == result.to_dict()
+    assert record.settings["optimize"]["epochs"] == 1 and record.settings["methods"] == list(spec.methods)
+    assert record.dataset["examples"] and record.dataset["heldout"] == 0.25
+    assert record.title.startswith("compare · mean-diff, pca, optimized · L1,2")
+    path = tmp_path / "compare.json"
+    record.save(path)
+    recipe = RunRecord.load(path)
+    again = rerun(recipe, lm=llama)
+    assert again.reproduced, again.differences
+    assert isinstance(again.spec, jobs.CompareSpec) and again.spec.optimize == spec.optimize
+    assert [m.method for m in again.result.methods] == ["mean-diff", "pca", "optimized", "file.safetensors"]
+    assert again.result.result("file.safetensors").best_margin == pytest.approx(
+        result.result("file.safetensors").best_margin, abs=1e-6)
+    changed = RunRecord.load(path)
+    changed.outputs["comparison"]["methods"][2]["margin_delta"][0][0] += 0.01
+    changed.outputs["comparison"]["prompt"]["margin_delta"] += 0.01
+    assert compare(changed, again.record) == ["optimized: scores differ from the record by more than 1e-4",
+                                              "the prompt baseline differs from the record by more than 1e-4"]
