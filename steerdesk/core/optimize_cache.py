@@ -74,133 +74,143 @@ def uniform_from(lm: LoadedModel, calls: dict[int, Call]) -> int:
     return k
 
 
+Key = tuple[int, int]  # a recorded text: (pair, 0 base / 1 target) or (-1, neutral text)
+
+
 class BlockCache:
-    """Block ``layer``'s unsteered output for every pair text (real tokens only) and on the neutral layout."""
+    """Block ``layer``'s unsteered output per recorded text (real tokens only), under the text's key."""
 
     def __init__(self, layer: int):
         self.layer = layer
-        self.pieces: dict[tuple[int, int], torch.Tensor] = {}
-        self.neutral: torch.Tensor | None = None  # [rows, S, H] of the neutral layout
-        self.store: torch.Tensor | None = None  # [T + 1, H]: every pair text's tokens, then a zero row
-        self.start: torch.Tensor | None = None  # [P, 2] first row in store of (base, target) of pair p
+        self.pieces: dict[Key, torch.Tensor] = {}
+        self.store: torch.Tensor | None = None  # [T + 1, H]: every text's tokens, then a zero row
+        self.start: dict[Key, int] = {}  # first row in store of each text
 
-    def take(self, h: torch.Tensor, lay: Layout, keys: Sequence[tuple[int, int]]) -> None:
-        """Keep the real tokens of each row of ``h`` ``[rows, S, H]`` under its key (pair, 0 base / 1 target)."""
+    def take(self, h: torch.Tensor, lay: Layout, keys: Sequence[Key]) -> None:
+        """Keep the real tokens of each row of ``h`` ``[rows, S, H]`` (one text per row) under its key."""
         real = lay.mask.to(h.device).bool()
         for r, key in enumerate(keys):
             self.pieces[key] = h[r][real[r]].detach()  # boolean indexing copies
 
-    def finish(self, n_pairs: int) -> None:
-        """Concatenate the pieces (all ``n_pairs`` pairs must have been taken)."""
-        parts = [self.pieces[(p, side)] for p in range(n_pairs) for side in (0, 1)]
+    def finish(self) -> None:
+        """Concatenate the pieces into one store."""
+        parts = list(self.pieces.values())
         self.store = torch.cat(parts + [parts[0].new_zeros(1, parts[0].shape[-1])])
-        lengths = torch.tensor([0] + [x.shape[0] for x in parts[:-1]], dtype=torch.long)
-        self.start = lengths.cumsum(0).view(n_pairs, 2)
+        at = 0
+        for key, x in self.pieces.items():
+            self.start[key] = at
+            at += x.shape[0]
         self.pieces.clear()
 
-    def assemble(self, lay: Layout, idx: Sequence[int]) -> torch.Tensor:
-        """Block output ``[2P, S, H]`` for :func:`~steerdesk.core.optimize_steps.pair_layout` of pairs ``idx``
-        (rows: bases, then targets; padding positions zero)."""
-        assert self.store is not None and self.start is not None
+    def rows(self, lay: Layout, keys: Sequence[Key]) -> torch.Tensor:
+        """Block output ``[rows, S, H]`` of an unpacked layout whose row ``r`` holds text ``keys[r]``
+        (its real tokens where ``lay.mask`` is 1, in order; padding positions zero)."""
+        assert self.store is not None
         store = self.store
-        i = torch.as_tensor(list(idx), dtype=torch.long)
-        first = torch.cat([self.start[i, 0], self.start[i, 1]]).to(store.device)
+        first = torch.tensor([self.start[k] for k in keys], dtype=torch.long, device=store.device)
         mask = lay.mask.to(store.device)
         index = torch.where(mask.bool(), first[:, None] + mask.cumsum(-1) - 1, store.shape[0] - 1)
         return store[index]
 
-    def gather(self, pair: torch.Tensor, side: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """Block output ``[rows, S, H]`` of a :class:`PackedPairs` layout: position ``(r, c)`` holds token
-        ``offset[r, c]`` of text ``side[r, c]`` (0 base, 1 target; -1: padding, zero) of pair ``pair[r]``."""
-        assert self.store is not None and self.start is not None
+    def packed(self, packed: PackedTexts, keys: Sequence[Key]) -> torch.Tensor:
+        """Block output ``[rows, S, H]`` of a :class:`PackedTexts` layout of the texts ``keys``."""
+        assert self.store is not None
         store = self.store
-        start = self.start[pair[:, None].expand_as(side), side.clamp_min(0)]
-        index = torch.where(side >= 0, start + offset, store.shape[0] - 1)
+        first = torch.tensor([self.start[k] for k in keys], dtype=torch.long)
+        index = torch.where(packed.text >= 0, first[packed.text.clamp_min(0)] + packed.offset, store.shape[0] - 1)
         return store[index.to(store.device)]
 
 
 @dataclass
-class PackedPairs:
-    """A batch of pairs packed one pair per row: ``[pad | prompt | base reply | target reply | pad]``.
+class PackedTexts:
+    """Texts packed by shared prompt: one row per group of texts with the same prompt tokens and label,
+    ``[pad | prompt | reply 1 | reply 2 | ... | pad]``.
 
-    Base and target share their prompt tokens (the same tokens, so the same block outputs); a 4D
+    The texts of a row share their prompt tokens (the same tokens, so the same block outputs); a 4D
     attention mask lets each reply see the prompt and itself only (causally), and position ids
-    continue from the prompt in both replies, so every scored log-prob is the one of the reply's
-    own unpacked row up to float rounding, and the gradient in ``v`` is the same sum (the shared
-    prompt positions receive both replies' gradients, as the two copies did). Saves the prompt's
-    second copy and most padding. ``layout`` has segments ``[base_0..base_{P-1}, target_0..]`` (as
-    :func:`~steerdesk.core.optimize_steps.pair_layout`'s rows); ``pair``/``side``/``offset`` say
-    where each position's recorded block output is (:meth:`BlockCache.gather`).
+    continue from the prompt in every reply, so every scored log-prob is the one of the text's own
+    unpacked row up to float rounding, and the gradient in ``v`` is the same sum (the shared prompt
+    positions receive every reply's gradient, as the copies did). A label is the steering sign: one
+    per row. ``layout`` has one segment per text, in the order given, and lists the scored tokens in
+    that order (text by text, as an unpacked layout lists them row by row). ``text``/``offset`` say
+    which token of which text each position holds (:meth:`BlockCache.packed`).
     """
 
     layout: Layout
-    pair: torch.Tensor  # [rows] pair index of each row
-    side: torch.Tensor  # [rows, S] 0 base, 1 target, -1 padding
+    text: torch.Tensor  # [rows, S] index of the text at each position (-1: padding)
     offset: torch.Tensor  # [rows, S] token index within that text
+    row_label: torch.Tensor  # [rows] float32, the label (sign) of each row
 
 
-def shared_prompts(pairs: Sequence[tuple[Encoded, Encoded]]) -> bool:
-    """True when every pair's base and target have the same prompt tokens (at least one): packable."""
-    return all(b.reply_start == t.reply_start >= 1 and b.ids[:b.reply_start] == t.ids[:t.reply_start]
-               for b, t in pairs)
+def shared_prompts(items: Sequence[Encoded]) -> bool:
+    """True when every text has at least one prompt token (it then shares them with the texts of the same
+    prompt): packable by :func:`pack_texts`."""
+    return all(e.reply_start >= 1 for e in items)
 
 
-def pack_pairs(pairs: Sequence[tuple[Encoded, Encoded]], idx: Sequence[int], pad_id: int, device: torch.device,
-               fmt: str, dtype: torch.dtype) -> PackedPairs:
-    """Pack pairs ``idx`` (see :class:`PackedPairs`; :func:`shared_prompts` must hold). ``fmt``: the
-    mask format the model takes (:func:`~steerdesk.core.layouts.packed_mask_format`: ``"bool"`` or
-    ``"additive"``), ``dtype`` the model's (additive masks)."""
-    items = [pairs[i] for i in idx]
-    p_max = max(b.reply_start for b, _ in items)
-    r_max = max(len(b.ids) + len(t.ids) - 2 * b.reply_start for b, t in items)
-    n, width = len(items), p_max + r_max
+def pack_texts(items: Sequence[Encoded], labels: Sequence[float], pad_id: int, device: torch.device, fmt: str,
+               dtype: torch.dtype) -> PackedTexts:
+    """Pack ``items`` by (prompt tokens, label) (see :class:`PackedTexts`; :func:`shared_prompts` must
+    hold). ``fmt``: the mask format the model takes (:func:`~steerdesk.core.layouts.packed_mask_format`:
+    ``"bool"`` or ``"additive"``), ``dtype`` the model's (additive masks)."""
+    groups: dict[tuple[tuple[int, ...], float], list[int]] = {}
+    for i, (e, label) in enumerate(zip(items, labels)):
+        groups.setdefault((tuple(e.ids[:e.reply_start]), float(label)), []).append(i)
+    rows = list(groups.items())
+    p_max = max(len(prompt) for (prompt, _), _ in rows)
+    width = p_max + max(sum(len(items[i].ids) - len(prompt) for i in members) for (prompt, _), members in rows)
+    n = len(rows)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     positions = torch.zeros((n, width), dtype=torch.long)
-    tag = torch.full((n, width), -1, dtype=torch.long)  # 0 prompt, 1 base reply, 2 target reply, -1 padding
-    side = torch.full((n, width), -1, dtype=torch.long)
+    tag = torch.full((n, width), -2, dtype=torch.long)  # -1 prompt, k reply of text k, -2 padding
+    text = torch.full((n, width), -1, dtype=torch.long)
     offset = torch.zeros((n, width), dtype=torch.long)
+    where: dict[int, tuple[int, int, int]] = {}  # text -> (row, column of its first reply token, prompt's last)
+    for r, ((prompt, _), members) in enumerate(rows):
+        p = len(prompt)
+        ids[r, p_max - p:p_max] = torch.tensor(prompt)
+        positions[r, p_max - p:p_max] = torch.arange(p)
+        tag[r, p_max - p:p_max] = -1
+        text[r, p_max - p:p_max] = members[0]
+        offset[r, p_max - p:p_max] = torch.arange(p)
+        col = p_max
+        for i in members:
+            e = items[i]
+            m = len(e.ids) - p
+            ids[r, col:col + m] = torch.tensor(e.ids[p:])
+            positions[r, col:col + m] = torch.arange(p, p + m)
+            tag[r, col:col + m] = i
+            text[r, col:col + m] = i
+            offset[r, col:col + m] = torch.arange(p, p + m)
+            where[i] = (r, col, p_max - 1)
+            col += m
     src_row: list[int] = []
     src_col: list[int] = []
     tok: list[int] = []
     seg: list[int] = []
-    counts = [0.0] * (2 * n)
-    for r, (b, t) in enumerate(items):
-        p = b.reply_start
-        col = p_max - p
-        ids[r, col:p_max] = torch.tensor(b.ids[:p])
-        positions[r, col:p_max] = torch.arange(p)
-        tag[r, col:p_max] = 0
-        side[r, col:p_max] = 0
-        offset[r, col:p_max] = torch.arange(p)
-        col = p_max
-        for k, e in enumerate((b, t)):
-            m = len(e.ids) - p
-            ids[r, col:col + m] = torch.tensor(e.ids[p:])
-            positions[r, col:col + m] = torch.arange(p, p + m)
-            tag[r, col:col + m] = k + 1
-            side[r, col:col + m] = k
-            offset[r, col:col + m] = torch.arange(p, p + m)
-            for u in range(m):  # token p + u of e, predicted at the prompt's last column or the previous one
-                src_row.append(r)
-                src_col.append(p_max - 1 if u == 0 else col + u - 1)
-                tok.append(e.ids[p + u])
-                seg.append(k * n + r)
-            counts[k * n + r] = float(m)
-            col += m
-    real = tag >= 0
+    for i, e in enumerate(items):  # scored tokens text by text (reply_start >= 1: all reply tokens)
+        r, col, last = where[i]
+        p = e.reply_start
+        for u in range(len(e.ids) - p):  # token p + u, predicted at the prompt's last column or the one before
+            src_row.append(r)
+            src_col.append(last if u == 0 else col + u - 1)
+            tok.append(e.ids[p + u])
+            seg.append(i)
+    real = tag > -2
     tq, tk = tag[:, :, None], tag[:, None, :]
     allowed = torch.ones(width, width, dtype=torch.bool).tril() & real[:, None, :] & real[:, :, None] \
-        & ((tk == 0) | (tk == tq))
+        & ((tk == -1) | (tk == tq))
     allowed |= torch.eye(width, dtype=torch.bool)  # a padding query sees itself (no empty softmax row)
     allowed = allowed[:, None]
     attn = allowed if fmt == "bool" else \
         torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)
+    counts = torch.tensor([float(len(e.ids) - e.reply_start) for e in items], dtype=torch.float32)
     lay = Layout(ids=ids.to(device), mask=real.long().to(device), positions=positions.to(device), reply_col=p_max,
-                 src_row=as_long(src_row), src_col=as_long(src_col), tok=as_long(tok),
-                 counts=torch.tensor(counts, dtype=torch.float32), texts=list(range(2 * n)), kind="heldout",
-                 seg=as_long(seg), seg_row=list(range(n)) * 2, attn=attn.to(device))
-    return PackedPairs(lay, torch.as_tensor(list(idx), dtype=torch.long), side, offset)
+                 src_row=as_long(src_row), src_col=as_long(src_col), tok=as_long(tok), counts=counts,
+                 texts=list(range(len(items))), kind="heldout", seg=as_long(seg),
+                 seg_row=[where[i][0] for i in range(len(items))], attn=attn.to(device))
+    return PackedTexts(lay, text, offset, torch.tensor([label for (_, label), _ in rows], dtype=torch.float32))
 
 
 def bytes_per_layer(lm: LoadedModel, pairs: Sequence[tuple[Encoded, Encoded]], neutral: Layout | None) -> int:
@@ -257,6 +267,6 @@ def check_tolerance(dtype: torch.dtype) -> float:
     return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
 
 
-__all__ = ["CACHE_BUDGET_BYTES", "BlockCache", "Call", "DirectPath", "PackedPairs", "StopForward", "bytes_per_layer",
-           "check_tolerance", "pack_pairs", "plain_argument", "same_argument", "same_call", "shared_prompts",
-           "uniform_from"]
+__all__ = ["CACHE_BUDGET_BYTES", "BlockCache", "Call", "DirectPath", "Key", "PackedTexts", "StopForward",
+           "bytes_per_layer", "check_tolerance", "pack_texts", "plain_argument", "same_argument", "same_call",
+           "shared_prompts", "uniform_from"]

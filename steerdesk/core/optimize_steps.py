@@ -17,9 +17,10 @@ texts' tokens, differentiable in ``v``, by one of two paths:
   the record (padding positions zero; attention masks them out as keys), and the arguments the
   model gives its blocks for that layout (attention mask, rotary embeddings, position ids) come from
   a forward cut at block 0 (embeddings only). Where the model's attention takes a custom 4D mask
-  (sdpa, eager) each pair is packed in one row, base and target reply after one copy of their common
-  prompt (:class:`~steerdesk.core.optimize_cache.PackedPairs`: the same log-probs and the same
-  gradient, fewer tokens); otherwise a batch is padded as the hook path pads it (:func:`pair_layout`).
+  (sdpa, eager) the texts that share their prompt tokens and their sign share one row, the replies
+  after one copy of the prompt (:class:`~steerdesk.core.optimize_cache.PackedTexts`: the same
+  log-probs and the same gradient, fewer tokens): a pair's base and target reply, the neutral texts
+  of one sign; otherwise a batch is padded as the hook path pads it (:func:`pair_layout`).
   Reusing block 0's arguments needs every block after ``L`` to receive exactly them, which the first
   reference forward checks (the same objects, not merely equal values; a model with several
   attention layer types, e.g. Gemma-2's alternating sliding window, is refused), and before a layer
@@ -53,11 +54,12 @@ from .optimize_cache import (
     BlockCache,
     Call,
     DirectPath,
-    PackedPairs,
+    Key,
+    PackedTexts,
     StopForward,
     bytes_per_layer,
     check_tolerance,
-    pack_pairs,
+    pack_texts,
     shared_prompts,
     uniform_from,
 )
@@ -164,6 +166,7 @@ class NeutralRef:
     lay: Layout
     ref: torch.Tensor  # [N, V] unsteered log-probs at the scored tokens
     ref_p: torch.Tensor  # [N, V] ref.exp(), computed once
+    texts: list[Encoded]  # the texts of lay's rows
 
 
 def neutral_kl(neutral: NeutralRef, logp: torch.Tensor) -> torch.Tensor:
@@ -205,14 +208,15 @@ class StepScorer:
         self.direct: DirectPath | None = None
         self.caches: dict[int, BlockCache] = {}
         self.paths: dict[int, str] = {}  # layer -> "prefix" | "hooks"
-        self._neutral_call: Call | None = None
-        self.pack: str | None = None  # the prefix path packs each pair in one row (mask format), or None
+        self.pack: str | None = None  # the prefix path packs texts by shared prompt (mask format), or None
+        self._neutral_calls: dict[tuple[float, ...], tuple[PackedTexts | None, Call]] = {}
         texts = [t for t in neutral if t.strip()]
         neutral_lay = None
+        neutral_enc: list[Encoded] = []
         if settings.kl_weight > 0 and texts:
-            enc = encode(lm, [("", t) for t in texts], system)
-            neutral_lay = make_layout(enc, list(range(len(enc))), lm.tokenizer.pad_token_id, lm.input_device,
-                                      "neutral")
+            neutral_enc = encode(lm, [("", t) for t in texts], system)
+            neutral_lay = make_layout(neutral_enc, list(range(len(neutral_enc))), lm.tokenizer.pad_token_id,
+                                      lm.input_device, "neutral")
         record: list[int] = []
         if cache_layers:
             try:
@@ -220,7 +224,7 @@ class StepScorer:
             except Unsupported as exc:
                 log.info("prefix cache off: %s", exc)
             if self.direct is not None:  # recorded in the reference forwards, as many layers as the budget holds
-                self.pack = packed_mask_format(lm) if shared_prompts(pairs) else None
+                self.pack = packed_mask_format(lm)
                 per = bytes_per_layer(lm, pairs, neutral_lay)
                 record = list(cache_layers)[:max(0, CACHE_BUDGET_BYTES // max(1, per))]
                 self.caches = {layer: BlockCache(layer) for layer in record}
@@ -235,11 +239,11 @@ class StepScorer:
                     sums = self._reference(lay, first=start == 0)
                 self.ref[chunk, 0], self.ref[chunk, 1] = sums[:len(chunk)], sums[len(chunk):]
             if neutral_lay is not None:
-                with self._recording(record, neutral_lay, None, stop=False):
+                with self._recording(record, neutral_lay, self._neutral_keys(neutral_lay.rows), stop=False):
                     _, ref = reply_logprobs(lm, neutral_lay, None, full=True)
-                self.neutral = NeutralRef(neutral_lay, ref, ref.exp())
+                self.neutral = NeutralRef(neutral_lay, ref, ref.exp(), neutral_enc)
         for cache in self.caches.values():
-            cache.finish(len(pairs))
+            cache.finish()
 
     # -- reference forwards and recording ------------------------------------------------
     def _reference(self, lay: Layout, first: bool) -> torch.Tensor:
@@ -259,19 +263,23 @@ class StepScorer:
         sums, _ = reply_logprobs(self.lm, lay, None, mean=mean)
         return sums.cpu()
 
+    @staticmethod
+    def _neutral_keys(n: int) -> list[Key]:
+        """Cache keys of the ``n`` neutral texts."""
+        return [(-1, i) for i in range(n)]
+
+    @staticmethod
+    def _pair_keys(idx: Sequence[int]) -> list[Key]:
+        """Cache keys of the texts of pairs ``idx``: bases, then targets."""
+        return [(i, 0) for i in idx] + [(i, 1) for i in idx]
+
     @contextmanager
-    def _recording(self, layers: Sequence[int], lay: Layout, keys: Sequence[tuple[int, int]] | None,
-                   stop: bool) -> Iterator[None]:
-        """Forward hooks keeping block ``L``'s output (of ``lay``, rows ``keys``; None: the neutral layout)
-        in ``self.caches[L]`` for ``L`` in ``layers``; with ``stop`` the forward ends there (``StopForward``)."""
+    def _recording(self, layers: Sequence[int], lay: Layout, keys: Sequence[Key], stop: bool) -> Iterator[None]:
+        """Forward hooks keeping block ``L``'s output of ``lay`` (row ``r``: text ``keys[r]``) in
+        ``self.caches[L]`` for ``L`` in ``layers``; with ``stop`` the forward ends there (``StopForward``)."""
         def make(layer: int) -> Callable[..., None]:
             def hook(module: Any, args: Any, output: Any) -> None:
-                h = block_hidden(output)
-                cache = self.caches[layer]
-                if keys is None:
-                    cache.neutral = h.detach().clone()
-                else:
-                    cache.take(h, lay, keys)
+                self.caches[layer].take(block_hidden(output), lay, keys)
                 if stop:
                     raise StopForward
             return hook
@@ -302,9 +310,9 @@ class StepScorer:
                     forward_with_positions(self.lm.model, lay.ids, lay.mask, lay.positions, use_cache=False)
             if self.neutral is not None:
                 lay = self.neutral.lay
-                with self._recording([layer], lay, None, stop=True):
+                with self._recording([layer], lay, self._neutral_keys(lay.rows), stop=True):
                     forward_with_positions(self.lm.model, lay.ids, lay.mask, lay.positions, use_cache=False)
-        self.caches[layer].finish(len(self.pairs))
+        self.caches[layer].finish()
 
     def prepare(self, layer: int, seed_vec: torch.Tensor, check_pairs: Sequence[int]) -> str:
         """Choose layer ``layer``'s path: ``"prefix"`` when the direct path can drive its blocks, its block
@@ -333,10 +341,9 @@ class StepScorer:
         return path
 
     def _self_check(self, layer: int, v: torch.Tensor, idx: list[int]) -> str | None:
-        """None when the direct path reproduces, on the pairs ``idx``, the model's own unsteered reply
-        log-probs and the hook path's steered ones (``v`` ``[H]``, signs +1 and -1), and on the neutral
-        texts the model's own unsteered log-probs, each within :func:`check_tolerance` per token; else
-        what differs."""
+        """None when the direct path reproduces, on the pairs ``idx`` and on the neutral texts, the model's
+        own unsteered log-probs and the hook path's steered ones (``v`` ``[H]``, signs +1 and -1), each
+        within :func:`check_tolerance` per token; else what differs."""
         tol = check_tolerance(next(self.lm.model.parameters()).dtype)
         mean = self.s.reply_logprob == "mean"
         lay = pair_layout(self.lm, [self.pairs[i] for i in idx])
@@ -356,9 +363,15 @@ class StepScorer:
             if not err <= tol:
                 return f"the direct block path differs from the model by {err:.3g} nats per token"
             if self.neutral is not None:
+                n = self.neutral.lay.rows
+                alternating = torch.arange(n) % 2 * -2.0 + 1.0
                 self.paths[layer] = "prefix"
-                logp = self.neutral_logp(layer, torch.zeros_like(v), torch.ones(self.neutral.lay.rows))
-                err = float((logp - self.neutral.ref.to(logp.device)).abs().max())
+                plain_n = self.neutral_logp(layer, torch.zeros_like(v), torch.ones(n))
+                direct_n = self.neutral_logp(layer, v, alternating)
+                self.paths[layer] = "hooks"
+                hooked_n = self.neutral_logp(layer, v, alternating)
+                err = max(float((plain_n - self.neutral.ref.to(plain_n.device)).abs().max()),
+                          float((direct_n - hooked_n).abs().max()))
                 if not err <= tol:
                     return f"the direct block path differs from the model on the neutral texts by {err:.3g}"
         return None
@@ -368,48 +381,57 @@ class StepScorer:
         """Steered reply log-prob (sum or mean per settings) of the texts ``[base_0..base_{P-1}, target_0..]``
         of pairs ``idx`` ``[2P]``, with signs ``[2P]`` per text; differentiable in ``v``."""
         mean = self.s.reply_logprob == "mean"
+        items = [b for b, _ in (self.pairs[i] for i in idx)] + [t for _, t in (self.pairs[i] for i in idx)]
         if self.paths.get(layer) == "prefix":
             assert self.direct is not None
             check_cancel(self.cancel)
-            cache = self.caches[layer]
-            packed = self._packed(idx, signs)
+            cache, keys = self.caches[layer], self._pair_keys(idx)
+            packed = self._packed(items, signs)
             if packed is not None:
-                lay = packed.layout
-                h = steered(cache.gather(packed.pair, packed.side, packed.offset), v, signs[:len(idx)].float())
+                lay, h = packed.layout, steered(cache.packed(packed, keys), v, packed.row_label)
             else:
                 lay = pair_layout(self.lm, [self.pairs[i] for i in idx])
-                h = steered(cache.assemble(lay, idx), v, signs.float())
+                h = steered(cache.rows(lay, keys), v, signs.float())
             sums, _ = score_at(self.direct.logits(layer, lay, h, self.direct.call(lay)), lay, False, mean)
             return sums
         lay = pair_layout(self.lm, [self.pairs[i] for i in idx])
         sums, _ = reply_logprobs(self.lm, lay, AddVector(self.lm, layer, v, signs.float()), mean=mean)
         return sums
 
-    def _packed(self, idx: Sequence[int], signs: torch.Tensor) -> PackedPairs | None:
-        """Pairs ``idx`` packed one per row, or None: packing off, a pair's two texts with different signs,
-        or a row wider than the model's sliding attention window (which a packed row would stretch)."""
-        p = len(idx)
-        if self.pack is None or not torch.equal(signs[:p], signs[p:]):
+    def _packed(self, items: Sequence[Encoded], signs: torch.Tensor) -> PackedTexts | None:
+        """``items`` packed by shared prompt and sign, or None: packing off (the model's attention takes no
+        custom mask), a text without a prompt token, or a row wider than the model's sliding attention
+        window (which a packed row would stretch)."""
+        if self.pack is None or not shared_prompts(items):
             return None
         dtype = next(self.lm.model.parameters()).dtype
-        packed = pack_pairs(self.pairs, idx, self.lm.tokenizer.pad_token_id, self.lm.input_device, self.pack, dtype)
+        packed = pack_texts(items, signs.tolist(), self.lm.tokenizer.pad_token_id, self.lm.input_device, self.pack,
+                            dtype)
         window = getattr(getattr(self.lm.model, "config", None), "sliding_window", None)
         if isinstance(window, int) and window > 0 and packed.layout.width > window:
             return None
         return packed
 
     def neutral_logp(self, layer: int, v: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-        """Steered log-softmax ``[N, V]`` at the neutral texts' scored tokens, signs ``[rows]``."""
+        """Steered log-softmax ``[N, V]`` at the neutral texts' scored tokens (in ``neutral.lay``'s order),
+        signs ``[texts]``; differentiable in ``v``."""
         assert self.neutral is not None
         lay = self.neutral.lay
         if self.paths.get(layer) == "prefix":
             assert self.direct is not None
-            cache = self.caches[layer]
-            assert cache.neutral is not None
-            if self._neutral_call is None:
-                self._neutral_call = self.direct.call(lay)
-            h = steered(cache.neutral, v, signs.float())
-            _, logp = score_at(self.direct.logits(layer, lay, h, self._neutral_call), lay, True, False)
+            check_cancel(self.cancel)
+            cache, keys = self.caches[layer], self._neutral_keys(lay.rows)
+            key = tuple(signs.tolist())
+            if key not in self._neutral_calls:  # the same few sign patterns every epoch: laid out once
+                packed = self._packed(self.neutral.texts, signs)
+                use = packed.layout if packed is not None else lay
+                self._neutral_calls[key] = (packed, self.direct.call(use))
+            packed, call = self._neutral_calls[key]
+            if packed is not None:
+                use, h = packed.layout, steered(cache.packed(packed, keys), v, packed.row_label)
+            else:
+                use, h = lay, steered(cache.rows(lay, keys), v, signs.float())
+            _, logp = score_at(self.direct.logits(layer, use, h, call), use, True, False)
             return logp
         _, logp = reply_logprobs(self.lm, lay, AddVector(self.lm, layer, v, signs.float()), full=True)
         return logp
