@@ -10,22 +10,28 @@ the training part gives the mean-diff vectors, the held-out part is scored), KL 
 of 1-4 layers, scale 0..2, add/clamp/project, normalize no/yes), each in a fresh study. A seed
 "reaches" the grid when its best margin delta within the budget is >= 95 % of the grid's.
 
-``speed``: the same 25 trial settings (those of a seed-0 search) scored three ways, alternating
-in one run (batched, one-at-a-time, per-trial evaluate, batched again):
+``speed``: the same 25 trial settings scored several ways, alternating in one process (``--order``;
+each contender builds its own evaluator, so its time includes tokenising and the unsteered pass):
 
-* **batched**: what the search does: the texts tokenised and the unsteered baseline computed once,
-  then 5 batches of 5 trials, each batch one ``TextScorer.score`` call (``Evaluator.score``);
-* **one at a time, shared baseline**: the same evaluator, 25 ``score`` calls of one trial each;
-* **per-trial evaluate**: ``core.evaluate.evaluate`` per trial (what an Optuna objective calling
-  the public one-configuration API costs: tokenising and the baseline again for every trial);
-* **batched_sweep** (``--order``): 5 batches of 5, each one sweep-engine run
-  (``Evaluator.score(engine="sweep")``: prefix reuse and packing, block inputs recorded per batch).
+* **batched**: what the search does: 5 batches of 5 trials with the default engine
+  (``Evaluator.score``, ``recorded``: the unsteered pass and the block inputs at every layer
+  recorded once, then only the trials' steered tails, prefix reuse and packing);
+* **batched_scorer**: 5 batches of 5, each one ``TextScorer.score`` call (full forwards; the
+  search's engine before the third session);
+* **batched_sweep**: 5 batches of 5, each one sweep-engine run (block inputs recorded per batch);
+* **one_at_a_time**: texts and baseline once, then 25 ``TextScorer.score`` calls of one trial;
+* **one_at_a_time_recorded**: the recorded engine with batches of one trial;
+* **per_trial_evaluate**: ``core.evaluate.evaluate`` per trial (what an Optuna objective calling
+  the public one-configuration API costs: tokenising and the baseline again for every trial).
+
+The trial settings: ``--trials-json F`` when F exists, else those of ``--study``, else those of a
+fresh 25-trial seed-0 search with the defaults on the ``neutral_rude`` held-out part (written to F).
 
 Usage::
 
     nice .venv/bin/python bench/bench_search.py accept --json accept.json
     nice .venv/bin/python bench/bench_search.py speed --json speed.json
-    .venv/bin/python bench/bench_search.py speed --study S.db --order batched_sweep,one_at_a_time,batched_sweep,one_at_a_time
+    .venv/bin/python bench/bench_search.py speed --trials-json trials.json --order batched,one_at_a_time,batched
     .venv/bin/python bench/bench_search.py accept --quick          # 1 dataset, 2 seeds, 6 layers
 """
 
@@ -172,31 +178,57 @@ def _previous_grid(path: str | None, name: str, cells: int, pairs: int, vs: Any)
     return None
 
 
+def _speed_settings(args: argparse.Namespace, lm: Any, vs: Any, held: Any, neutral: list[str]) -> tuple[list[Any], str]:
+    """The trial settings to time, and where they come from (see ``--study`` / ``--trials-json``)."""
+    from steerdesk.core.search import SearchSpace, load_result, search, settings_for
+
+    if args.trials_json and Path(args.trials_json).exists():  # the settings of an earlier run
+        obj = json.loads(Path(args.trials_json).read_text())
+        space = SearchSpace.from_dict(obj["space"])
+        return [settings_for(p, space, vs) for p in obj["params"]][:args.trials], f"{args.trials_json} ({obj['source']})"
+    if args.study:  # the trials of an earlier search (e.g. accept --keep), read without writing
+        res = load_result(args.study, vs)
+        source = f"study {args.study}"
+    else:  # a fresh seed-0 search with the defaults (default space and engine, depth-spread start)
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            res = search(lm, vs, held, Path(tmp) / "study.db", trials=args.trials, batch=args.batch, seed=0,
+                         neutral=neutral)
+            log(f"seed-0 search: {time.perf_counter() - t0:.1f} s")
+        source = (f"a fresh {args.trials}-trial seed-0 search (batches of {args.batch}, default space, "
+                  "neutral_rude held-out part)")
+    trials = [t for t in res.trials if t.settings is not None][:args.trials]
+    if args.trials_json:
+        Path(args.trials_json).write_text(json.dumps({"source": source, "space": res.space.to_dict(),
+                                                      "params": [t.params for t in trials],
+                                                      "settings": [t.settings.to_dict() for t in trials if t.settings]},
+                                                     indent=1) + "\n")
+    return [t.settings for t in trials if t.settings is not None], source
+
+
 def cmd_speed(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
     from steerdesk.core.evaluate import NEUTRAL_TEXTS, evaluate
-    from steerdesk.core.search import Evaluator, load_result, search
+    from steerdesk.core.search import Evaluator
 
     vs, held = setup(lm, "neutral_rude", args.max_pairs)
     neutral = list(NEUTRAL_TEXTS)
-    if args.study:  # the trials of an earlier search (e.g. accept --keep), read without writing
-        res = load_result(args.study, vs)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            res = search(lm, vs, held, Path(tmp) / "study.db", trials=args.trials, batch=args.batch, seed=0,
-                         neutral=neutral)
-    settings = [t.settings for t in res.trials if t.settings is not None][:args.trials]
-    log(f"{len(settings)} trial settings from {args.study or 'a seed-0 search'}")
+    settings, source = _speed_settings(args, lm, vs, held, neutral)
+    log(f"{len(settings)} trial settings from {source}")
+    out["speed_trials"] = {"source": source, "settings": [s.to_dict() for s in settings]}
+    layers = range(lm.info.num_layers)
+    recordings: list[dict[str, Any]] = []
 
-    def batched() -> list[tuple[float, float, float]]:
-        ev = Evaluator.prepare(lm, vs, held, neutral=neutral)
+    def batches(engine: str, size: int) -> list[tuple[float, float, float]]:
+        ev = Evaluator.prepare(lm, vs, held, neutral=neutral, engine=engine, layers=layers)
         got: list[tuple[float, float, float]] = []
-        for i in range(0, len(settings), args.batch):
-            got.extend(ev.score(settings[i:i + args.batch]))
+        for i in range(0, len(settings), size):
+            got.extend(ev.score(settings[i:i + size]))
+        rec = ev.recording
+        if rec is not None:
+            recordings.append({"engine": engine, "path": rec.path, "packed": rec.packed is not None,
+                               "recorded_layers": rec.recorded,
+                               "recorded_bytes": sum(c.nbytes() for c in rec.caps.values())})
         return got
-
-    def one_at_a_time() -> list[tuple[float, float, float]]:
-        ev = Evaluator.prepare(lm, vs, held, neutral=neutral)
-        return [ev.score([s])[0] for s in settings]
 
     def per_trial_evaluate() -> list[tuple[float, float, float]]:
         got = []
@@ -205,57 +237,47 @@ def cmd_speed(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
             got.append((e.margin_delta, e.kl if e.kl is not None else float("nan"), e.fluency_delta))
         return got
 
-    def batched_sweep() -> list[tuple[float, float, float]]:
-        ev = Evaluator.prepare(lm, vs, held, neutral=neutral)
-        got: list[tuple[float, float, float]] = []
-        for i in range(0, len(settings), args.batch):
-            got.extend(ev.score(settings[i:i + args.batch], engine="sweep"))
-        return got
-
-    fns = {"batched": batched, "one_at_a_time": one_at_a_time, "per_trial_evaluate": per_trial_evaluate,
-           "batched_sweep": batched_sweep}
+    fns = {
+        # what the search does: the default engine (recorded once per search), batches of --batch
+        "batched": lambda: batches("recorded", args.batch),
+        "batched_scorer": lambda: batches("scorer", args.batch),  # one TextScorer.score call per batch
+        "batched_sweep": lambda: batches("sweep", args.batch),  # one Sweeper run per batch
+        "one_at_a_time": lambda: batches("scorer", 1),  # shared texts and baseline, 25 calls of 1 trial
+        "one_at_a_time_recorded": lambda: batches("recorded", 1),  # the recorded engine, batches of 1
+        "per_trial_evaluate": per_trial_evaluate,  # core.evaluate.evaluate per trial (the naive loop)
+    }
     order = args.order.split(",")
+    unknown = [n for n in order if n not in fns]
+    if unknown:
+        raise SystemExit(f"unknown --order entries {unknown}; use {', '.join(fns)}")
     runs: list[dict[str, Any]] = []
     results: dict[str, list[tuple[float, float, float]]] = {}
-    for name, fn in ((n, fns[n]) for n in order):
+    for name in order:
         la = loadavg()
         c0, t0 = time.process_time(), time.perf_counter()
-        results[name] = fn()
+        results[name] = fns[name]()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        runs.append({"what": name, "wall": round(wall, 2), "cpu": round(cpu, 2), "loadavg": la})
-        log(f"{name}: {wall:.1f} s wall, {cpu:.1f} s CPU (load {la})")
+        runs.append({"what": name, "wall": round(wall, 2), "cpu": round(cpu, 2), "loadavg": la,
+                     "loadavg_end": loadavg()})
+        log(f"{name}: {wall:.1f} s wall, {cpu:.1f} s CPU (load {la} -> {runs[-1]['loadavg_end']})")
         if args.json:
-            Path(args.json).write_text(json.dumps({**out, "speed_runs": runs}, indent=1))
-    if "batched_sweep" in order:
-        sw = [r for r in runs if r["what"] == "batched_sweep"]
-        on = [r for r in runs if r["what"] == "one_at_a_time"]
-        ref = results.get("per_trial_evaluate") or results["one_at_a_time"]
-        out["speed_sweep"] = {
-            "runs": runs, "trials": len(settings), "batch": args.batch,
-            "cpu_ratio_one_at_a_time": round(sum(r["cpu"] for r in on) / len(on) / (sum(r["cpu"] for r in sw) / len(sw)), 3),
-            "wall_ratio_one_at_a_time": round(sum(r["wall"] for r in on) / len(on) / (sum(r["wall"] for r in sw) / len(sw)), 3),
-            "max_abs_diff_vs_reference": max(abs(x - y) for a, c in zip(results["batched_sweep"], ref)
-                                             for x, y in zip(a, c))}
-        log(f"sweep-engine batches: {out['speed_sweep']}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=1))
-        return
-    b = [r["wall"] for r in runs if r["what"] == "batched"]
-    mean_b = sum(b) / len(b)
-    one = next(r["wall"] for r in runs if r["what"] == "one_at_a_time")
-    per = next(r["wall"] for r in runs if r["what"] == "per_trial_evaluate")
-    b_cpu = [r["cpu"] for r in runs if r["what"] == "batched"]
-    mean_b_cpu = sum(b_cpu) / len(b_cpu)
-    one_cpu = next(r["cpu"] for r in runs if r["what"] == "one_at_a_time")
-    per_cpu = next(r["cpu"] for r in runs if r["what"] == "per_trial_evaluate")
-    diff = max(abs(x - y) for a, c in zip(results["batched"], results["per_trial_evaluate"]) for x, y in zip(a, c))
-    out["speed"] = {"runs": runs, "trials": len(settings), "batch": args.batch, "batched_mean": round(mean_b, 2),
-                    "ratio_one_at_a_time": round(one / mean_b, 3), "ratio_per_trial_evaluate": round(per / mean_b, 3),
-                    "cpu_ratio_one_at_a_time": round(one_cpu / mean_b_cpu, 3),
-                    "cpu_ratio_per_trial_evaluate": round(per_cpu / mean_b_cpu, 3),
-                    "max_abs_diff_batched_vs_evaluate": diff}
-    log(f"one-at-a-time / batched = {one / mean_b:.2f}x; per-trial evaluate / batched = {per / mean_b:.2f}x; "
-        f"max |diff| {diff:.2g}")
+            Path(args.json).write_text(json.dumps({**out, "speed_runs": runs, "recordings": recordings}, indent=1))
+    names = list(dict.fromkeys(order))
+    mean = {n: {k: round(sum(r[k] for r in runs if r["what"] == n) / sum(1 for r in runs if r["what"] == n), 2)
+                for k in ("cpu", "wall")} for n in names}
+    ref = "batched" if "batched" in names else names[0]
+    exact = "per_trial_evaluate" if "per_trial_evaluate" in names else names[0]
+    out["speed"] = {
+        "runs": runs, "trials": len(settings), "batch": args.batch, "recordings": recordings, "mean": mean,
+        "reference": ref,
+        "cpu_ratio": {n: round(mean[n]["cpu"] / mean[ref]["cpu"], 3) for n in names if n != ref},
+        "wall_ratio": {n: round(mean[n]["wall"] / mean[ref]["wall"], 3) for n in names if n != ref},
+        "max_abs_diff_vs": exact,
+        "max_abs_diff": {n: max(abs(x - y) for a, c in zip(results[n], results[exact]) for x, y in zip(a, c))
+                         for n in names if n != exact},
+    }
+    log(f"CPU time / {ref}'s: {out['speed']['cpu_ratio']}; wall / {ref}'s: {out['speed']['wall_ratio']}; "
+        f"max |diff| vs {exact}: {out['speed']['max_abs_diff']}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
@@ -275,9 +297,12 @@ def main() -> int:
     ap.add_argument("--random-start", action="store_true",
                     help="accept: Optuna's random first batch instead of the default depth-spread start points")
     ap.add_argument("--keep", metavar="DIR", help="accept: keep each search's study file in DIR")
-    ap.add_argument("--order", default="batched,one_at_a_time,per_trial_evaluate,batched",
-                    help="speed: contenders in run order (batched, one_at_a_time, per_trial_evaluate, batched_sweep)")
+    ap.add_argument("--order", default="batched,one_at_a_time,per_trial_evaluate,batched,one_at_a_time",
+                    help="speed: contenders in run order (batched = the search's default engine, batched_scorer, "
+                         "batched_sweep, one_at_a_time, one_at_a_time_recorded, per_trial_evaluate)")
     ap.add_argument("--study", help="speed: take the 25 trial settings from this study (read-only)")
+    ap.add_argument("--trials-json", help="speed: read the trial settings from this file; when it does not exist, "
+                                          "write the ones used (from --study or a fresh seed-0 search) to it")
     ap.add_argument("--grid-from", help="reuse the grid of an earlier accept run's JSON (same vectors and pairs)")
     args = ap.parse_args()
     if args.quick:

@@ -11,10 +11,14 @@ constraint (``constraints_func``), so it steers toward feasible settings.
 
 Optuna does the optimising (``TPESampler`` by default, ``NSGAIISampler`` on request, both
 seeded); steerdesk does not write its own optimiser. Trials are proposed in batches with
-``study.ask()`` (TPE with ``constant_liar``, so a batch spreads out) and a whole batch is scored by
-**one** :meth:`steerdesk.core.evaluate.TextScorer.score` call: several configurations share every
-forward pass (one batch row per configuration and text, per-row steering), and the tokenised texts
-and the unsteered baseline (the KL reference) are computed once per run.
+``study.ask()`` (TPE with ``constant_liar``, so a batch spreads out) and scored together by
+:class:`Evaluator`: the texts are tokenised and the unsteered pass is run **once per run** (the
+baseline, the KL reference and, with the default ``recorded`` engine, the block inputs at every
+layer of the space, within a memory budget: :class:`steerdesk.core.sweep_engine.Recording`); each
+batch then runs only its trials' steered tails (a trial whose range starts at layer L re-runs
+blocks L..end, on packed rows, as a sweep does). The ``scorer`` engine (one
+:meth:`steerdesk.core.evaluate.TextScorer.score` call per batch, full forwards, one batch row per
+configuration and text) and ``sweep`` (one sweep-engine run per batch) remain selectable.
 
 **Scale units.** The searched ``scale`` multiplies the raw vector in every mode but ``project``
 (where it is the fraction of the component removed, as in :mod:`steerdesk.core.steering`). With
@@ -93,6 +97,7 @@ from .search_study import (
     recover_interrupted,
     trial_results,
 )
+from .sweep_engine import CACHE_BUDGET_BYTES, Cell, Recording, Sweeper, is_identity
 
 log = logging.getLogger(__name__)
 
@@ -217,59 +222,110 @@ def load_result(path: str | Path, vectors: Any | None = None) -> SearchResult:
                         created=str(a.get("created", "")))
 
 
+#: Scoring engines of :meth:`Evaluator.score`; the first is the default (docs/decisions.md, "Search").
+ENGINES = ("recorded", "scorer", "sweep")
+DEFAULT_ENGINE = ENGINES[0]
+
+
 @dataclass
 class Evaluator:
-    """Scores batches of trial settings on one set of texts (the unsteered baseline computed once)."""
+    """Scores batches of trial settings on one set of texts (the unsteered baseline computed once).
+
+    ``engine`` is the default of :meth:`score`; ``layers`` are the layers a trial can start at
+    (the ``recorded`` engine records their block inputs; empty: every layer of the model);
+    ``cache_budget`` bounds those recordings in bytes (None:
+    :data:`~steerdesk.core.sweep_engine.CACHE_BUDGET_BYTES`).
+    """
 
     lm: Any
     vectors: Any
     scorer: TextScorer
     base: Scores
+    engine: str = DEFAULT_ENGINE
+    layers: tuple[int, ...] = ()
+    cache_budget: int | None = None
+    recording: Recording | None = field(default=None, repr=False)
 
     @classmethod
     def prepare(cls, lm: Any, vectors: Any, heldout: Dataset, *, neutral: Sequence[str], system: str | None = None,
                 max_pairs: int | None = None, batch_size: int = 16, max_rows: int = 64,
-                cancel: threading.Event | None = None) -> Evaluator:
-        """Tokenise ``heldout`` + ``neutral`` and score the unsteered model (the KL reference)."""
+                cancel: threading.Event | None = None, engine: str = DEFAULT_ENGINE,
+                layers: Sequence[int] | None = None, cache_budget: int | None = None) -> Evaluator:
+        """Tokenise ``heldout`` + ``neutral`` and score the unsteered model (the KL reference).
+
+        Raises ``SteerdeskError`` for no neutral text, an unknown ``engine`` or unusable texts,
+        ``Cancelled`` when ``cancel`` is set.
+        """
         if not neutral:
             raise SteerdeskError("A search needs neutral texts for its KL objective.")
+        _check_engine(engine)
         texts = prepare_texts(lm, heldout, neutral=neutral, system=system, max_pairs=max_pairs)
         scorer = TextScorer(lm, texts, batch_size=batch_size, max_rows=max_rows)
         base = scorer.baseline(cancel)
-        return cls(lm, vectors, scorer, base)
+        return cls(lm, vectors, scorer, base, engine=engine, layers=tuple(layers or ()), cache_budget=cache_budget)
 
     def score(self, batch: Sequence[TrialSettings], cancel: threading.Event | None = None,
-              engine: str = "scorer") -> list[tuple[float, float, float]]:
+              engine: str | None = None) -> list[tuple[float, float, float]]:
         """``(margin delta, KL, fluency delta)`` per settings (nats/token, versus unsteered).
 
-        ``engine="scorer"``: **one** ``TextScorer.score`` call, full forwards with one batch row per
-        configuration and text, deltas against the baseline computed once in :meth:`prepare`.
-        ``engine="sweep"``: the batch as the cells of one :class:`~steerdesk.core.sweep_engine.Sweeper`
-        run (the sweep engine's prefix reuse and packing: the block inputs are recorded once per
-        batch and a trial whose range starts at layer L re-runs blocks L..end only); its deltas are
-        against that run's own unsteered pass, as a sweep's are (they agree with ``scorer`` to the
-        engine's self-check tolerance, 1e-4 in float32). Raises ``SteerdeskError`` for an unknown engine
+        ``engine`` (default: :attr:`engine`):
+
+        * ``"recorded"`` (the default): the sweep engine's prefix reuse and packing with the
+          unsteered pass recorded **once per evaluator** (:class:`~steerdesk.core.sweep_engine.Recording`,
+          made on the first call: block inputs at every layer of :attr:`layers` that fits the
+          cache budget, the KL reference, the self-check); each batch then runs only its trials'
+          steered tails (a trial whose range starts at layer L re-runs blocks L..end). Deltas are
+          against the recorded unsteered scores (the same numbers as :attr:`base`); a batch the
+          recording cannot run (other steering positions than the first batch's, a layer below
+          :attr:`layers`) is scored as with ``"sweep"``.
+        * ``"scorer"``: **one** ``TextScorer.score`` call, full forwards with one batch row per
+          configuration and text, deltas against the baseline computed once in :meth:`prepare`.
+        * ``"sweep"``: the batch as the cells of one :class:`~steerdesk.core.sweep_engine.Sweeper`
+          run (prefix reuse and packing, the block inputs recorded again for every batch); its deltas
+          are against that run's own unsteered pass, as a sweep's are.
+
+        All three agree with per-trial :func:`~steerdesk.core.evaluate.evaluate` to the engine's
+        self-check tolerance (1e-4 in float32). Raises ``SteerdeskError`` for an unknown engine
         and ``Cancelled`` when ``cancel`` is set.
         """
+        engine = self.engine if engine is None else engine
+        _check_engine(engine)
         configs = [s.steers(self.vectors) for s in batch]
         info = self.lm.info
         for cfg in configs:
             for st in cfg:
                 st.check(info.num_layers, info.hidden_size)
+        if engine == "recorded":
+            return self._score_recorded(configs, cancel)
         if engine == "sweep":
             return self._score_sweep(configs, cancel)
-        if engine != "scorer":
-            raise SteerdeskError(f"Unknown scoring engine {engine!r}; use scorer or sweep.")
         scores = self.scorer.score(configs, cancel=cancel)
         return [(s.margin - self.base.margin, s.kl if s.kl is not None else math.nan, s.fluency - self.base.fluency)
                 for s in scores]
 
+    def _score_recorded(self, configs: list[list[Any]], cancel: threading.Event | None
+                        ) -> list[tuple[float, float, float]]:
+        rec = self.recording
+        if rec is None:
+            positions = {st.positions for cfg in configs for st in cfg} or {"all"}
+            rec = Recording(self.lm, self.scorer.texts, layers=self.layers or range(self.lm.info.num_layers),
+                            batch_size=self.scorer.batch_size, max_rows=self.scorer.max_rows,
+                            cache_budget=CACHE_BUDGET_BYTES if self.cache_budget is None else self.cache_budget,
+                            positions=sorted(positions), baseline_lp=self.scorer.baseline_lp)
+            rec.record(cancel)
+            self.recording = rec
+            log.info("recorded the unsteered pass: path %s, packed %s, block inputs at layers %s",
+                     rec.path, rec.packed is not None, rec.recorded)
+        if not rec.supports(configs):
+            log.info("a batch the recorded pass cannot run: scored by its own sweep-engine run")
+            return self._score_sweep(configs, cancel)
+        base = rec.record()
+        return [(s.margin - base.margin, s.kl if s.kl is not None else math.nan, s.fluency - base.fluency)
+                for s in rec.score(configs, cancel)]
 
     def _score_sweep(self, configs: list[list[Any]], cancel: threading.Event | None
                      ) -> list[tuple[float, float, float]]:
-        from .sweep_engine import CACHE_BUDGET_BYTES, Cell, Sweeper, is_identity
-
-        cells = [Cell(0, i, cfg, start=min(st.layer for st in cfg), identity=is_identity(cfg), index=i)
+        cells = [Cell(0, i, cfg, start=min((st.layer for st in cfg), default=0), identity=is_identity(cfg), index=i)
                  for i, cfg in enumerate(configs)]
         got: dict[int, tuple[float, float, float]] = {}
 
@@ -277,10 +333,16 @@ class Evaluator:
             got[cell.index] = (scores.margin - base.margin, scores.kl if scores.kl is not None else math.nan,
                                scores.fluency - base.fluency)
 
+        budget = CACHE_BUDGET_BYTES if self.cache_budget is None else self.cache_budget
         Sweeper(self.lm, self.scorer.texts, cells, batch_size=self.scorer.batch_size,
-                max_rows=self.scorer.max_rows, prefix_reuse=True, cache_budget=CACHE_BUDGET_BYTES, cancel=cancel,
+                max_rows=self.scorer.max_rows, prefix_reuse=True, cache_budget=budget, cancel=cancel,
                 on_cell=done, progress=lambda: None).run()
         return [got[i] for i in range(len(configs))]  # every cell, identity ones too, is reported
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise SteerdeskError(f"Unknown scoring engine {engine!r}; use {', '.join(ENGINES)}.")
 
 
 def search(
@@ -302,6 +364,7 @@ def search(
     max_rows: int = 64,
     vector_path: str | None = None,
     spread_start: bool = True,
+    engine: str = DEFAULT_ENGINE,
     on_trial: TrialCallback | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
@@ -318,7 +381,10 @@ def search(
     ``spread_start`` (the default): a fresh study's first ``max(batch, 4)`` trials are the
     depth-spread single layers of :func:`~steerdesk.core.search_space.start_points` (enqueued, user
     attribute ``start_point``) instead of random ones; ``False`` gives Optuna's random start.
-    Raises a one-line ``SteerdeskError`` for bad input, before the study file is touched.
+    ``engine``: how each batch is scored (:meth:`Evaluator.score`; the default records the
+    unsteered pass once and runs only the trials' steered tails; the scores do not depend on it
+    beyond float rounding). Raises a one-line ``SteerdeskError`` for bad input, before the study
+    file is touched.
     """
     t0 = time.perf_counter()
     if not isinstance(trials, int) or trials < 1:
@@ -329,6 +395,7 @@ def search(
         raise SteerdeskError("The fluency budget must be a number >= 0.")
     if sampler is not None and sampler not in SAMPLERS:
         raise SteerdeskError(f"Unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}.")
+    _check_engine(engine)
     info = lm.info
     d = getattr(vectors, "directions", vectors)
     if d.ndim != 2 or d.shape[1] != info.hidden_size:
@@ -378,7 +445,8 @@ def search(
                 break
             if evaluator is None:
                 evaluator = Evaluator.prepare(lm, vectors, heldout, neutral=neutral, system=system, max_pairs=max_pairs,
-                                              batch_size=batch_size, max_rows=max_rows, cancel=cancel)
+                                              batch_size=batch_size, max_rows=max_rows, cancel=cancel, engine=engine,
+                                              layers=range(space.first_layer, space.last_layer + 1))
                 study.set_user_attr("baseline", {"margin": evaluator.base.margin, "fluency": evaluator.base.fluency})
             k = min(batch, trials - nis_evaluated())
             n_stored = len(study.get_trials(deepcopy=False))
@@ -461,9 +529,11 @@ def export_vectors(vectors: Any, trial: TrialResult, path: str | Path, *, study:
 __all__ = [
     "DEFAULT_BATCH",
     "DEFAULT_BUDGET",
+    "DEFAULT_ENGINE",
     "DEFAULT_MAX_SPAN",
     "DEFAULT_SCALE",
     "DEFAULT_TRIALS",
+    "ENGINES",
     "FORMAT",
     "SAMPLERS",
     "STUDY_NAME",

@@ -126,7 +126,7 @@ def test_batched_scores_equal_evaluate_of_each_configuration(tiny, arch):
     batch = [TrialSettings((0, 1), 0.8, "add", False), TrialSettings((2,), 1.5, "clamp", True),
              TrialSettings((1, 2, 3), 0.6, "project", False), TrialSettings((3,), -1.0, "add", False)]
     ev = Evaluator.prepare(tiny, vs, rude4(), neutral=NEUTRAL, batch_size=3, max_rows=7)
-    got = ev.score(batch)
+    got = ev.score(batch, engine="scorer")  # full forwards: the same arithmetic as evaluate()
     for s, (m, kl, f) in zip(batch, got):
         want = evaluate(tiny, rude4(), s.steers(vs), neutral=NEUTRAL)
         assert m == pytest.approx(want.margin_delta, abs=1e-5)
@@ -187,6 +187,104 @@ def test_sweep_engine_scores_equal_evaluate_of_each_configuration(tiny, arch):
     assert got[-1] == (0.0, 0.0, 0.0)
     with pytest.raises(SteerdeskError, match="Unknown scoring engine"):
         ev.score(batch, engine="fast")
+
+
+# Every mode, normalisation, multi-layer ranges starting at every layer, a negative scale, and
+# identities (x0 add, x0 project): two batches, as a search scores them one after the other.
+RECORDED_BATCHES = [
+    [TrialSettings((0, 1), 0.8, "add", False), TrialSettings((2,), 1.5, "clamp", True),
+     TrialSettings((1, 2, 3), 0.6, "project", False), TrialSettings((3,), -1.0, "add", False),
+     TrialSettings((1,), 0.0, "add", False)],
+    [TrialSettings((2, 3), 1.2, "add", True), TrialSettings((0,), 0.7, "clamp", False),
+     TrialSettings((1, 2), 0.4, "project", True), TrialSettings((2,), 0.0, "project", False),
+     TrialSettings((0, 1, 2, 3), 0.5, "add", False), TrialSettings((3,), 0.9, "clamp", True)],
+]
+
+
+def _assert_equal_to_evaluate(tiny, vs, batches, got):
+    for batch, scores in zip(batches, got):
+        assert len(scores) == len(batch)
+        for s, (m, kl, f) in zip(batch, scores):
+            want = evaluate(tiny, rude4(), s.steers(vs), neutral=NEUTRAL)
+            assert m == pytest.approx(want.margin_delta, abs=1e-4), s
+            assert f == pytest.approx(want.fluency_delta, abs=1e-4), s
+            assert kl == pytest.approx(want.kl, abs=1e-4), s
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_recorded_engine_records_once_and_scores_equal_evaluate(tiny, arch, monkeypatch):
+    """The default engine: the unsteered pass (block inputs at every layer, KL reference,
+    self-check) runs once per evaluator; every batch after it runs only steered tails, and each
+    trial gets what ``evaluate`` gives it alone."""
+    from steerdesk.core import sweep_engine as engine_mod
+
+    recordings = []
+
+    class Counted(engine_mod.Capture):
+        def __enter__(self):
+            recordings.append(sorted(self.starts))
+            return super().__enter__()
+
+    monkeypatch.setattr(engine_mod, "Capture", Counted)
+    vs = _vs(tiny, 0.5)
+    ev = Evaluator.prepare(tiny, vs, rude4(), neutral=NEUTRAL, batch_size=3, max_rows=7)
+    assert ev.engine == "recorded"
+    got = [ev.score(b) for b in RECORDED_BATCHES]
+    rec = ev.recording
+    assert rec is not None and rec.path == "prefix" and rec.packed is not None  # prefix reuse and packing ran
+    assert rec.recorded == list(range(NUM_LAYERS))
+    # One recording per layout, all in the first batch; the second batch recorded nothing.
+    assert len(recordings) == len(rec.layouts) and all(r == rec.recorded for r in recordings)
+    assert rec.record() is rec.base and rec.base.margin == pytest.approx(ev.base.margin, abs=1e-12)
+    _assert_equal_to_evaluate(tiny, vs, RECORDED_BATCHES, got)
+    assert got[0][-1] == (0.0, 0.0, 0.0) and got[1][3] == (0.0, 0.0, 0.0)  # identities are the baseline
+    assert len({g[0] for g in got[1]}) == len(got[1])  # the rows really are different configurations
+    assert ev.score([]) == []
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_recorded_engine_over_the_memory_budget_falls_back_and_stays_exact(tiny, arch):
+    """A budget for two layers' block inputs records two spread layers (trials start at the recorded
+    layer below theirs); a budget for none runs full forward passes; both equal ``evaluate``."""
+    vs = _vs(tiny, 0.5)
+    kw = dict(neutral=NEUTRAL, batch_size=3, max_rows=7)
+    whole = Evaluator.prepare(tiny, vs, rude4(), **kw)
+    whole.score(RECORDED_BATCHES[0][:1])
+    assert whole.recording is not None
+    per_layer = whole.recording.layer_bytes(whole.recording.layouts)
+    assert per_layer > 0
+    two = Evaluator.prepare(tiny, vs, rude4(), cache_budget=2 * per_layer + 1, **kw)
+    got = [two.score(b) for b in RECORDED_BATCHES]
+    assert two.recording is not None and two.recording.path == "prefix"
+    assert two.recording.recorded == [0, 2]
+    assert sum(c.nbytes() for c in two.recording.caps.values()) <= 2 * per_layer + 1
+    _assert_equal_to_evaluate(tiny, vs, RECORDED_BATCHES, got)
+    none = Evaluator.prepare(tiny, vs, rude4(), cache_budget=1, **kw)
+    got = [none.score(b) for b in RECORDED_BATCHES]
+    assert none.recording is not None and none.recording.path == "full" and none.recording.recorded == []
+    assert none.recording.packed is None and not none.recording.caps
+    _assert_equal_to_evaluate(tiny, vs, RECORDED_BATCHES, got)
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_recorded_engine_scores_a_batch_it_cannot_run_by_its_own_sweep(tiny, arch, tmp_path):
+    """Recorded for layers 2-3 and ``all`` positions: a trial starting at layer 0, or steering the
+    generated tokens only (other packing), is scored by a sweep-engine run of its batch instead."""
+    vs = _vs(tiny, 0.5)
+    ev = Evaluator.prepare(tiny, vs, rude4(), neutral=NEUTRAL, batch_size=3, max_rows=7, layers=[2, 3])
+    first = [TrialSettings((2, 3), 0.8, "add", False), TrialSettings((3,), 1.0, "clamp", False)]
+    low = [TrialSettings((0, 1), 0.8, "add", False)]
+    generated = [TrialSettings((2,), 1.2, "add", False, positions="generated")]
+    got = [ev.score(b) for b in (first, low, generated)]
+    assert ev.recording is not None and ev.recording.recorded == [2, 3]
+    assert not ev.recording.supports([s.steers(vs) for s in low])
+    assert not ev.recording.supports([s.steers(vs) for s in generated])
+    _assert_equal_to_evaluate(tiny, vs, [first, low, generated], got)
+    with pytest.raises(SteerdeskError, match="Unknown scoring engine"):
+        Evaluator.prepare(tiny, vs, rude4(), neutral=NEUTRAL, engine="fast")
+    with pytest.raises(SteerdeskError, match="Unknown scoring engine"):
+        search(tiny, vs, rude4(), tmp_path / "s.db", engine="fast", neutral=NEUTRAL)
+    assert not (tmp_path / "s.db").exists()
 
 
 # ----------------------------------------------------------------------------- studies
