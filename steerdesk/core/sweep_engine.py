@@ -430,7 +430,10 @@ class Recording(Sweeper):
     ``positions``: the steering positions the configurations will use (they decide the packing:
     ``"all"`` only, other whole-text positions, or token windows, which run unpacked).
     :meth:`supports` tells whether a list of configurations can run on what was recorded.
-    Not thread-safe: one caller at a time.
+    ``baseline_lp`` (``[len(texts)]``, nats/token): the model's own unsteered per-text mean
+    log-probs on unpacked layouts, e.g. ``TextScorer.baseline_lp``. Raises ``SteerdeskError`` for
+    ``layers`` empty or outside the model, or a ``baseline_lp`` of another length. Not
+    thread-safe: one caller at a time.
     """
 
     # A packed row holds several texts (a pair's replies and more), so one row, twice, checks several.
