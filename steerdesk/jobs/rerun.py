@@ -174,7 +174,8 @@ def _compare_spec(recipe: RunRecord, lm: LoadedModel, changes: list[str]) -> Com
     return CompareSpec(dataset=loaded, layers=tuple(int(x) for x in recipe.layers),
                        scales=tuple(float(x) for x in recipe.scales), heldout=float(d.get("heldout") or 0.25),
                        seed=int(d.get("seed") or 0), budget=float(s.get("budget", DEFAULT_BUDGET)),
-                       instruction=s.get("instruction"), methods=tuple(s.get("methods") or METHODS), extra=extra,
+                       instruction=s.get("instruction"), extra=extra,
+                       methods=tuple(METHODS if s.get("methods") is None else s["methods"]),  # [] stays []
                        optimize=OptimizeSettings(**s["optimize"]) if s.get("optimize") else None,
                        read=recipe.read_position or "last", batch_size=int(s.get("batch_size") or 8),
                        max_pairs=d.get("max_pairs"), dataset_spec=d.get("spec"), model=recipe.model)

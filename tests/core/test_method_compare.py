@@ -166,3 +166,24 @@ def test_compare_job_writes_a_record_that_reruns(llama, tmp_path):
     changed.outputs["comparison"]["prompt"]["margin_delta"] += 0.01
     assert compare(changed, again.record) == ["optimized: scores differ from the record by more than 1e-4",
                                               "the prompt baseline differs from the record by more than 1e-4"]
+
+
+def test_compare_record_with_no_methods_reruns_only_the_extra_rows(llama, tmp_path):
+    """``inspect --compare --methods ""`` compares only the given vector file; its record says
+    ``methods: []`` and the re-run must compare the same (not fall back to all three methods)."""
+    from steerdesk import jobs
+    from steerdesk.core.records import RunRecord
+    from steerdesk.jobs.rerun import rerun
+
+    ds = synthetic(TOPICS, "bored")
+    extra = compute_vectors(llama, ds.split(0.25, 0)[0])
+    spec = jobs.CompareSpec(dataset=ds, layers=(1,), scales=(1.0,), heldout=0.25, budget=0.5, methods=(),
+                            extra=(("file.safetensors", extra),))
+    result = jobs.run(llama, spec)
+    record = jobs.record(llama, spec, result, seconds=1.0)
+    assert record.settings["methods"] == []
+    path = tmp_path / "only-file.json"
+    record.save(path)
+    again = rerun(RunRecord.load(path), lm=llama)
+    assert again.reproduced, again.differences
+    assert [m.method for m in again.result.methods] == ["file.safetensors"]
