@@ -352,3 +352,21 @@ def test_cancel_with_prefix_cache_leaves_no_vector(llama):
     assert out == [] and seen == [1, 2, 3]
     assert all(torch.equal(before[k], v) for k, v in _state(llama).items())
     assert not any(steerdesk_hooks(b) for b in llama.blocks)
+
+
+def test_self_check_distribution_error_weighs_by_probability():
+    """The neutral-text self-check compares distributions where their probability is: a large
+    difference on an entry of negligible probability (bf16 rounding of a tail logit) is not a fault,
+    the same difference on the likely entry is, and identical rows give 0."""
+    from steerdesk.core.optimize_steps import distribution_error
+
+    ref = torch.log_softmax(torch.tensor([[10.0, 0.0, -20.0, -20.0], [0.0, 8.0, -20.0, -20.0]]), -1)
+    assert distribution_error(ref, ref) == 0.0
+    tail = ref.clone()
+    tail[:, 2:] += 0.5  # a 0.5-nat difference where the probability is ~1e-13
+    assert tail.sub(ref).abs().max() == 0.5
+    assert distribution_error(tail, ref) < 1e-9
+    head = ref.clone()
+    head[1, 1] -= 0.2  # a 0.2-nat difference on the token holding nearly all the probability
+    assert distribution_error(head, ref) == pytest.approx(0.2, rel=1e-3)
+    assert distribution_error(torch.empty(0, 4), torch.empty(0, 4)) == 0.0
