@@ -305,6 +305,20 @@ def make_packed_layouts(lm: LoadedModel, texts: EvalTexts, *, row_tokens: int = 
     return out
 
 
+def packed_attention(real: torch.Tensor, rule: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    """4D attention mask ``[rows, 1, S, S]`` of packed rows: query ``q`` sees key ``k`` when ``k <= q``,
+    both are real tokens (``real`` ``[rows, S]`` bool) and ``rule`` ``[rows, S, S]`` allows it; a padding
+    query sees itself (no empty softmax row). ``fmt`` ``"bool"`` (True = attend) or additive in ``dtype``
+    (0 / dtype's minimum), as :func:`packed_mask_format` says the model takes it."""
+    width = real.shape[-1]
+    allowed = torch.ones(width, width, dtype=torch.bool).tril() & real[:, None, :] & real[:, :, None] & rule
+    allowed |= torch.eye(width, dtype=torch.bool)
+    allowed = allowed[:, None]
+    if fmt == "bool":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 def _pack_rows(rows: list[list[tuple[tuple[int, ...], list[int]]]], texts: EvalTexts, starts: list[int], pad_id: int,
                device: torch.device, kind: str, fmt: str, dtype: torch.dtype) -> Layout:
     """One packed layout (see :func:`make_packed_layouts`)."""
@@ -375,14 +389,7 @@ def _pack_rows(rows: list[list[tuple[tuple[int, ...], list[int]]]], texts: EvalT
     # Query q sees key k (k <= q) when k is common, or in q's group and a prompt token or q's own reply.
     gq, gk = group[:, :, None], group[:, None, :]
     rq, rk = reply[:, :, None], reply[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = causal & real[:, None, :] & real[:, :, None] & ((gk == -1) | ((gk == gq) & ((rk == -1) | (rk == rq))))
-    allowed |= torch.eye(width, dtype=torch.bool)  # a padding query sees itself (no empty softmax row)
-    allowed = allowed[:, None]
-    if fmt == "bool":
-        attn = allowed
-    else:
-        attn = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    attn = packed_attention(real, (gk == -1) | ((gk == gq) & ((rk == -1) | (rk == rq))), fmt, dtype)
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)
     return Layout(ids=ids.to(device), mask=mask.to(device), positions=positions.to(device), reply_col=p_width,
                   src_row=as_long(src_row), src_col=as_long(src_col), tok=as_long(tok),
@@ -391,4 +398,4 @@ def _pack_rows(rows: list[list[tuple[tuple[int, ...], list[int]]]], texts: EvalT
 
 
 __all__ = ["KINDS", "EvalTexts", "Layout", "make_layout", "make_layouts", "make_packed_layouts", "n_scored",
-           "packed_mask_format", "prepare_texts"]
+           "packed_attention", "packed_mask_format", "prepare_texts"]

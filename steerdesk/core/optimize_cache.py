@@ -17,12 +17,9 @@ from typing import Any
 import torch
 
 from .extract import Encoded, forward_with_positions
-from .layouts import Layout
+from .layouts import Layout, packed_attention
 from .models import LoadedModel
 from .prefix import Capture, Tail, Unsupported, run_blocks
-
-#: Most bytes of recorded block outputs kept at once (as the sweep engine's budget).
-CACHE_BUDGET_BYTES = 2 << 30
 
 Call = tuple[tuple[Any, ...], dict[str, Any], bool]  # (positional args after the hidden state, kwargs, hidden as kwarg)
 
@@ -198,12 +195,7 @@ def pack_texts(items: Sequence[Encoded], labels: Sequence[float], pad_id: int, d
             seg.append(i)
     real = tag > -2
     tq, tk = tag[:, :, None], tag[:, None, :]
-    allowed = torch.ones(width, width, dtype=torch.bool).tril() & real[:, None, :] & real[:, :, None] \
-        & ((tk == -1) | (tk == tq))
-    allowed |= torch.eye(width, dtype=torch.bool)  # a padding query sees itself (no empty softmax row)
-    allowed = allowed[:, None]
-    attn = allowed if fmt == "bool" else \
-        torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    attn = packed_attention(real, (tk == -1) | (tk == tq), fmt, dtype)
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)
     counts = torch.tensor([float(len(e.ids) - e.reply_start) for e in items], dtype=torch.float32)
     lay = Layout(ids=ids.to(device), mask=real.long().to(device), positions=positions.to(device), reply_col=p_max,
@@ -262,11 +254,6 @@ class DirectPath:
         return self.tail.logits(self.tail.norm(sel))
 
 
-def check_tolerance(dtype: torch.dtype) -> float:
-    """Per-token log-prob tolerance of the self-check (nats): the sweep's."""
-    return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
-
-
-__all__ = ["CACHE_BUDGET_BYTES", "BlockCache", "Call", "DirectPath", "Key", "PackedTexts", "StopForward",
-           "bytes_per_layer", "check_tolerance", "pack_texts", "plain_argument", "same_argument", "same_call",
+__all__ = ["BlockCache", "Call", "DirectPath", "Key", "PackedTexts", "StopForward",
+           "bytes_per_layer", "pack_texts", "plain_argument", "same_argument", "same_call",
            "shared_prompts", "uniform_from"]

@@ -50,7 +50,6 @@ from .extract import Encoded, encode, forward_with_positions
 from .layouts import Layout, make_layout, packed_mask_format
 from .models import LoadedModel
 from .optimize_cache import (
-    CACHE_BUDGET_BYTES,
     BlockCache,
     Call,
     DirectPath,
@@ -58,7 +57,6 @@ from .optimize_cache import (
     PackedTexts,
     StopForward,
     bytes_per_layer,
-    check_tolerance,
     pack_texts,
     shared_prompts,
     uniform_from,
@@ -66,6 +64,7 @@ from .optimize_cache import (
 from .optimize_settings import OptimizeSettings
 from .prefix import Capture, Unsupported
 from .steering import block_hidden
+from .sweep_engine import CACHE_BUDGET_BYTES, check_tolerance
 
 log = logging.getLogger("steerdesk.core.optimize")  # the optimisation's logger
 

@@ -63,7 +63,9 @@ def is_window(positions: str) -> bool:
 
 # ================================================================================= sweep
 
-def _tolerance(dtype: torch.dtype) -> float:
+def check_tolerance(dtype: torch.dtype) -> float:
+    """Per-token log-prob tolerance (nats) of a direct block path's self-check against the model's own
+    forward (the sweep's, and the optimized method's prefix cache's)."""
     return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
 
 
@@ -238,7 +240,7 @@ class Sweeper:
             return False
         want = self.scorer.baseline_lp[sub.texts]
         err = float((row_lp - want).abs().max())
-        tol = _tolerance(next(self.lm.model.parameters()).dtype)
+        tol = check_tolerance(next(self.lm.model.parameters()).dtype)
         if not err <= tol:
             log.info("prefix reuse off: the direct block path differs from the model by %.3g", err)
             return False
@@ -400,5 +402,5 @@ class Sweeper:
         return base
 
 
-__all__ = ["CACHE_BUDGET_BYTES", "CPU_FORWARD_TOKENS", "OOM_HINT", "Cell", "PackMismatch", "Sweeper", "is_identity",
-           "is_window"]
+__all__ = ["CACHE_BUDGET_BYTES", "CPU_FORWARD_TOKENS", "OOM_HINT", "Cell", "PackMismatch", "Sweeper", "check_tolerance",
+           "is_identity", "is_window"]
