@@ -111,17 +111,19 @@ def cmd_accept(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
         prev = _previous_grid(args.grid_from, name, len(layers) * len(SCALES), len(held), vs)
         if prev is not None:  # the same grid measured by an earlier run (same vectors, same pairs)
             best, g_s, la = prev["grid_best"], prev["grid_seconds"], prev["grid_loadavg"]
+            cells = {k: prev[k] for k in ("grid_margin", "grid_fluency") if k in prev}
             log(f"{name}: grid taken from {args.grid_from}")
         else:
             grid = sweep(lm, vs, held, layers=layers, scales=SCALES, fluency_budget=BUDGET)
             g_s = time.perf_counter() - t0
             best = grid.best
+            cells = {"grid_margin": grid.margin_delta, "grid_fluency": grid.fluency_delta}
         assert best is not None
         log(f"{name}: grid {len(layers)}x{len(SCALES)} in {g_s:.0f} s, best L{best['layer']} x{best['scale']}: "
             f"margin {best['margin_delta']:+.4f}, fluency {best['fluency_delta']:+.4f}")
         entry: dict[str, Any] = {"dataset": name, "vector_sha256": _vector_sha(vs), "heldout_pairs": len(held),
                                  "grid_cells": len(layers) * len(SCALES),
-                                 "grid_seconds": round(g_s, 1), "grid_loadavg": la, "grid_best": best, "seeds": []}
+                                 "grid_seconds": round(g_s, 1), "grid_loadavg": la, "grid_best": best, **cells, "seeds": []}
         space = None
         if args.space:
             space = SearchSpace.parse(args.space, SearchSpace.default(vs, lm.info.num_layers))
@@ -134,7 +136,7 @@ def cmd_accept(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
                 t0 = time.perf_counter()
                 study = Path(args.keep) / f"{name}-seed{seed}.db" if args.keep else Path(tmp) / "study.db"
                 res = search(lm, vs, held, study, trials=args.trials, batch=args.batch, seed=seed,
-                             space=space, neutral=list(NEUTRAL_TEXTS), fluency_budget=BUDGET,
+                             space=space, neutral=list(NEUTRAL_TEXTS), fluency_budget=BUDGET, sampler=args.sampler,
                              spread_start=not args.random_start)
                 s_s = time.perf_counter() - t0
             b = res.best
@@ -293,6 +295,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="one dataset, 2 seeds, 6 layers, 8 pairs (smoke run)")
     ap.add_argument("--json", help="write every number here (updated as it goes)")
+    ap.add_argument("--sampler", default=None, help="accept: the search's sampler (default: the product's)")
     ap.add_argument("--space", help="accept: search space overrides (SearchSpace.parse), e.g. 'modes=add;normalize=no'")
     ap.add_argument("--random-start", action="store_true",
                     help="accept: Optuna's random first batch instead of the default depth-spread start points")

@@ -189,7 +189,25 @@ class SelfTest:
         best = stored.best
         where = f"; best {best.settings.label()} margin {best.margin_delta:+.3f}" if best and best.settings else ""
         return (f"{SEARCH_TRIALS} trials stored in SQLite, Pareto front of {len(pareto)} read back "
-                f"from JSON and CSV{where}")
+                f"from JSON and CSV{where}; {self._refine_check(stored)}")
+
+    def _refine_check(self, stored: Any) -> str:
+        """The refine phase's Gaussian process (Optuna's GPSampler, scipy) proposes inside its region."""
+        from .core.search_refine import propose, region
+        from .core.search_space import best_within_budget
+
+        centre = best_within_budget(stored.trials, stored.fluency_budget)
+        if centre is None:
+            return "refine phase not checked (no trial within the fluency budget)"
+        proposals = propose(stored.trials, stored.space, stored.fluency_budget, 2, seed=0)
+        searched, fixed = region(stored.space, centre.params)
+        for params, _centre in proposals:
+            if any(params.get(k) != v for k, v in fixed.items()) or not all(
+                    d.low <= params[k] <= d.high for k, d in searched.items()):
+                raise StepFailed(f"the refine phase proposed {params} outside its region around trial {centre.number}")
+        if len(proposals) != 2:
+            raise StepFailed(f"the refine phase proposed {len(proposals)} trials, expected 2")
+        return "refine phase proposed 2 trials in its region"
 
     # ------------------------------------------------------------------ running
 

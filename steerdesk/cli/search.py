@@ -35,10 +35,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                                    "(default: every covered layer, span 1-4, scale 0..2, all modes, normalize no/yes; "
                                    "a resumed study keeps its own)")
     p.add_argument("--seed", type=int, help="sampler seed (default 0; a resumed study keeps its own)")
-    p.add_argument("--sampler", choices=["tpe", "nsga2"], help="Optuna sampler (default tpe)")
+    p.add_argument("--sampler", choices=["tpe", "nsga2", "gp"], help="Optuna sampler (default tpe)")
     p.add_argument("--random-start", action="store_true",
                    help="start a new study with Optuna's random trials instead of the default first batch "
                         "(single layers spread over depth, middle scale, add)")
+    p.add_argument("--no-refine", action="store_true",
+                   help="a new study without the refine phase (by default the second half of the trials is "
+                        "proposed near the best trial within the fluency budget; a resumed study keeps its own)")
     p.add_argument("--fluency-budget", type=float,
                    help="largest fluency loss (nats/token) the best trial may have (default 0.5)")
     p.add_argument("--kl-texts", help="neutral texts for the KL objective, one per line (default: built-in)")
@@ -107,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
                            space=space, seed=args.seed, sampler=args.sampler, fluency_budget=args.fluency_budget,
                            neutral=neutral, system=args.system, max_pairs=args.max_pairs, batch_size=args.batch_size,
                            max_rows=args.max_rows, spread_start=not args.random_start,
+                           refine=False if args.no_refine else None,
                            vector_path=str(Path(args.vector).resolve()), dataset=loaded,
                            dataset_spec=dataset_spec(args), heldout_fraction=args.heldout, model=args.model)
     bar = progress_bar("search")

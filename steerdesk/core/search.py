@@ -7,7 +7,7 @@ neutral texts, are the behaviour **margin delta** (nats/token, maximised) and th
 unsteered model on neutral text (nats/token, minimised). The fluency delta is kept with every
 trial: the "best" trial is the largest margin delta whose fluency loss is within the budget (as
 in :func:`steerdesk.core.sweep.pick_best`), and the budget is given to the sampler as an Optuna
-constraint (``constraints_func``), so it steers toward feasible settings.
+constraint (``Trial.set_constraint``), so it steers toward feasible settings.
 
 Optuna does the optimising (``TPESampler`` by default, ``NSGAIISampler`` on request, both
 seeded); steerdesk does not write its own optimiser. Trials are proposed in batches with
@@ -67,6 +67,7 @@ from .errors import Cancelled, SteerdeskError
 from .evaluate import NEUTRAL_TEXTS
 from .layouts import prepare_texts
 from .search_eval import DEFAULT_ENGINE, ENGINES, Evaluator, check_engine
+from .search_refine import propose, refine_from
 from .search_space import (
     DEFAULT_MAX_SPAN,
     DEFAULT_SCALE,
@@ -89,13 +90,14 @@ from .search_study import (
     StudyIdentity,
     batch_seed,
     close_study,
-    has_set_constraint,
     identity_for,
     is_evaluated,
     make_sampler,
     open_for_search,
     read_study,
     recover_interrupted,
+    retry_attrs,
+    trial_phase,
     trial_results,
 )
 
@@ -128,6 +130,7 @@ class SearchResult:
     seconds: float = 0.0
     stopped: bool = False
     created: str = ""
+    refine_from: int | None = None  # evaluated trials after which the search refines; None: no refine phase
 
     @property
     def evaluated(self) -> list[TrialResult]:
@@ -155,7 +158,7 @@ class SearchResult:
                 "vector": self.vector, "evaluation": self.evaluation, "baseline": self.baseline,
                 "evaluated": len(self.evaluated), "evaluated_before": self.evaluated_before,
                 "evaluated_now": self.evaluated_now, "batches": self.batches, "seconds": self.seconds,
-                "stopped": self.stopped, "created": self.created,
+                "stopped": self.stopped, "created": self.created, "refine_from": self.refine_from,
                 "best": best.to_dict() if best else None,
                 "pareto": [t.to_dict() for t in self.pareto],
                 "trials": [t.to_dict() for t in self.trials]}
@@ -190,7 +193,10 @@ class SearchResult:
         lines = [f"study {self.study}: {len(self.evaluated)} trials evaluated "
                  f"({self.evaluated_now} in this run, {self.batches} batches, {self.seconds:.1f} s)"
                  + (" - stopped" if self.stopped else ""),
-                 f"space: {self.space.size_text()}; sampler {self.sampler}, seed {self.seed}"]
+                 f"space: {self.space.size_text()}; sampler {self.sampler}, seed {self.seed}; "
+                 + ("no refine phase" if self.refine_from is None else
+                    f"refine phase after {self.refine_from} trials "
+                    f"({sum(1 for t in self.trials if t.phase == 'refine')} so far)")]
         b = self.best
         if b is not None and b.settings is not None:
             lines.append(f"best within the fluency budget {self.fluency_budget:g}: trial {b.number} "
@@ -219,7 +225,7 @@ def load_result(path: str | Path, vectors: Any | None = None) -> SearchResult:
                         vector=dict(a.get("vector") or {}), evaluation=dict(a.get("evaluation") or {}),
                         baseline=dict(a.get("baseline") or {}),
                         evaluated_before=sum(1 for t in trials if t.state in ("complete", "failed")),
-                        created=str(a.get("created", "")))
+                        created=str(a.get("created", "")), refine_from=stored.refine_from)
 
 
 def search(
@@ -241,6 +247,7 @@ def search(
     max_rows: int = 64,
     vector_path: str | None = None,
     spread_start: bool = True,
+    refine: bool | None = None,
     engine: str = DEFAULT_ENGINE,
     on_trial: TrialCallback | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -258,6 +265,11 @@ def search(
     ``spread_start`` (the default): a fresh study's first ``max(batch, 4)`` trials are the
     depth-spread single layers of :func:`~steerdesk.core.search_space.start_points` (enqueued, user
     attribute ``start_point``) instead of random ones; ``False`` gives Optuna's random start.
+    ``refine`` (a new study's default ``True``): once the study holds
+    :func:`~steerdesk.core.search_refine.refine_from` evaluated trials (the second half of the budget
+    the study was created with; stored as the study attribute ``refine_from``, so a resume keeps it),
+    each batch is proposed inside a trust region around the best trial within the fluency budget by a
+    single-objective Gaussian process (:mod:`steerdesk.core.search_refine`; user attribute ``refine``).
     ``engine``: how each batch is scored (:meth:`Evaluator.score`; the default records the
     unsteered pass once and runs only the trials' steered tails; the scores do not depend on it
     beyond float rounding). Raises a one-line ``SteerdeskError`` for bad input, before the study
@@ -290,16 +302,16 @@ def search(
                             vector_path=vector_path)
     # The texts are checked before the study is created (an unusable held-out set writes nothing).
     prepare_texts(lm, heldout, neutral=neutral, system=system, max_pairs=max_pairs)
-    study, _stored, space, seed, sampler, fluency_budget = open_for_search(
+    startup = max(batch, 4)
+    study, _stored, space, seed, sampler, fluency_budget, refine_at = open_for_search(
         study_path, identity, space=space, seed=seed, sampler=sampler, fluency_budget=fluency_budget,
-        default_space=default_space)
+        default_space=default_space, refine=refine, refine_start=refine_from(trials, startup))
     assert space is not None and seed is not None and sampler is not None and fluency_budget is not None
     try:
         space.check(vectors, info.num_layers)
         recovered = recover_interrupted(study)
         if recovered:
             log.info("trials %s were interrupted; retrying them", recovered)
-        startup = max(batch, 4)
         if spread_start and not study.get_trials(deepcopy=False):
             for params in start_points(space, min(startup, trials)):
                 study.enqueue_trial(params, user_attrs={"start_point": True}, skip_if_exists=False)
@@ -327,7 +339,15 @@ def search(
                 study.set_user_attr("baseline", {"margin": evaluator.base.margin, "fluency": evaluator.base.fluency})
             k = min(batch, trials - nis_evaluated())
             n_stored = len(study.get_trials(deepcopy=False))
-            study.sampler = make_sampler(sampler, batch_seed(seed, n_stored), fluency_budget, startup=startup)
+            study.sampler = make_sampler(sampler, batch_seed(seed, n_stored), startup=startup)
+            if refine_at is not None and nis_evaluated() >= refine_at:
+                from optuna.trial import TrialState
+
+                waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+                stored_results = trial_results(study.get_trials(deepcopy=False), space, vectors, fluency_budget)
+                for params, centre in propose(stored_results, space, fluency_budget, k - waiting,
+                                              batch_seed(seed, n_stored)):
+                    study.enqueue_trial(params, user_attrs={"refine": centre}, skip_if_exists=False)
             asked = []
             for _ in range(k):
                 trial = study.ask(dists)
@@ -343,7 +363,7 @@ def search(
                 for t in asked:
                     t.set_user_attr("interrupted", True)
                     study.tell(t, state=TrialState.FAIL)
-                    study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number}, skip_if_exists=False)
+                    study.enqueue_trial(dict(t.params), user_attrs=retry_attrs(t), skip_if_exists=False)
                 stopped = True
                 break
             batches += 1
@@ -353,8 +373,7 @@ def search(
                 t.set_user_attr("fluency_delta", f if math.isfinite(f) else None)
                 t.set_user_attr("settings", s.to_dict())
                 if math.isfinite(m) and math.isfinite(kl) and math.isfinite(f):
-                    if has_set_constraint():
-                        t.set_constraint("fluency", -f - fluency_budget)
+                    t.set_constraint("fluency", -f - fluency_budget)
                     study.tell(t, [m, kl])
                 else:
                     t.set_user_attr("failed", "non-finite score (the steering blew the model up)")
@@ -363,7 +382,8 @@ def search(
                 if on_trial is not None:
                     r = TrialResult(number=t.number, state="complete" if math.isfinite(m + kl + f) else "failed",
                                     params=dict(t.params), settings=s, margin_delta=m, kl=kl, fluency_delta=f,
-                                    retry_of=t.user_attrs.get("retry_of"))
+                                    retry_of=t.user_attrs.get("retry_of"),
+                                    phase=trial_phase(t.user_attrs))
                     r.within_budget = r.state == "complete" and -f <= fluency_budget
                     on_trial(r)
             if progress:
@@ -377,7 +397,7 @@ def search(
                         evaluation=identity.evaluation, baseline=dict(attrs.get("baseline") or {}),
                         evaluated_before=before, evaluated_now=done_now, batches=batches,
                         seconds=round(time.perf_counter() - t0, 3), stopped=stopped,
-                        created=str(attrs.get("created", "")))
+                        created=str(attrs.get("created", "")), refine_from=refine_at)
 
 
 # ================================================================================ export

@@ -284,9 +284,10 @@ class TrialResult:
     on_front: bool = False
     within_budget: bool = False
     retry_of: int | None = None
+    phase: str = "search"  # "start" (the depth-spread first batch), "search" (the sampler), "refine"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"number": self.number, "state": self.state, "params": self.params,
+        return {"number": self.number, "state": self.state, "phase": self.phase, "params": self.params,
                 "settings": self.settings.to_dict() if self.settings else None,
                 "margin_delta": finite_or_none(self.margin_delta), "kl": finite_or_none(self.kl),
                 "fluency_delta": finite_or_none(self.fluency_delta), "pareto": self.on_front,

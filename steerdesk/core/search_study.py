@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import socket
 import sqlite3
@@ -25,7 +24,7 @@ from .search_space import SearchSpace, TrialResult, TrialSettings, pareto_mask, 
 
 FORMAT = "steerdesk.search/1"
 STUDY_NAME = "steerdesk-search"
-SAMPLERS = ("tpe", "nsga2")
+SAMPLERS = ("tpe", "nsga2", "gp")
 DEFAULT_BATCH = SEARCH_BATCH
 DEFAULT_BUDGET = FLUENCY_BUDGET
 #: The model identity keys a stored study must match (device may differ).
@@ -99,6 +98,17 @@ class StoredStudy:
     @property
     def fluency_budget(self) -> float:
         return float(self.attrs.get("fluency_budget", DEFAULT_BUDGET))
+
+    @property
+    def refine_from(self) -> int | None:
+        """The number of evaluated trials after which the search refines
+        (:mod:`steerdesk.core.search_refine`); None: no refine phase (also studies made before it existed)."""
+        v = self.attrs.get("refine_from")
+        return int(v) if isinstance(v, int) else None
+
+    @property
+    def refine(self) -> bool:
+        return self.refine_from is not None
 
 
 def _url(path: Path, readonly: bool = False) -> str:
@@ -218,7 +228,8 @@ def trial_results(stored_trials: Sequence[Any], space: SearchSpace, vectors: Any
         r = TrialResult(number=t.number, state=state, params=dict(t.params or {}), settings=settings,
                         margin_delta=float(values[0]) if values else None, kl=float(values[1]) if values else None,
                         fluency_delta=float(f) if isinstance(f, (int, float)) else None,
-                        retry_of=t.user_attrs.get("retry_of"))
+                        retry_of=t.user_attrs.get("retry_of"),
+                        phase=trial_phase(t.user_attrs))
         r.within_budget = (r.state == "complete" and r.fluency_delta is not None
                            and -r.fluency_delta <= fluency_budget)
         out.append(r)
@@ -228,36 +239,27 @@ def trial_results(stored_trials: Sequence[Any], space: SearchSpace, vectors: Any
     return out
 
 
-def make_sampler(name: str, seed: int, fluency_budget: float, startup: int = DEFAULT_BATCH) -> Any:
+def make_sampler(name: str, seed: int, startup: int = DEFAULT_BATCH) -> Any:
     """A seeded Optuna multi-objective sampler that treats the fluency budget as a constraint.
 
     ``tpe``: ``TPESampler(multivariate=True, constant_liar=True, n_startup_trials=startup)`` (batch asks
     spread out; the search passes its batch size (at least 4), so only the first batch is random: with a budget
     of 25 Optuna's default of 10 random trials left too few guided ones);
-    ``nsga2``: ``NSGAIISampler`` (population 50: random until then, so meant for long searches).
+    ``nsga2``: ``NSGAIISampler`` (population 50: random until then, so meant for long searches);
+    ``gp``: ``GPSampler`` (Gaussian-process Bayesian optimisation, log-EHVI with the constraint; its
+    multi-objective search measured no better than ``tpe`` on the bundled sets, docs/benchmarks.md).
     The constraint ``fluency loss - budget <= 0`` is set on each trial with
-    ``Trial.set_constraint`` (Optuna 5); Optuna 4 gets it through ``constraints_func``.
+    ``Trial.set_constraint`` (Optuna 5), which every sampler here reads.
     """
     import optuna
 
-    kwargs: dict[str, Any] = {}
-    if not has_set_constraint():
-        def constraints(trial: Any) -> list[float]:
-            f = trial.user_attrs.get("fluency_delta")
-            return [(-float(f) - fluency_budget) if isinstance(f, (int, float)) and math.isfinite(f) else 1.0]
-        kwargs["constraints_func"] = constraints
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                          n_startup_trials=startup, **kwargs)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=startup)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, **kwargs)
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup, deterministic_objective=True)
     raise SteerdeskError(f"Unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}.")
-
-
-def has_set_constraint() -> bool:
-    import optuna
-
-    return hasattr(optuna.trial.Trial, "set_constraint")
 
 
 def batch_seed(seed: int, n_stored: int) -> int:
@@ -266,13 +268,16 @@ def batch_seed(seed: int, n_stored: int) -> int:
 
 
 def open_for_search(path: str | Path, identity: StudyIdentity, *, space: SearchSpace | None, seed: int | None,
-                    sampler: str | None, fluency_budget: float | None, default_space: SearchSpace
-                    ) -> tuple[Any, StoredStudy | None, SearchSpace, int, str, float]:
+                    sampler: str | None, fluency_budget: float | None, default_space: SearchSpace,
+                    refine: bool | None = None, refine_start: int = 0
+                    ) -> tuple[Any, StoredStudy | None, SearchSpace, int, str, float, int | None]:
     """Validate (read-only), then open or create the study.
 
-    Returns ``(study, stored or None, space, seed, sampler, budget)``; the settings are the stored
-    ones for an existing study (an explicitly given different value is an error), else the given
-    ones or the defaults. Nothing is written before every check passed.
+    Returns ``(study, stored or None, space, seed, sampler, budget, refine_from)``; the settings are the
+    stored ones for an existing study (an explicitly given different value is an error), else the given
+    ones or the defaults. ``refine_from``: a new study refines after ``refine_start`` evaluated trials
+    unless ``refine`` is False (then None); an existing study keeps its stored value. Nothing is
+    written before every check passed.
     """
     stored = read_study(path)
     if stored is not None:
@@ -281,13 +286,17 @@ def open_for_search(path: str | Path, identity: StudyIdentity, *, space: SearchS
             raise SteerdeskError(f"{path}: {why}; use another study file.")
         for name, given, have in (("search space", space, stored.space), ("seed", seed, stored.seed),
                                   ("sampler", sampler, stored.sampler),
-                                  ("fluency budget", fluency_budget, stored.fluency_budget)):
+                                  ("fluency budget", fluency_budget, stored.fluency_budget),
+                                  ("refine phase", refine, stored.refine)):
             if given is not None and given != have:
-                shown = have.size_text() if isinstance(have, SearchSpace) else have
+                shown = (have.size_text() if isinstance(have, SearchSpace)
+                         else ("on" if have else "off") if isinstance(have, bool) else have)
                 raise SteerdeskError(f"{path}: the study was made with {name} {shown}; leave it out to resume, "
                                      "or use another study file.")
         space, seed, sampler, fluency_budget = stored.space, stored.seed, stored.sampler, stored.fluency_budget
+        start_refine = stored.refine_from
     else:
+        start_refine = None if refine is False else int(refine_start)
         space = space or default_space
         seed = 0 if seed is None else int(seed)
         sampler = sampler or "tpe"
@@ -325,8 +334,9 @@ def open_for_search(path: str | Path, identity: StudyIdentity, *, space: SearchS
         study.set_user_attr("seed", seed)
         study.set_user_attr("sampler", sampler)
         study.set_user_attr("fluency_budget", fluency_budget)
+        study.set_user_attr("refine_from", start_refine)
         study.set_user_attr("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    return study, stored, space, seed, sampler, fluency_budget
+    return study, stored, space, seed, sampler, fluency_budget, start_refine
 
 
 def close_study(study: Any) -> None:
@@ -341,6 +351,20 @@ def close_study(study: Any) -> None:
         engine.dispose()
 
 
+def trial_phase(user_attrs: Mapping[str, Any]) -> str:
+    """Which part of a search proposed a trial: ``start`` (the depth-spread first batch), ``refine``
+    (:mod:`steerdesk.core.search_refine`) or ``search`` (the study's sampler)."""
+    if user_attrs.get("start_point"):
+        return "start"
+    return "refine" if user_attrs.get("refine") is not None else "search"
+
+
+def retry_attrs(trial: Any) -> dict[str, Any]:
+    """User attributes of the retry of an interrupted trial: ``retry_of`` and its phase's attributes."""
+    kept = {key: trial.user_attrs[key] for key in ("start_point", "refine") if key in trial.user_attrs}
+    return {**kept, "retry_of": trial.number}
+
+
 def recover_interrupted(study: Any) -> list[int]:
     """Mark trials left RUNNING by a dead process ``FAIL`` (``interrupted``) and enqueue their
     parameters again (``retry_of``). Returns the numbers of the trials marked."""
@@ -351,12 +375,12 @@ def recover_interrupted(study: Any) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_user_attr(t._trial_id, "interrupted", True)
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        study.enqueue_trial(dict(t.params), user_attrs=retry_attrs(t), skip_if_exists=False)
         marked.append(t.number)
     return marked
 
 
 __all__ = ["DEFAULT_BATCH", "DEFAULT_BUDGET", "FORMAT", "MODEL_KEYS", "SAMPLERS", "STUDY_NAME", "StoredStudy",
-           "StudyIdentity", "batch_seed", "close_study", "has_set_constraint", "identity_for", "is_evaluated",
-           "make_sampler", "open_for_search", "quiet_optuna", "read_study", "recover_interrupted", "state_name",
-           "trial_results"]
+           "StudyIdentity", "batch_seed", "close_study", "identity_for", "is_evaluated",
+           "make_sampler", "open_for_search", "quiet_optuna", "read_study", "recover_interrupted", "retry_attrs",
+           "state_name", "trial_phase", "trial_results"]

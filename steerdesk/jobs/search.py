@@ -44,6 +44,8 @@ class SearchSpec:
     ``seed``, ``sampler`` and ``fluency_budget`` left ``None`` mean "the stored ones" for an
     existing study and the defaults for a new one. ``spread_start`` (default): a new study starts
     from the depth-spread single layers of :func:`steerdesk.core.search_space.start_points`.
+    ``refine`` None: a new study refines the second half of its trials near the best one within the
+    fluency budget (:mod:`steerdesk.core.search_refine`), an existing one keeps its stored choice.
     ``heldout`` is the pairs scored; ``dataset``
     (as loaded) and ``heldout_fraction`` let a record name where they came from.
     """
@@ -63,6 +65,7 @@ class SearchSpec:
     batch_size: int = 16
     max_rows: int = 64
     spread_start: bool = True
+    refine: bool | None = None
     vector_path: str | None = None
     dataset: Dataset | None = field(default=None, compare=False)
     dataset_spec: str | None = None
@@ -82,7 +85,7 @@ def run(lm: LoadedModel, spec: SearchSpec, ctx: JobContext) -> SearchResult:
                   seed=spec.seed, sampler=spec.sampler, fluency_budget=spec.fluency_budget,
                   neutral=list(spec.neutral), system=spec.system, max_pairs=spec.max_pairs,
                   batch_size=spec.batch_size, max_rows=spec.max_rows, vector_path=spec.vector_path,
-                  spread_start=spec.spread_start,
+                  spread_start=spec.spread_start, refine=spec.refine,
                   on_trial=ctx.partial if ctx.on_partial else None,
                   progress=lambda done, total: ctx.progress(done, total, "Searching"), cancel=ctx.cancel)
 

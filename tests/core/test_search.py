@@ -345,6 +345,36 @@ def test_study_holds_identity_space_seed_and_reads_back_without_a_model(tiny, ar
 
 
 @pytest.mark.parametrize("arch", ["llama"])
+def test_the_second_half_is_refined_around_the_best_trial_within_the_budget(tiny, arch, tmp_path):
+    """Trials from ``refine_from`` on are proposed inside the trust region of the best trial within the
+    budget when their batch was asked (stored attribute ``refine``), keep its span, mode and
+    normalisation, and the study stores where the phase starts; ``refine=False`` makes a study without it."""
+    from steerdesk.core.search_refine import region
+    from steerdesk.core.search_study import trial_results
+
+    vs = _vs(tiny)
+    res = search(tiny, vs, rude4(), tmp_path / "s.db", trials=10, batch=2, seed=4, neutral=NEUTRAL)
+    stored = read_study(tmp_path / "s.db")
+    assert res.refine_from == 5 and stored.refine_from == 5
+    # batches of 2: the batch asked with 4 evaluated trials is the sampler's, those from 6 on refine
+    assert [t.phase for t in res.trials] == ["start"] * 4 + ["search"] * 2 + ["refine"] * 4
+    by_number = {t.number: t for t in stored.trials}
+    for t in res.trials[6:]:
+        asked_after = t.number - t.number % 2  # the trials told before this one's batch was asked
+        told = trial_results([x for x in stored.trials if x.number < asked_after], res.space, vs, res.fluency_budget)
+        centre = best_within_budget(told, res.fluency_budget)
+        assert centre is not None and by_number[t.number].user_attrs["refine"] == centre.number
+        searched, fixed = region(res.space, centre.params)
+        assert {k: t.params[k] for k in fixed} == fixed
+        assert all(d.low <= t.params[k] <= d.high for k, d in searched.items())
+    assert "refine phase after 5 trials (4 so far)" in res.summary()
+    assert load_result(tmp_path / "s.db").refine_from == 5
+    off = search(tiny, vs, rude4(), tmp_path / "off.db", trials=10, batch=2, seed=4, neutral=NEUTRAL, refine=False)
+    assert off.refine_from is None and all(t.phase != "refine" for t in off.trials)
+    assert [t.params for t in off.trials[:6]] == [t.params for t in res.trials[:6]]  # the same until the phase
+
+
+@pytest.mark.parametrize("arch", ["llama"])
 def test_bad_input_is_refused_with_the_study_file_untouched(tiny, arch, tmp_path, fresh_tiny):
     vs = _vs(tiny)
     kw = dict(batch=2, neutral=NEUTRAL)
@@ -370,6 +400,7 @@ def test_bad_input_is_refused_with_the_study_file_untouched(tiny, arch, tmp_path
     held.examples = held.examples[:3]
     refused(good, "another held-out set", heldout=held)
     refused(good, "seed 1", seed=2)
+    refused(good, "refine phase on", refine=False)
     refused(good, "search space", space=SearchSpace(first_layer=0, last_layer=1))
     refused(good, "trial budget", trials=0)
     refused(good, "empty", space=SearchSpace(first_layer=2, last_layer=1))

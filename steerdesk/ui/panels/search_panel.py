@@ -84,7 +84,8 @@ def describe_trial(t: TrialResult) -> str:
     where = "?"
     if s is not None:
         where = f"layer {s.layers[0]}" if len(s.layers) == 1 else f"layers {s.layers[0]}-{s.layers[-1]}"
-    lines = [f"trial {t.number}: {where}"]
+    phase = {"start": " (start point)", "refine": " (refine phase)"}.get(t.phase, "")
+    lines = [f"trial {t.number}{phase}: {where}"]
     if s is not None:
         lines.append(f"scale {s.scale:.4g} ({s.mode}{', normalized' if s.normalize else ''}"
                      + (f", searched {s.searched_scale:.4g}" if s.normalize and s.mode != "project" else "") + ")")
