@@ -7,8 +7,10 @@ the training part gives the mean-diff vectors, the held-out part is scored), KL 
 ``accept``: per dataset, the exhaustive grid (``core.sweep.sweep``, 30 layers x scales 0, 0.5, 1,
 1.5, 2, mode add) and its best margin delta within the fluency budget; then ``--seeds`` searches
 (``core.search.search``, 25 trials = one sixth of the grid, batches of 5, the default space: ranges
-of 1-4 layers, scale 0..2, add/clamp/project, normalize no/yes), each in a fresh study. A seed
-"reaches" the grid when its best margin delta within the budget is >= 95 % of the grid's.
+of 1-4 layers, scale 0..2, add/clamp/project, normalize no/yes; the default start batch, sampler and
+refine phase unless ``--random-start`` / ``--sampler`` / ``--no-refine``), each in a fresh study. A
+seed "reaches" the grid when its best margin delta within the budget is >= 95 % of the grid's.
+``--batch 4`` moves the start points off layer 15, where both bundled grids peak (the stress case).
 
 ``speed``: the same 25 trial settings scored several ways, alternating in one process (``--order``;
 each contender builds its own evaluator, so its time includes tokenising and the unsteered pass):
@@ -137,6 +139,7 @@ def cmd_accept(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
                 study = Path(args.keep) / f"{name}-seed{seed}.db" if args.keep else Path(tmp) / "study.db"
                 res = search(lm, vs, held, study, trials=args.trials, batch=args.batch, seed=seed,
                              space=space, neutral=list(NEUTRAL_TEXTS), fluency_budget=BUDGET, sampler=args.sampler,
+                             refine=False if args.no_refine else None,
                              spread_start=not args.random_start)
                 s_s = time.perf_counter() - t0
             b = res.best
@@ -149,6 +152,7 @@ def cmd_accept(args: argparse.Namespace, lm: Any, out: dict[str, Any]) -> None:
                    "best": b.to_dict() if b is not None else None, "ratio": ratio,
                    "reached": ratio is not None and ratio >= 0.95, "pareto_size": len(res.pareto),
                    "best_is_start_point": b is not None and any(b.params == p for p in starts),
+                   "best_phase": b.phase if b is not None else None, "refine_from": res.refine_from,
                    "best_sampler_proposed": bp.to_dict() if bp is not None else None,
                    "ratio_sampler_proposed": ratio_proposed}
             entry["seeds"].append(row)
@@ -297,6 +301,7 @@ def main() -> int:
     ap.add_argument("--json", help="write every number here (updated as it goes)")
     ap.add_argument("--sampler", default=None, help="accept: the search's sampler (default: the product's)")
     ap.add_argument("--space", help="accept: search space overrides (SearchSpace.parse), e.g. 'modes=add;normalize=no'")
+    ap.add_argument("--no-refine", action="store_true", help="accept: searches without the refine phase")
     ap.add_argument("--random-start", action="store_true",
                     help="accept: Optuna's random first batch instead of the default depth-spread start points")
     ap.add_argument("--keep", metavar="DIR", help="accept: keep each search's study file in DIR")

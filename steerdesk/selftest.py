@@ -193,14 +193,13 @@ class SelfTest:
 
     def _refine_check(self, stored: Any) -> str:
         """The refine phase's Gaussian process (Optuna's GPSampler, scipy) proposes inside its region."""
-        from .core.search_refine import propose, region
-        from .core.search_space import best_within_budget
+        from .core.search_refine import centre_of, edge_factor, propose, region
 
-        centre = best_within_budget(stored.trials, stored.fluency_budget)
-        if centre is None:
-            return "refine phase not checked (no trial within the fluency budget)"
+        centre = centre_of(stored.trials, stored.fluency_budget)
+        if centre is None or centre.fluency_delta is None:
+            raise StepFailed("the refine phase found no trial with finite scores to centre on")
         proposals = propose(stored.trials, stored.space, stored.fluency_budget, 2, seed=0)
-        searched, fixed = region(stored.space, centre.params)
+        searched, fixed = region(stored.space, centre.params, edge_factor(centre.fluency_delta, stored.fluency_budget))
         for params, _centre in proposals:
             if any(params.get(k) != v for k, v in fixed.items()) or not all(
                     d.low <= params[k] <= d.high for k, d in searched.items()):

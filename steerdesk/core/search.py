@@ -20,6 +20,11 @@ blocks L..end, on packed rows, as a sweep does). The ``scorer`` engine (one
 :meth:`steerdesk.core.evaluate.TextScorer.score` call per batch, full forwards, one batch row per
 configuration and text) and ``sweep`` (one sweep-engine run per batch) remain selectable.
 
+**Refine phase** (default for a new study): from :func:`~steerdesk.core.search_refine.refine_from`
+evaluated trials on (the second half of the budget), each batch is proposed by Optuna's Gaussian-process
+sampler on the single constrained objective (margin delta, fluency within the budget) inside a trust
+region around the best trial so far, and enqueued in the study (:mod:`steerdesk.core.search_refine`).
+
 **Scale units.** The searched ``scale`` multiplies the raw vector in every mode but ``project``
 (where it is the fraction of the component removed, as in :mod:`steerdesk.core.steering`). With
 ``normalize`` the applied scale is ``scale x`` the mean raw norm of the range's directions, so the

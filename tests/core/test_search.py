@@ -345,11 +345,12 @@ def test_study_holds_identity_space_seed_and_reads_back_without_a_model(tiny, ar
 
 
 @pytest.mark.parametrize("arch", ["llama"])
-def test_the_second_half_is_refined_around_the_best_trial_within_the_budget(tiny, arch, tmp_path):
-    """Trials from ``refine_from`` on are proposed inside the trust region of the best trial within the
-    budget when their batch was asked (stored attribute ``refine``), keep its span, mode and
-    normalisation, and the study stores where the phase starts; ``refine=False`` makes a study without it."""
-    from steerdesk.core.search_refine import region
+def test_the_second_half_is_refined_around_the_best_trial(tiny, arch, tmp_path):
+    """Trials from ``refine_from`` on are proposed inside the trust region of the best trial (margin
+    projected to the fluency budget's edge) when their batch was asked (stored attribute ``refine``),
+    keep its span, mode and normalisation, and the study stores where the phase starts;
+    ``refine=False`` makes a study without it."""
+    from steerdesk.core.search_refine import centre_of, edge_factor, region
     from steerdesk.core.search_study import trial_results
 
     vs = _vs(tiny)
@@ -362,9 +363,9 @@ def test_the_second_half_is_refined_around_the_best_trial_within_the_budget(tiny
     for t in res.trials[6:]:
         asked_after = t.number - t.number % 2  # the trials told before this one's batch was asked
         told = trial_results([x for x in stored.trials if x.number < asked_after], res.space, vs, res.fluency_budget)
-        centre = best_within_budget(told, res.fluency_budget)
+        centre = centre_of(told, res.fluency_budget)
         assert centre is not None and by_number[t.number].user_attrs["refine"] == centre.number
-        searched, fixed = region(res.space, centre.params)
+        searched, fixed = region(res.space, centre.params, edge_factor(centre.fluency_delta, res.fluency_budget))
         assert {k: t.params[k] for k in fixed} == fixed
         assert all(d.low <= t.params[k] <= d.high for k, d in searched.items())
     assert "refine phase after 5 trials (4 so far)" in res.summary()
