@@ -40,7 +40,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="start a new study with Optuna's random trials instead of the default first batch "
                         "(single layers spread over depth, middle scale, add)")
     p.add_argument("--no-refine", action="store_true",
-                   help="a new study without the refine phase (by default the second half of the trials is "
+                   help="a new study without the refine phase (by default about the second half of the trials is "
                         "proposed near the best trial within the fluency budget; a resumed study keeps its own)")
     p.add_argument("--fluency-budget", type=float,
                    help="largest fluency loss (nats/token) the best trial may have (default 0.5)")

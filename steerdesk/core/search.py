@@ -20,10 +20,11 @@ blocks L..end, on packed rows, as a sweep does). The ``scorer`` engine (one
 :meth:`steerdesk.core.evaluate.TextScorer.score` call per batch, full forwards, one batch row per
 configuration and text) and ``sweep`` (one sweep-engine run per batch) remain selectable.
 
-**Refine phase** (default for a new study): from :func:`~steerdesk.core.search_refine.refine_from`
-evaluated trials on (the second half of the budget), each batch is proposed by Optuna's Gaussian-process
-sampler on the single constrained objective (margin delta, fluency within the budget) inside a trust
-region around the best trial so far, and enqueued in the study (:mod:`steerdesk.core.search_refine`).
+**Refine phase** (default for a new study): from the first batch asked once the study holds
+:func:`~steerdesk.core.search_refine.refine_from` evaluated trials (about the second half of the
+budget), each batch is proposed by Optuna's Gaussian-process sampler on the single constrained
+objective (margin delta, fluency within the budget) inside a trust region around the best trial so
+far, and enqueued in the study (:mod:`steerdesk.core.search_refine`).
 
 **Scale units.** The searched ``scale`` multiplies the raw vector in every mode but ``project``
 (where it is the fraction of the component removed, as in :mod:`steerdesk.core.steering`). With
@@ -200,7 +201,7 @@ class SearchResult:
                  + (" - stopped" if self.stopped else ""),
                  f"space: {self.space.size_text()}; sampler {self.sampler}, seed {self.seed}; "
                  + ("no refine phase" if self.refine_from is None else
-                    f"refine phase after {self.refine_from} trials "
+                    f"refine phase from {self.refine_from} evaluated trials "
                     f"({sum(1 for t in self.trials if t.phase == 'refine')} so far)")]
         b = self.best
         if b is not None and b.settings is not None:
@@ -271,10 +272,11 @@ def search(
     depth-spread single layers of :func:`~steerdesk.core.search_space.start_points` (enqueued, user
     attribute ``start_point``) instead of random ones; ``False`` gives Optuna's random start.
     ``refine`` (a new study's default ``True``): once the study holds
-    :func:`~steerdesk.core.search_refine.refine_from` evaluated trials (the second half of the budget
-    the study was created with; stored as the study attribute ``refine_from``, so a resume keeps it),
-    each batch is proposed inside a trust region around the best trial within the fluency budget by a
-    single-objective Gaussian process (:mod:`steerdesk.core.search_refine`; user attribute ``refine``).
+    :func:`~steerdesk.core.search_refine.refine_from` evaluated trials (half the budget the study was
+    created with; stored as the study attribute ``refine_from``, so a resume keeps it), each batch
+    from the next one on is proposed inside a trust region around the best trial (margin projected
+    to the fluency budget's edge) by a single-objective Gaussian process
+    (:mod:`steerdesk.core.search_refine`; user attribute ``refine``).
     ``engine``: how each batch is scored (:meth:`Evaluator.score`; the default records the
     unsteered pass once and runs only the trials' steered tails; the scores do not depend on it
     beyond float rounding). Raises a one-line ``SteerdeskError`` for bad input, before the study

@@ -53,8 +53,10 @@ GP_STARTUP = 2
 
 
 def refine_from(trials: int, startup: int) -> int:
-    """The first trial number of the refine phase for a budget of ``trials``: the second half of the
-    budget, after the start batch of ``startup`` trials (25 trials, batch 4 or 5: from trial 12)."""
+    """How many evaluated trials a study needs before its batches are refined, for a budget of
+    ``trials``: half the budget, at least the start batch of ``startup`` trials. A count, not a trial
+    number: the phase starts with the first batch asked once the study holds that many (25 trials:
+    12, so batches of 4 or 6 refine trials 12-24, batches of 5 trials 15-24)."""
     return max(startup, trials // 2)
 
 
@@ -110,9 +112,9 @@ def region(space: SearchSpace, centre: Mapping[str, Any], edge: float = 1.0) -> 
     searched scales ``SCALE_FACTORS x edge x`` the centre's (clipped to the space).
 
     Returns ``(distributions, fixed)``: the Optuna distributions of the dimensions searched in the
-    region (``start``, ``scale``; a dimension whose range collapses to one value goes to ``fixed``)
-    and the fixed parameter values (``span``, ``mode``, ``normalize`` and collapsed ones), both
-    holding only dimensions the space searches (:meth:`SearchSpace.distributions`).
+    region (``start``, ``scale``) and the fixed parameter values (``span``, ``mode``, ``normalize``),
+    both holding only dimensions the space searches (:meth:`SearchSpace.distributions`). A centre at
+    scale 0 (a clamp) gets the whole scale range; a negative scale the mirrored window.
     """
     from optuna.distributions import FloatDistribution, IntDistribution
 
@@ -125,10 +127,10 @@ def region(space: SearchSpace, centre: Mapping[str, Any], edge: float = 1.0) -> 
         searched["start"] = IntDistribution(lo, hi)
     if "scale" in dists:
         target = min(space.scale_max, max(space.scale_min, float(centre["scale"]) * edge))
-        if target > 0:
-            lo_f = max(space.scale_min, target * SCALE_FACTORS[0])
-            hi_f = min(space.scale_max, target * SCALE_FACTORS[1])
-            searched["scale"] = FloatDistribution(lo_f, hi_f)  # lo_f < hi_f: 0 < target in [min, max], min < max
+        a, b = sorted((target * SCALE_FACTORS[0], target * SCALE_FACTORS[1]))
+        lo_f, hi_f = max(space.scale_min, a), min(space.scale_max, b)
+        if hi_f > lo_f:  # (target in [min, max] and target != 0)
+            searched["scale"] = FloatDistribution(lo_f, hi_f)
         else:  # a centre at scale 0 (clamp): the whole range
             searched["scale"] = FloatDistribution(space.scale_min, space.scale_max)
     return searched, fixed

@@ -44,7 +44,7 @@ class SearchSpec:
     ``seed``, ``sampler`` and ``fluency_budget`` left ``None`` mean "the stored ones" for an
     existing study and the defaults for a new one. ``spread_start`` (default): a new study starts
     from the depth-spread single layers of :func:`steerdesk.core.search_space.start_points`.
-    ``refine`` None: a new study refines the second half of its trials near the best one within the
+    ``refine`` None: a new study refines about the second half of its trials near the best one within the
     fluency budget (:mod:`steerdesk.core.search_refine`), an existing one keeps its stored choice.
     ``heldout`` is the pairs scored; ``dataset``
     (as loaded) and ``heldout_fraction`` let a record name where they came from.

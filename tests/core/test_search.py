@@ -368,7 +368,7 @@ def test_the_second_half_is_refined_around_the_best_trial(tiny, arch, tmp_path):
         searched, fixed = region(res.space, centre.params, edge_factor(centre.fluency_delta, res.fluency_budget))
         assert {k: t.params[k] for k in fixed} == fixed
         assert all(d.low <= t.params[k] <= d.high for k, d in searched.items())
-    assert "refine phase after 5 trials (4 so far)" in res.summary()
+    assert "refine phase from 5 evaluated trials (4 so far)" in res.summary()
     assert load_result(tmp_path / "s.db").refine_from == 5
     off = search(tiny, vs, rude4(), tmp_path / "off.db", trials=10, batch=2, seed=4, neutral=NEUTRAL, refine=False)
     assert off.refine_from is None and all(t.phase != "refine" for t in off.trials)

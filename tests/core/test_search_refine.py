@@ -60,6 +60,10 @@ def test_region_keeps_the_centre_structure_and_clips_layers_and_scales_to_the_sp
     searched, _ = region(SPACE, {**centre, "scale": 0.4}, edge=edge_factor(-0.125, BUDGET))  # sqrt(4) = 2
     assert (searched["scale"].low, searched["scale"].high) == pytest.approx((0.56, 1.12))
     assert edge_factor(0.1, BUDGET) == 2.0 and edge_factor(-800.0, BUDGET) == 0.25  # clipped
+    # A negative scale (a space reaching below 0) gets the mirrored window; scale 0 the whole range.
+    signed = SearchSpace(first_layer=0, last_layer=11, max_span=3, scale_min=-2.0, scale_max=2.0)
+    searched, _ = region(signed, {**centre, "scale": -1.0})
+    assert (searched["scale"].low, searched["scale"].high) == pytest.approx((-1.4, -0.7))
     # A clamp at scale 0 has no scale to take factors of: the whole range.
     searched, _ = region(SPACE, {**centre, "scale": 0.0})
     assert (searched["scale"].low, searched["scale"].high) == (0.0, 2.0)
