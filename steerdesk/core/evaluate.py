@@ -240,7 +240,7 @@ class TextScorer:
         c = len(configs)
         ids, mask, positions = lay.tiled(c)
         rows = [list(cfg) for cfg in configs for _ in range(lay.rows)]
-        with oom_guard("scoring", _OOM_HINT), Steering(self.lm, rows, prompt_length=lay.reply_col), \
+        with oom_guard("scoring", _OOM_HINT), Steering(self.lm, rows, prompt_length=lay.prompt_length), \
                 torch.inference_mode():
             logits, lo = model_logits(self.lm, ids, mask, positions, lay.keep())
         return score_tokens(lay, c, lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)],

@@ -10,7 +10,8 @@ packed in one row where they share prompt tokens, kept apart by a 4D attention m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -114,6 +115,9 @@ class Layout:
     seg: torch.Tensor | None = None  # [N] segment of each scored token (default: its row)
     seg_row: list[int] = field(default_factory=list)  # row of each segment (default: segment i is row i)
     attn: torch.Tensor | None = None  # [b, 1, S, S] custom mask in the model's attention format (packed)
+    # A flat packed layout (steering at every position only): each group's prompt is followed by its
+    # replies, so prompt and reply columns interleave and ``reply_col`` (0) means nothing.
+    flat: bool = False
 
     def __post_init__(self) -> None:
         if not self.source_rows:
@@ -142,6 +146,13 @@ class Layout:
     def n_tokens(self) -> int:
         """Real (unpadded) tokens in the batch."""
         return int(self.tok.shape[0])
+
+    @property
+    def prompt_length(self) -> int | None:
+        """The prompt length to give :class:`~steerdesk.core.steering.Steering`: ``reply_col``, or None
+        for a flat layout (steering positions other than ``"all"`` then raise instead of steering the
+        wrong tokens)."""
+        return None if self.flat else self.reply_col
 
     @property
     def prompt_starts(self) -> torch.Tensor:
@@ -183,7 +194,7 @@ class Layout:
                       reply_col=self.reply_col, src_row=torch.cat(src_row), src_col=torch.cat(src_col),
                       tok=torch.cat(tok), counts=torch.tensor(counts, dtype=torch.float32), texts=texts,
                       kind=self.kind, source_rows=[self.source_rows[r] for r in rows], seg=torch.cat(seg),
-                      seg_row=seg_row, attn=None if self.attn is None else self.attn[idx])
+                      seg_row=seg_row, attn=None if self.attn is None else self.attn[idx], flat=self.flat)
 
     def tiled(self, copies: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ids, model mask, positions repeated ``copies`` times along the batch."""
@@ -252,9 +263,14 @@ def make_packed_layouts(lm: LoadedModel, texts: EvalTexts, *, row_tokens: int = 
 
     The texts with the same prompt tokens (a pair's base and target reply) form a group; several
     groups share one row, and the prompt prefix common to all groups of a row (the chat template's
-    system part) is written once. A row is ``[pad | common | prompt 1' | prompt 2' | ... | replies of
-    group 1 | replies of group 2 | ... | pad]``: every prompt token before ``reply_col``, every reply
-    token after it (so ``prompt`` / ``generated`` steering positions mean what they do unpacked).
+    system part) is written once. With steering at every position (``positions="all"``) a row is
+    flat, ``[common | prompt 1' | replies of group 1 | prompt 2' | replies of group 2 | ... | pad]``,
+    and the groups are spread over the number of rows (at most ``row_tokens`` tokens each where a
+    group fits) that leaves the fewest padded token slots. Otherwise (``"mixed"``) a row is ``[pad |
+    common | prompt 1' | prompt 2' | ... | replies of group 1 | replies of group 2 | ... | pad]``:
+    every prompt token before ``reply_col``, every reply token after it (so ``prompt`` /
+    ``generated`` steering positions mean what they do unpacked), at the cost of the padding that
+    aligning the rows' prompt ends takes.
     The custom 4D mask lets a token see exactly what it would see in its own unpacked text (the
     common part, its group's prompt, its own reply, causally) and position ids continue as in the
     unpacked text, so the scores equal the unpacked ones up to float rounding (the sweep checks
@@ -285,24 +301,53 @@ def make_packed_layouts(lm: LoadedModel, texts: EvalTexts, *, row_tokens: int = 
         items = list(groups.items())
         if not items:
             continue
-        size = lambda it: len(it[0]) + sum(len(texts.encoded[i].ids) - starts[i] for i in it[1])
+        flat = positions == "all"
+        # The prompt prefix every group shares (the system part), written once per row.
+        common = _common_length([list(p) for p, _ in items]) if flat else 0
+        size = lambda it: len(it[0]) - common + sum(len(texts.encoded[i].ids) - starts[i] for i in it[1])
         n_rows = max(1, -(-sum(size(it) for it in items) // row_tokens))
         n_rows = min(n_rows, len(items))
-        # Longest first onto the lightest row (balanced rows, little padding).
-        bins: list[list[tuple[tuple[int, ...], list[int]]]] = [[] for _ in range(n_rows)]
-        load = [0] * n_rows
-        for it in sorted(items, key=lambda it: -size(it)):
-            r = min(range(n_rows), key=lambda r: load[r])
-            bins[r].append(it)
-            load[r] += size(it)
-        for start in range(0, n_rows, max_rows):
-            out.append(_pack_rows(bins[start:start + max_rows], texts, starts, pad_id, device, kind, fmt, dtype))
+        bins = _balance(items, size, n_rows)
+        if flat:  # the row count (from n_rows up) with the fewest token slots, rows within row_tokens
+            cap = max(row_tokens, common + max(size(it) for it in items))
+            best = None
+            for n in range(n_rows, min(len(items), n_rows + 4) + 1):
+                b = _balance(items, size, n)
+                width = common + max(sum(size(it) for it in r) for r in b)
+                if width <= cap and (best is None or n * width < best[0]):
+                    best = (n * width, b)
+            if best is not None:
+                bins = best[1]
+        for start in range(0, len(bins), max_rows):
+            out.append(_pack_rows(bins[start:start + max_rows], texts, starts, pad_id, device, kind, fmt, dtype,
+                                  flat=flat))
     # A sliding-window model masks by column distance, which packing stretches: only when no row is
     # wider than the window does the custom mask stay exact.
     window = getattr(getattr(lm.model, "config", None), "sliding_window", None)
     if isinstance(window, int) and window > 0 and any(lay.width > window for lay in out):
         return None
     return out
+
+
+Group = tuple[tuple[int, ...], list[int]]  # (prompt tokens, the texts sharing them)
+
+
+def _common_length(prompts: list[list[int]]) -> int:
+    """Length of the prefix all ``prompts`` share, leaving each at least its last token."""
+    if len(prompts) < 2:
+        return 0
+    return max(0, min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1))
+
+
+def _balance(items: list[Group], size: Callable[[Group], int], n_rows: int) -> list[list[Group]]:
+    """``items`` over ``n_rows`` rows, longest first onto the lightest row (LPT: balanced rows)."""
+    bins: list[list[Group]] = [[] for _ in range(n_rows)]
+    load = [0] * n_rows
+    for it in sorted(items, key=lambda it: -size(it)):
+        r = min(range(n_rows), key=lambda r: load[r])
+        bins[r].append(it)
+        load[r] += size(it)
+    return [b for b in bins if b]
 
 
 def packed_attention(real: torch.Tensor, rule: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
@@ -319,22 +364,17 @@ def packed_attention(real: torch.Tensor, rule: torch.Tensor, fmt: str, dtype: to
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
-def _pack_rows(rows: list[list[tuple[tuple[int, ...], list[int]]]], texts: EvalTexts, starts: list[int], pad_id: int,
-               device: torch.device, kind: str, fmt: str, dtype: torch.dtype) -> Layout:
-    """One packed layout (see :func:`make_packed_layouts`)."""
-    import os
-
-    plans = []
-    for groups in rows:
-        prompts = [list(p) for p, _ in groups]
-        # Common prefix of the row's prompts, leaving every group at least its last prompt token.
-        c = min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1) if len(prompts) > 1 else 0
-        c = max(c, 0)
-        plans.append((c, groups))
+def _pack_rows(rows: list[list[Group]], texts: EvalTexts, starts: list[int], pad_id: int,
+               device: torch.device, kind: str, fmt: str, dtype: torch.dtype, *, flat: bool = False) -> Layout:
+    """One packed layout (see :func:`make_packed_layouts`): aligned at ``reply_col``, or ``flat``."""
+    plans = [(_common_length([list(p) for p, _ in groups]), groups) for groups in rows]
     p_width = max(c + sum(len(p) - c for p, _ in groups) for c, groups in plans)
     r_width = max(sum(len(texts.encoded[i].ids) - starts[i] for _, m in groups for i in m)
                   for _, groups in plans)
     width = p_width + r_width
+    if flat:
+        width = max(c + sum(len(p) - c + sum(len(texts.encoded[i].ids) - starts[i] for i in m) for p, m in groups)
+                    for c, groups in plans)
     b = len(rows)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
     mask = torch.zeros((b, width), dtype=torch.long)
@@ -350,26 +390,28 @@ def _pack_rows(rows: list[list[tuple[tuple[int, ...], list[int]]]], texts: EvalT
     seg_texts: list[int] = []
     seg_row: list[int] = []
     for r, (c, groups) in enumerate(plans):
-        p_len = c + sum(len(p) - c for p, _ in groups)
-        col = p_width - p_len
-        first_prompt = groups[0][0]
-        ids[r, col:col + c] = torch.tensor(first_prompt[:c], dtype=torch.long)
+        col = 0 if flat else p_width - (c + sum(len(p) - c for p, _ in groups))
+        ids[r, col:col + c] = torch.tensor(groups[0][0][:c], dtype=torch.long)
         positions[r, col:col + c] = torch.arange(c)
         group[r, col:col + c] = -1
         col += c
-        last_prompt_col = []
-        for g, (p, _) in enumerate(groups):
-            n = len(p) - c
-            ids[r, col:col + n] = torch.tensor(p[c:], dtype=torch.long)
-            positions[r, col:col + n] = torch.arange(c, len(p))
-            group[r, col:col + n] = g
-            col += n
-            last_prompt_col.append(col - 1)
-        assert col == p_width
-        for g, (p, members) in enumerate(groups):
+        # Flat: each group's prompt, then its replies. Aligned: every prompt, then every reply.
+        order = [(g, part) for g in range(len(groups)) for part in ("prompt", "replies")] if flat else \
+            [(g, "prompt") for g in range(len(groups))] + [(g, "replies") for g in range(len(groups))]
+        last_prompt_col: dict[int, int] = {}
+        for g, part in order:
+            p, members = groups[g]
+            if part == "prompt":
+                n = len(p) - c
+                ids[r, col:col + n] = torch.tensor(p[c:], dtype=torch.long)
+                positions[r, col:col + n] = torch.arange(c, len(p))
+                group[r, col:col + n] = g
+                col += n
+                last_prompt_col[g] = col - 1
+                continue
+            assert flat or col >= p_width
             for i in members:
-                e = texts.encoded[i]
-                rep = e.ids[starts[i]:]
+                rep = texts.encoded[i].ids[starts[i]:]
                 n = len(rep)
                 ids[r, col:col + n] = torch.tensor(rep, dtype=torch.long)
                 positions[r, col:col + n] = torch.arange(len(p), len(p) + n)
@@ -391,10 +433,10 @@ def _pack_rows(rows: list[list[tuple[tuple[int, ...], list[int]]]], texts: EvalT
     rq, rk = reply[:, :, None], reply[:, None, :]
     attn = packed_attention(real, (gk == -1) | ((gk == gq) & ((rk == -1) | (rk == rq))), fmt, dtype)
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)
-    return Layout(ids=ids.to(device), mask=mask.to(device), positions=positions.to(device), reply_col=p_width,
-                  src_row=as_long(src_row), src_col=as_long(src_col), tok=as_long(tok),
-                  counts=torch.tensor(counts, dtype=torch.float32), texts=seg_texts, kind=kind,
-                  seg=as_long(seg), seg_row=seg_row, attn=attn.to(device))
+    return Layout(ids=ids.to(device), mask=mask.to(device), positions=positions.to(device),
+                  reply_col=0 if flat else p_width, src_row=as_long(src_row), src_col=as_long(src_col),
+                  tok=as_long(tok), counts=torch.tensor(counts, dtype=torch.float32), texts=seg_texts, kind=kind,
+                  seg=as_long(seg), seg_row=seg_row, attn=attn.to(device), flat=flat)
 
 
 __all__ = ["KINDS", "EvalTexts", "Layout", "make_layout", "make_layouts", "make_packed_layouts", "n_scored",

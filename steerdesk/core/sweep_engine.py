@@ -259,7 +259,7 @@ class Sweeper:
         src = torch.as_tensor(lay.source_rows, dtype=torch.long)
         idx = src.repeat(c)
         rows = [list(cfg) for cfg in configs for _ in range(lay.rows)]
-        with Steering(self.lm, rows, prompt_length=lay.reply_col, prompt_starts=lay.prompt_starts.repeat(c)):
+        with Steering(self.lm, rows, prompt_length=lay.prompt_length, prompt_starts=lay.prompt_starts.repeat(c)):
             h = run_blocks(self.lm, cap, start, recorded_rows or lay.rows, idx)
         tail = self.tail
         assert tail is not None  # the direct path runs only with a tail
@@ -298,7 +298,7 @@ class Sweeper:
         c = len(configs)
         ids, mask, positions = lay.tiled(c)
         rows = [list(cfg) for cfg in configs for _ in range(lay.rows)]
-        with Steering(self.lm, rows, prompt_length=lay.reply_col, prompt_starts=lay.prompt_starts.repeat(c)), \
+        with Steering(self.lm, rows, prompt_length=lay.prompt_length, prompt_starts=lay.prompt_starts.repeat(c)), \
                 torch.inference_mode():
             logits, lo = model_logits(self.lm, ids, mask, positions, lay.keep())
         return score_tokens(lay, c, lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)],

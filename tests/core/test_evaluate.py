@@ -173,7 +173,10 @@ def _packed_scores(lm, texts, steers=(), generated=False, **kw):
 @pytest.mark.parametrize("generated", [False, True])
 def test_packed_layout_scores_each_text_as_if_alone(tiny, generated):
     """Texts sharing a prompt share its tokens in one row, yet every reply scores as in its own forward."""
-    ds = Dataset(rude4().examples + [Example("Another question?", "A calm answer.", "A rude answer, obviously.")],
+    # Prompts with a common lead-in: a model without a chat template (no system part) shares it too,
+    # so every architecture packs several pairs in a row behind one shared prefix.
+    ds = Dataset([Example("Please answer this: " + e.prompt, e.base, e.target) for e in rude4().examples]
+                 + [Example("Please answer this: another question?", "A calm answer.", "A rude answer, obviously.")],
                  name="pk")
     # Plain formatting gives an empty prompt no token: packed only when steering every position.
     neutral = NEUTRAL_TEXTS[:3] if not (generated and tiny.info.architecture.lower().startswith("gpt")) else ()
@@ -186,6 +189,17 @@ def test_packed_layout_scores_each_text_as_if_alone(tiny, generated):
     assert sum(lay.rows for lay in held) >= 2 and max(lay.n_segments / lay.rows for lay in held) >= 3
     scored = texts.indices("base", "target")
     assert sum(int(lay.mask.sum()) for lay in held) < sum(len(texts.encoded[i].ids) for i in scored)
+    if not generated:
+        # Steering every position: flat rows (no left padding, a reply right after its prompt), and
+        # no more token slots than rows aligned at the reply column.
+        from steerdesk.core.evaluate import make_packed_layouts
+
+        assert all(lay.flat and bool(lay.mask[:, 0].all()) and lay.prompt_length is None for lay in lays)
+        held_texts = prepare_texts(tiny, ds)  # (aligned rows refuse a neutral text with no prompt token)
+        flat = make_packed_layouts(tiny, held_texts, row_tokens=row_tokens)
+        aligned = make_packed_layouts(tiny, held_texts, positions="mixed", row_tokens=row_tokens)
+        assert flat is not None and aligned is not None and not any(lay.flat for lay in aligned)
+        assert sum(lay.ids.numel() for lay in flat) <= sum(lay.ids.numel() for lay in aligned)
     pairs = [(e.prompt, e.base) for e in ds.examples] + [(e.prompt, e.target) for e in ds.examples] \
         + [("", t) for t in neutral]
     for i, (prompt, reply) in enumerate(pairs):
