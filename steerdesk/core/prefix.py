@@ -116,10 +116,21 @@ class Tail:
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.logit_scale = getattr(config, "logit_scale", None)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits ``[..., vocab]`` of final hidden states ``h`` (norm already applied)."""
+    def logits(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[n, vocab]`` of final hidden states ``h`` ``[n, hidden]`` (norm already applied).
+
+        ``out`` (``[n, vocab]``, the head's dtype and device): written in place of a fresh tensor when
+        the head is a plain ``nn.Linear`` (its own product, ``aten::mm``); ignored otherwise.
+        """
         h = h.to(self.head.weight.device)
-        logits = self.head(h)
+        w = self.head.weight
+        if out is not None and type(self.head) is torch.nn.Linear and h.dim() == 2 and h.dtype == w.dtype \
+                and out.dtype == w.dtype and out.device == w.device and tuple(out.shape) == (h.shape[0], w.shape[0]):
+            logits = torch.mm(h, w.t(), out=out)
+            if self.head.bias is not None:
+                logits.add_(self.head.bias)
+        else:
+            logits = self.head(h)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.softcap:

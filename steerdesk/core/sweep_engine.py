@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import Cancelled
-from .evaluate import Scores, TextScorer, aggregate, model_logits, reference_logprobs, score_tokens
+from .evaluate import Scores, TextScorer, aggregate, logits_picker, model_logits, reference_logprobs, score_tokens
 from .layouts import EvalTexts, Layout, make_packed_layouts
 from .memory import oom_guard
 from .models import LoadedModel
@@ -191,7 +191,7 @@ class Sweeper:
                     logits, lo = model_logits(self.lm, lay.ids, lay.model_mask, lay.positions, lay.keep())
             else:
                 logits, lo = model_logits(self.lm, lay.ids, lay.model_mask, lay.positions, lay.keep())
-        at = lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)]
+        at = logits_picker(logits, lo)
         if lay.kind == "neutral":
             sc.refs[li] = reference_logprobs(lay, at, sc.vocab)
         row_lp, _ = score_tokens(lay, 1, at, sc.vocab)
@@ -212,7 +212,7 @@ class Sweeper:
         sc, lay = self.scorer, self.scorer.layouts[li]
         with torch.inference_mode(), oom_guard("sweeping", OOM_HINT):
             logits, lo = model_logits(self.lm, lay.ids, lay.mask, lay.positions, lay.keep())
-        at = lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)]
+        at = logits_picker(logits, lo)
         row_lp, _ = score_tokens(lay, 1, at, sc.vocab)
         assert sc.baseline_lp is not None
         sc.baseline_lp[lay.texts] = row_lp
@@ -264,10 +264,14 @@ class Sweeper:
         tail = self.tail
         assert tail is not None  # the direct path runs only with a tail
 
+        ws = self.scorer.workspace
+        weight = tail.head.weight
+
         def at(r: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
             sel = h[r.to(h.device), col.to(h.device)]
-            return tail.logits(tail.norm(sel))
-        return score_tokens(lay, c, at, self.scorer.vocab, ref)
+            return tail.logits(tail.norm(sel), ws.take("logits", (sel.shape[0], weight.shape[0]), weight.dtype,
+                                                         weight.device))
+        return score_tokens(lay, c, at, self.scorer.vocab, ref, ws)
 
     def run_group(self, li: int, cap: Capture | None, start: int, group: list[Cell]) -> None:
         """Score the cells of ``group`` (first steered layer ``start``) on layout ``li``."""
@@ -301,8 +305,8 @@ class Sweeper:
         with Steering(self.lm, rows, prompt_length=lay.prompt_length, prompt_starts=lay.prompt_starts.repeat(c)), \
                 torch.inference_mode():
             logits, lo = model_logits(self.lm, ids, mask, positions, lay.keep())
-        return score_tokens(lay, c, lambda r, col: logits[r.to(logits.device), (col - lo).to(logits.device)],
-                            self.scorer.vocab, self.scorer.refs.get(li))
+        return score_tokens(lay, c, logits_picker(logits, lo, self.scorer.workspace), self.scorer.vocab,
+                            self.scorer.refs.get(li), self.scorer.workspace)
 
     def gated(self, index: int) -> None:
         """Replace cell ``index``'s scores of the texts the gate keeps closed by the baseline's."""

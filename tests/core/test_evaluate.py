@@ -215,3 +215,46 @@ def test_no_packing_beyond_a_sliding_window(tiny):
     texts = prepare_texts(tiny, PAIRS)
     assert min(len(e.ids) for e in texts.encoded) > tiny.model.config.sliding_window
     assert make_packed_layouts(tiny, texts) is None
+
+
+@TWO_ARCHS
+def test_workspace_scores_equal_fresh_tensors_and_reuse_one_buffer(tiny):
+    """Scoring through a Workspace (reused log-softmax / KL / head / picked-logits buffers) gives the
+    same numbers as fresh tensors, bit for bit, and the second call writes into the first call's memory."""
+    from steerdesk.core.evaluate import (
+        Workspace,
+        logits_picker,
+        model_logits,
+        reference_logprobs,
+        score_tokens,
+        vocab_size,
+    )
+    from steerdesk.core.prefix import Tail
+
+    texts = prepare_texts(tiny, PAIRS, neutral=NEUTRAL_TEXTS[:3])
+    vocab = vocab_size(tiny)
+    tail = Tail(tiny)
+    ws = Workspace()
+    for lay in make_layouts(tiny, texts, batch_size=8):
+        with torch.inference_mode():
+            logits, lo = model_logits(tiny, lay.ids, lay.mask, lay.positions, lay.keep())
+            ref = reference_logprobs(lay, logits_picker(logits, lo), vocab) if lay.kind == "neutral" else None
+            # The KL reference is of other (perturbed) log-probs, so the KL terms are not all zero.
+            ref = None if ref is None else (ref + 0.1 * torch.randn_like(ref)).log_softmax(-1)
+            fresh = score_tokens(lay, 1, logits_picker(logits, lo), vocab, ref)
+            reused = [score_tokens(lay, 1, logits_picker(logits, lo, ws), vocab, ref, ws) for _ in range(2)]
+        for got in reused:
+            assert torch.equal(got[0], fresh[0])
+            assert (got[1] is None) == (ref is None) and (ref is None or torch.equal(got[1], fresh[1]))
+        if ref is not None:
+            assert float(fresh[1].abs().max()) > 1e-4
+    ptr = ws.take("logp", (2, vocab), torch.float32, torch.device("cpu")).data_ptr()
+    assert ws.take("logp", (1, vocab), torch.float32, torch.device("cpu")).data_ptr() == ptr  # reused
+    assert ws.take("logp", (10_000, vocab), torch.float32, torch.device("cpu")).shape == (10_000, vocab)  # grown
+    # The head written into a given buffer equals the head module's own output.
+    h = torch.randn(5, tiny.info.hidden_size)
+    out = torch.empty(5, vocab)
+    with torch.inference_mode():
+        got = tail.logits(h, out)
+        assert torch.equal(got, tail.logits(h))
+    assert type(tail.head) is not torch.nn.Linear or got.data_ptr() == out.data_ptr()
