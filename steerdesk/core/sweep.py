@@ -4,7 +4,7 @@ Every cell (a layer, or a named set of layers, times a scale) is scored on the s
 texts as :func:`steerdesk.core.evaluate.evaluate` would score it alone (to float rounding):
 margin and fluency deltas versus unsteered, and optionally KL on neutral texts.
 
-Two tricks make a sweep cheap:
+What makes a sweep cheap:
 
 * **per-row steering**: one forward pass carries several configurations, one batch row per
   (configuration, text);
@@ -19,7 +19,12 @@ Two tricks make a sweep cheap:
 * **packing** (on top of prefix reuse): a pair's two replies share their prompt tokens and the
   texts of a row share the chat template's system prefix, kept apart by a custom 4D attention mask
   (:func:`steerdesk.core.evaluate.make_packed_layouts`); used only after the packed unsteered scores
-  matched the model's own unpacked ones (``result.packed``).
+  matched the model's own unpacked ones (``result.packed``). Steering every position, rows are flat
+  (each pair's prompt right before its replies, no padding to align reply columns), and the pairs
+  are spread over the row count that leaves the fewest padded token slots.
+* **reused buffers**: the ``[tokens, vocab]`` tensors of the scoring tail (LM head, log-softmax,
+  KL terms) are written into buffers kept for the whole sweep
+  (:class:`~steerdesk.core.evaluate.Workspace`): on a CPU a fresh one is new zeroed pages.
 
 Token windows (``positions`` ``first:N``, ``gen:A-B``, ``gen:A-``, ``prompt:A-B``) mean what they
 mean in generation: reply token k of a held-out text is produced by the hidden state one position
