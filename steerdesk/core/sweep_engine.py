@@ -30,10 +30,21 @@ log = logging.getLogger("steerdesk.core.sweep")  # the engine's messages keep th
 CACHE_BUDGET_BYTES = 2 << 30
 OOM_HINT = "try a smaller batch size or fewer rows per forward pass (--batch-size, --max-rows)."
 
-# On a CPU, a steered forward of the direct path carries at most this many token rows (when one
-# configuration of a batch allows): core/kernels.py runs a product of up to 1024 rows as one oneDNN
-# call, a larger one in blocks whose outputs are then concatenated (a copy of every product's output).
+# On a CPU whose linear layers run on oneDNN, a steered forward of the direct path carries at most
+# this many token rows (when one configuration of a batch allows): core/kernels.py runs a product of
+# up to 1024 rows as one oneDNN call, a larger one in blocks whose outputs are then concatenated (a
+# copy of every product's output). aten's products take any row count in one call: no cap there.
 CPU_FORWARD_TOKENS = 1024
+
+
+def forward_token_cap(lm: LoadedModel) -> int | None:
+    """Most token rows per steered forward of the direct path: :data:`CPU_FORWARD_TOKENS` on a CPU
+    model with oneDNN linear layers (:class:`~steerdesk.core.kernels.OneDNNLinear`), else None."""
+    from .kernels import OneDNNLinear
+
+    if lm.input_device.type != "cpu":
+        return None
+    return CPU_FORWARD_TOKENS if any(isinstance(m, OneDNNLinear) for m in lm.model.modules()) else None
 
 
 # ========================================================================== configurations
@@ -120,6 +131,7 @@ class Sweeper:
         self.starts = sorted({c.start for c in self.work})
         self.layouts: list[Layout] = self.scorer.layouts  # what the steered forwards run on
         self._pieces: dict[tuple[int, int], list[Layout]] = {}
+        self.token_cap = forward_token_cap(lm)
         self.packed: list[Layout] | None = None
         self.verify = False  # check each packed baseline against the model's own unpacked scores
         positions = {s.positions for c in self.work for s in c.steers}
@@ -164,8 +176,8 @@ class Sweeper:
             # max_rows counts texts (a packed row holds several); on a CPU a forward also stays within
             # CPU_FORWARD_TOKENS tokens where a whole batch of one configuration does.
             step = max(1, min(sc.max_rows // max(self.layouts[li].rows, self.layouts[li].n_segments) for li in chunk))
-            if self.lm.input_device.type == "cpu":
-                step = min(step, max(1, min(CPU_FORWARD_TOKENS // max(1, self.layouts[li].rows * self.layouts[li].width)
+            if self.token_cap is not None:
+                step = min(step, max(1, min(self.token_cap // max(1, self.layouts[li].rows * self.layouts[li].width)
                                             for li in chunk)))
         else:
             step = min(sc.copies_per_forward(self.layouts[li]) for li in chunk)
@@ -317,15 +329,16 @@ class Sweeper:
         self.lp[index] = torch.where(self.open_texts, self.lp[index], base)
 
     def pieces(self, li: int) -> list[Layout]:
-        """Layout ``li`` cut into row groups of at most ``CPU_FORWARD_TOKENS`` tokens (CPU, no KL
+        """Layout ``li`` cut into row groups of at most :attr:`token_cap` tokens (oneDNN on a CPU, no KL
         reference to cut along); the whole layout otherwise."""
         lay = self.layouts[li]
         key = (id(lay), li)
         hit = self._pieces.get(key)
         if hit is not None:
             return hit
-        per = max(1, CPU_FORWARD_TOKENS // max(1, lay.width))
-        if self.lm.input_device.type != "cpu" or lay.kind == "neutral" or li in self.scorer.refs or per >= lay.rows:
+        cap = self.token_cap
+        per = max(1, (cap or 0) // max(1, lay.width))
+        if cap is None or lay.kind == "neutral" or li in self.scorer.refs or per >= lay.rows:
             out = [lay]
         else:
             n = -(-lay.rows // per)
@@ -407,4 +420,4 @@ class Sweeper:
 
 
 __all__ = ["CACHE_BUDGET_BYTES", "CPU_FORWARD_TOKENS", "OOM_HINT", "Cell", "PackMismatch", "Sweeper", "check_tolerance",
-           "is_identity", "is_window"]
+           "forward_token_cap", "is_identity", "is_window"]

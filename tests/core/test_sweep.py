@@ -373,14 +373,15 @@ def test_raw_tensor_zero_rows_are_no_vector_and_all_missing_is_refused(tiny):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_forwards_cut_to_a_token_budget_give_the_same_cells(tiny, monkeypatch):
-    """On a CPU a steered forward is cut to CPU_FORWARD_TOKENS (one oneDNN block); the cells do not change."""
+    """With oneDNN linear layers a steered forward is cut to CPU_FORWARD_TOKENS (one oneDNN block); the cells
+    do not change."""
     v = _vectors(tiny)
     kw = dict(layers=LAYERS, scales=SCALES, sets=SETS, neutral=NEUTRAL_TEXTS[:1], batch_size=8, max_rows=64)
     whole = sweep(tiny, v, HELD, **kw)
     calls = []
     handle = tiny.blocks[NUM_LAYERS - 1].register_forward_pre_hook(
         lambda m, a, k: calls.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True)
-    monkeypatch.setattr(engine_mod, "CPU_FORWARD_TOKENS", 1)  # one row (of one configuration) per forward
+    monkeypatch.setattr(engine_mod, "forward_token_cap", lambda lm: 1)  # one row (of one configuration) per forward
     try:
         cut = sweep(tiny, v, HELD, **kw)
     finally:
@@ -390,3 +391,16 @@ def test_forwards_cut_to_a_token_budget_give_the_same_cells(tiny, monkeypatch):
     assert _close(cut.margin_delta, whole.margin_delta, 1e-6) and _close(cut.fluency_delta, whole.fluency_delta, 1e-6)
     assert _close(cut.kl, whole.kl, 1e-6)
     assert _close([cut.sets[0].margin_delta], [whole.sets[0].margin_delta], 1e-6)
+
+
+def test_the_token_cap_follows_the_linear_kernel(fresh_tiny):
+    """The 1024-token cap is for oneDNN's blocked products; aten's take any row count in one call."""
+    from steerdesk.core.kernels import use_cpu_linear
+
+    lm = fresh_tiny("llama")
+    use_cpu_linear(lm.model, "aten")
+    assert engine_mod.forward_token_cap(lm) is None
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    use_cpu_linear(lm.model, "onednn")
+    assert engine_mod.forward_token_cap(lm) == engine_mod.CPU_FORWARD_TOKENS
