@@ -312,7 +312,7 @@ def make_packed_layouts(lm: LoadedModel, texts: EvalTexts, *, row_tokens: int = 
             cap = max(row_tokens, common + max(size(it) for it in items))
             best = None
             for n in range(n_rows, min(len(items), n_rows + 4) + 1):
-                b = _balance(items, size, n)
+                b = bins if n == n_rows else _balance(items, size, n)
                 width = common + max(sum(size(it) for it in r) for r in b)
                 if width <= cap and (best is None or n * width < best[0]):
                     best = (n * width, b)
