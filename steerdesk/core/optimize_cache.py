@@ -246,10 +246,10 @@ class DirectPath:
         ``[rows, S, H]``; differentiable in ``h``."""
         n = len(self.lm.blocks)
         if layer + 1 < n:
-            cap = Capture(self.lm, [layer + 1])
-            cap.inputs[layer + 1] = h
+            cap = Capture(self.lm, [layer])
+            cap.outputs[layer] = h
             cap.calls = {k: call for k in range(layer + 1, n)}
-            h = run_blocks(self.lm, cap, layer + 1, lay.rows, torch.arange(lay.rows))
+            h = run_blocks(self.lm, cap, layer, lay.rows, torch.arange(lay.rows))
         sel = h[lay.src_row.to(h.device), lay.src_col.to(h.device)]
         return self.tail.logits(self.tail.norm(sel))
 

@@ -1,9 +1,10 @@
-"""Prefix reuse for sweeps: record the input of a block in one unsteered forward, replay the rest.
+"""Prefix reuse for sweeps: record a block's output in one unsteered forward, replay the rest.
 
-A configuration whose first steered layer is L leaves blocks 0..L-1 untouched. :class:`Capture`
-records, during one unsteered forward, the hidden state entering each block that starts a
-configuration and the arguments the model passes to every block (mask, rotary embeddings,
-position ids); :func:`run_blocks` then runs blocks L..end from that input for any batch rows, and
+A configuration whose first steered layer is L leaves blocks 0..L untouched: steering adds to block
+L's *output*, so blocks 0..L compute what they compute unsteered. :class:`Capture` records, during
+one unsteered forward, the output of each block that starts a configuration and the arguments the
+model passes to every block (mask, rotary embeddings, position ids); :func:`run_blocks` then
+applies the steering at layer L to that output and runs blocks L+1..end for any batch rows, and
 :class:`Tail` applies the final norm and LM head. :class:`Unsupported` marks a model this cannot
 run (the sweep then falls back to full forward passes; never shown to the user).
 """
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from .models import LoadedModel
-from .steering import block_hidden
+from .steering import Steering, block_hidden
 
 # Final-norm attribute names on the base model, most common first (checked by the sweep's self-check).
 FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_norm", "norm_f", "ln_out")
@@ -27,34 +28,48 @@ class Unsupported(Exception):
 
 
 class Capture:
-    """Block inputs and block call arguments recorded during one unsteered forward."""
+    """Block outputs and block call arguments recorded during one unsteered forward.
+
+    ``outputs[L]``: the hidden state ``[batch, seq, hidden]`` block ``L`` returned, for each ``L`` in
+    ``starts`` (a copy); ``calls[L]``: the arguments block ``L`` was called with, for every block from
+    ``min(starts)`` on (``(rest of args, kwargs without hidden_states, hidden state passed by keyword)``).
+    """
 
     def __init__(self, lm: LoadedModel, starts: Sequence[int]):
         self.lm = lm
         self.starts = set(starts)
         self.first = min(starts)
-        self.inputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
         self.calls: dict[int, tuple[tuple[Any, ...], dict[str, Any], bool]] = {}
         self._handles: list[Any] = []
 
-    def _hook(self, layer: int) -> Callable[..., None]:
+    def _pre_hook(self, layer: int) -> Callable[..., None]:
         def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if args:
-                hidden, rest, as_kw = args[0], tuple(args[1:]), False
+                rest, as_kw = tuple(args[1:]), False
             elif "hidden_states" in kwargs:
-                hidden, rest, as_kw = kwargs["hidden_states"], (), True
+                rest, as_kw = (), True
             else:
                 raise Unsupported("block called without a hidden state")
             kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             self.calls[layer] = (rest, kw, as_kw)
-            if layer in self.starts:
-                self.inputs[layer] = hidden.detach().clone()
         return pre
+
+    def _hook(self, layer: int) -> Callable[..., None]:
+        def post(module: Any, args: Any, output: Any) -> None:
+            self.outputs[layer] = block_hidden(output).detach().clone()
+        return post
 
     def __enter__(self) -> Capture:
         blocks = self.lm.blocks
-        for layer in range(self.first, len(blocks)):
-            self._handles.append(blocks[layer].register_forward_pre_hook(self._hook(layer), with_kwargs=True))
+        try:
+            for layer in range(self.first, len(blocks)):
+                self._handles.append(blocks[layer].register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True))
+                if layer in self.starts:
+                    self._handles.append(blocks[layer].register_forward_hook(self._hook(layer)))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -63,8 +78,8 @@ class Capture:
         self._handles.clear()
 
     def nbytes(self) -> int:
-        """Bytes held by the recorded block inputs."""
-        return sum(t.numel() * t.element_size() for t in self.inputs.values())
+        """Bytes held by the recorded block outputs."""
+        return sum(t.numel() * t.element_size() for t in self.outputs.values())
 
 
 class RowPicker:
@@ -138,17 +153,28 @@ class Tail:
         return logits
 
 
-def run_blocks(lm: LoadedModel, cap: Capture, start: int, rows: int, idx: torch.Tensor) -> torch.Tensor:
-    """Blocks ``start..end`` on the recorded input of block ``start``, batch rows ``idx`` of it."""
+def run_blocks(lm: LoadedModel, cap: Capture, layer: int, rows: int, idx: torch.Tensor,
+               steering: Steering | None = None) -> torch.Tensor:
+    """Final hidden states ``[len(idx), seq, hidden]`` from the recorded output of block ``layer``.
+
+    Batch rows ``idx`` (of the ``rows`` recorded) of ``cap.outputs[layer]`` get ``steering``'s
+    steering at ``layer`` (:meth:`~steerdesk.core.steering.Steering.steer`, what its hook would do to
+    the block's output), then blocks ``layer+1..end`` run with the recorded call arguments (their
+    own steering hooks fire as in a forward; ``steering`` must be entered). Block ``layer`` itself
+    does not run: unsteered, its output is the recorded one. Raises ``Unsupported`` when a block
+    was not called by the recorded forward.
+    """
     pick = RowPicker(rows, idx)
-    h = pick(cap.inputs[start])
-    for layer in range(start, len(lm.blocks)):
-        if layer not in cap.calls:
-            raise Unsupported(f"block {layer} was not called by the model's forward")
-        rest, kw, as_kw = cap.calls[layer]
+    h = pick(cap.outputs[layer])
+    if steering is not None:
+        h = steering.steer(layer, h)
+    for b in range(layer + 1, len(lm.blocks)):
+        if b not in cap.calls:
+            raise Unsupported(f"block {b} was not called by the model's forward")
+        rest, kw, as_kw = cap.calls[b]
         args = [pick(a) for a in rest]
         kwargs = {k: pick(v) for k, v in kw.items()}
-        block = lm.blocks[layer]
+        block = lm.blocks[b]
         out = block(*args, hidden_states=h, **kwargs) if as_kw else block(h, *args, **kwargs)
         h = block_hidden(out)
     return h

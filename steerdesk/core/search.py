@@ -13,7 +13,7 @@ Optuna does the optimising (``TPESampler`` by default, ``NSGAIISampler`` on requ
 seeded); steerdesk does not write its own optimiser. Trials are proposed in batches with
 ``study.ask()`` (TPE with ``constant_liar``, so a batch spreads out) and scored together by
 :class:`Evaluator`: the texts are tokenised and the unsteered pass is run **once per run** (the
-baseline, the KL reference and, with the default ``recorded`` engine, the block inputs at every
+baseline, the KL reference and, with the default ``recorded`` engine, the block outputs at every
 layer of the space, within a memory budget: :class:`steerdesk.core.sweep_recording.Recording`); each
 batch then runs only its trials' steered tails (a trial whose range starts at layer L re-runs
 blocks L..end, on packed rows, as a sweep does). The ``scorer`` engine (one

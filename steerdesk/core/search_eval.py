@@ -31,7 +31,7 @@ class Evaluator:
     """Scores batches of trial settings on one set of texts (the unsteered baseline computed once).
 
     ``engine`` is the default of :meth:`score`; ``layers`` are the layers a trial can start at
-    (the ``recorded`` engine records their block inputs; empty: every layer of the model);
+    (the ``recorded`` engine records their block outputs; empty: every layer of the model);
     ``cache_budget`` bounds those recordings in bytes (None:
     :data:`~steerdesk.core.sweep_engine.CACHE_BUDGET_BYTES`).
     """
@@ -71,7 +71,7 @@ class Evaluator:
 
         * ``"recorded"`` (the default): the sweep engine's prefix reuse and packing with the
           unsteered pass recorded **once per evaluator** (:class:`~steerdesk.core.sweep_recording.Recording`,
-          made on the first call: block inputs at every layer of :attr:`layers` that fits the
+          made on the first call: block outputs at every layer of :attr:`layers` that fits the
           cache budget, the KL reference, the self-check); each batch then runs only its trials'
           steered tails (a trial whose range starts at layer L re-runs blocks L..end). Deltas are
           against the recorded unsteered scores (the same numbers as :attr:`base`); a batch the
@@ -80,7 +80,7 @@ class Evaluator:
         * ``"scorer"``: **one** ``TextScorer.score`` call, full forwards with one batch row per
           configuration and text, deltas against the baseline computed once in :meth:`prepare`.
         * ``"sweep"``: the batch as the cells of one :class:`~steerdesk.core.sweep_engine.Sweeper`
-          run (prefix reuse and packing, the block inputs recorded again for every batch); its deltas
+          run (prefix reuse and packing, the block outputs recorded again for every batch); its deltas
           are against that run's own unsteered pass, as a sweep's are.
 
         All three agree with per-trial :func:`~steerdesk.core.evaluate.evaluate` to the engine's
@@ -113,7 +113,7 @@ class Evaluator:
                             positions=sorted(positions), baseline_lp=self.scorer.baseline_lp)
             rec.record(cancel)
             self.recording = rec
-            log.info("recorded the unsteered pass: path %s, packed %s, block inputs at layers %s",
+            log.info("recorded the unsteered pass: path %s, packed %s, block outputs at layers %s",
                      rec.path, rec.packed is not None, rec.recorded)
         if not rec.supports(configs):
             log.info("a batch the recorded pass cannot run: scored by its own sweep-engine run")

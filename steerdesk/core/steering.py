@@ -326,25 +326,34 @@ class Steering:
             f"max |value| {biggest:.4g} > {limit:.4g}, the largest {str(h.dtype).replace('torch.', '')} "
             f"number; lower the scale or load the model in float32.")
 
+    def steer(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Block ``layer``'s output ``h`` ``[batch, seq, hidden]`` after this object's steering at that
+        layer (``h`` itself when nothing steers there): what the hook on block ``layer`` returns.
+        The direct block path of a sweep (:func:`~steerdesk.core.prefix.run_blocks`) calls it on a
+        recorded output instead of running the block. Raises ``SteerdeskError`` for a per-row setup
+        of another batch size, or a steered value that overflows the model's dtype."""
+        ops = self._prepare(layer, h.device, h.dtype)
+        if ops and self.per_row and h.shape[0] != len(self.batch_rows):
+            raise SteerdeskError(
+                f"Per-row steering was set up for {len(self.batch_rows)} rows but the batch has {h.shape[0]}."
+            )
+        if ops:
+            # All arithmetic in float32 (a no-op conversion for float32 models), one cast back:
+            # in float16 a dot product or a partial sum can overflow although the result fits.
+            scaled = h.dtype.itemsize < 4
+            y = h.float() if scaled else h
+            for op in ops:
+                y = self._apply(op, y, scaled)
+            h = y if y.dtype == h.dtype else self._cast_back(layer, ops, h, y)
+        if self.observe is not None and layer in self.watch:
+            self.observe(layer, h)
+        return h
+
     def _make_hook(self, layer: int) -> Callable[..., Any]:
         def hook(module: Any, args: Any, output: Any) -> Any:
             h = block_hidden(output)
-            ops = self._prepare(layer, h.device, h.dtype)
-            if ops and self.per_row and h.shape[0] != len(self.batch_rows):
-                raise SteerdeskError(
-                    f"Per-row steering was set up for {len(self.batch_rows)} rows but the batch has {h.shape[0]}."
-                )
-            if ops:
-                # All arithmetic in float32 (a no-op conversion for float32 models), one cast back:
-                # in float16 a dot product or a partial sum can overflow although the result fits.
-                scaled = h.dtype.itemsize < 4
-                y = h.float() if scaled else h
-                for op in ops:
-                    y = self._apply(op, y, scaled)
-                h = y if y.dtype == h.dtype else self._cast_back(layer, ops, h, y)
-            if self.observe is not None and layer in self.watch:
-                self.observe(layer, h)
-            return _replace_hidden(output, h) if ops else None
+            new = self.steer(layer, h)
+            return _replace_hidden(output, new) if new is not h else None
         return hook
 
     def __enter__(self) -> Steering:

@@ -8,11 +8,12 @@ What makes a sweep cheap:
 
 * **per-row steering**: one forward pass carries several configurations, one batch row per
   (configuration, text);
-* **prefix reuse**: a configuration whose first steered layer is L leaves blocks 0..L-1
-  untouched, so their output is the unsteered one. One unsteered forward per text batch records
-  the input of every block that starts a configuration (and the arguments the model passes to each
-  block: mask, rotary embeddings, position ids); each configuration then runs only blocks L..end
-  from the recorded input, followed by the final norm and the LM head. This works for any model
+* **prefix reuse**: a configuration whose first steered layer is L leaves blocks 0..L untouched
+  (steering adds to block L's output), so their output is the unsteered one. One unsteered forward
+  per text batch records the output of every block that starts a configuration (and the arguments
+  the model passes to each block: mask, rotary embeddings, position ids); each configuration then
+  steers the recorded output of block L and runs only blocks L+1..end, followed by the final norm
+  and the LM head. This works for any model
   whose blocks are called with batch-first tensors; a self-check against the model's own forward
   (first batch) falls back to full forward passes where it does not (``result.path == "full"``).
 

@@ -152,7 +152,7 @@ class Sweeper:
 
     # -- planning ----------------------------------------------------------------------
     def chunks(self) -> list[list[int]]:
-        """Groups of layouts whose recorded block inputs fit the cache budget together."""
+        """Groups of layouts whose recorded block outputs fit the cache budget together."""
         layouts = self.layouts
         if self.path == "full" or not self.starts:
             return [list(range(len(layouts)))]
@@ -193,7 +193,7 @@ class Sweeper:
 
     # -- baseline ------------------------------------------------------------------------
     def baseline(self, li: int) -> Capture | None:
-        """Unsteered forward of one layout: baseline scores, KL reference, recorded block inputs."""
+        """Unsteered forward of one layout: baseline scores, KL reference, recorded block outputs."""
         self._check()
         sc, lay = self.scorer, self.layouts[li]
         cap = Capture(self.lm, self.starts) if (self.path == "prefix" and self.starts) else None
@@ -261,7 +261,8 @@ class Sweeper:
     # -- steered forwards ----------------------------------------------------------------
     def _direct(self, lay: Layout, cap: Capture, start: int, configs: Sequence[Sequence[Steer]],
                 ref: torch.Tensor | None, recorded_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``configs x rows of lay`` from the recorded input of block ``start``.
+        """``configs x rows of lay`` from the recorded output of block ``start`` (steered, then blocks
+        ``start+1..end``).
 
         ``lay.source_rows`` are the rows of the recorded batch (``recorded_rows`` of them) that
         ``lay`` holds; normally all of them.
@@ -271,8 +272,8 @@ class Sweeper:
         src = torch.as_tensor(lay.source_rows, dtype=torch.long)
         idx = src.repeat(c)
         rows = [list(cfg) for cfg in configs for _ in range(lay.rows)]
-        with Steering(self.lm, rows, prompt_length=lay.prompt_length, prompt_starts=lay.prompt_starts.repeat(c)):
-            h = run_blocks(self.lm, cap, start, recorded_rows or lay.rows, idx)
+        with Steering(self.lm, rows, prompt_length=lay.prompt_length, prompt_starts=lay.prompt_starts.repeat(c)) as st:
+            h = run_blocks(self.lm, cap, start, recorded_rows or lay.rows, idx, st)
         tail = self.tail
         assert tail is not None  # the direct path runs only with a tail
 

@@ -1,7 +1,7 @@
 """A sweep engine for a caller that scores list after list of configurations on the same texts.
 
 :class:`Recording` (a :class:`~steerdesk.core.sweep_engine.Sweeper`) runs the unsteered pass, the
-recorded block inputs and the self-check once, then only the steered tails for each list: what
+recorded block outputs and the self-check once, then only the steered tails for each list: what
 the search (:mod:`steerdesk.core.search_eval`) uses for its batches of trials.
 """
 
@@ -29,18 +29,18 @@ class Recording(Sweeper):
     """The unsteered pass of one set of texts, recorded once and reused by successive lists of
     configurations (a search's batches of trials).
 
-    A :class:`Sweeper` records the block inputs (and, with packing, runs the unpacked reference
+    A :class:`Sweeper` records the block outputs (and, with packing, runs the unpacked reference
     pass and the self-check) inside each run; a caller scoring batch after batch on the same
     texts would pay that per batch. A ``Recording`` does it once, in :meth:`record` (called by the
     first :meth:`score`): the model's own unsteered scores on unpacked layouts (skipped when the
     caller gives them as ``baseline_lp``), the unsteered pass on packed layouts that records the
-    block inputs at ``layers`` and the KL reference, and the direct-path self-check (packed
+    block outputs at ``layers`` and the KL reference, and the direct-path self-check (packed
     layouts that fail it fall back to unpacked ones, as in a sweep). Each :meth:`score` call then
-    runs the steered tails only: a configuration whose first steered layer is ``L`` runs blocks
-    ``R..end`` from the recorded input of block ``R``, the deepest recorded layer ``<= L``
-    (blocks ``R..L-1`` are unsteered, so the scores are the same).
+    runs the steered tails only: a configuration whose first steered layer is ``L`` steers the
+    recorded output of block ``R``, the deepest recorded layer ``<= L``, and runs blocks
+    ``R+1..end`` from it (blocks ``R+1..L-1`` are unsteered, so the scores are the same).
 
-    **Memory.** The recorded inputs take ``rows x width x hidden_size x element size`` bytes per
+    **Memory.** The recorded outputs take ``rows x width x hidden_size x element size`` bytes per
     layer, summed over the layouts; they are held for the life of the object. When all ``layers``
     do not fit ``cache_budget`` bytes, an evenly spread subset that fits is recorded (always the
     lowest layer; :attr:`recorded` lists it): configurations then start at the recorded layer below
@@ -75,7 +75,7 @@ class Recording(Sweeper):
             raise SteerdeskError(f"The baseline scores must have one value per text ({len(texts)}).")
         self.positions = frozenset(positions) or frozenset({"all"})
         self.given_lp = baseline_lp
-        self.recorded: list[int] = []  # layers whose block input is recorded
+        self.recorded: list[int] = []  # layers whose block output is recorded
         self.caps: dict[int, Capture] = {}  # layout index -> its recording
         self.base: Scores | None = None  # the unsteered scores, once recorded
         self._path0 = self.path  # "prefix", or "full" when the model has no tail (see Sweeper)
@@ -86,7 +86,7 @@ class Recording(Sweeper):
 
     # -- recording -------------------------------------------------------------------------
     def layer_bytes(self, layouts: Sequence[Layout]) -> int:
-        """Bytes one layer's recorded block inputs take over ``layouts``."""
+        """Bytes one layer's recorded block outputs take over ``layouts``."""
         elem = torch.tensor([], dtype=next(self.lm.model.parameters()).dtype).element_size()
         return sum(lay.rows * lay.width * self.lm.info.hidden_size * elem for lay in layouts)
 
@@ -143,10 +143,10 @@ class Recording(Sweeper):
         return self.base
 
     def _record_layouts(self) -> None:
-        """The unsteered pass over :attr:`layouts`, recording the block inputs that fit the budget."""
+        """The unsteered pass over :attr:`layouts`, recording the block outputs that fit the budget."""
         self.starts = self.fitting_layers(self.layouts) if self.path == "prefix" else []
         if self.path == "prefix" and not self.starts:
-            log.info("prefix reuse off: one layer's block inputs (%d bytes) exceed the cache budget (%d bytes)",
+            log.info("prefix reuse off: one layer's block outputs (%d bytes) exceed the cache budget (%d bytes)",
                      self.layer_bytes(self.layouts), self.cache_budget)
             self.path = "full"
         for li in range(len(self.layouts)):

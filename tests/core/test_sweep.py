@@ -83,8 +83,8 @@ def test_prefix_reuse_equals_full_forward_passes(tiny):
 def test_prefix_reuse_skips_the_blocks_below_the_steered_layer(tiny, pack):
     from steerdesk.core.evaluate import make_packed_layouts, prepare_texts
 
-    calls = {0: 0, NUM_LAYERS - 1: 0}
-    tokens = {0: 0, NUM_LAYERS - 1: 0}
+    calls = {0: 0, 2: 0, NUM_LAYERS - 1: 0}
+    tokens = {0: 0, 2: 0, NUM_LAYERS - 1: 0}
 
     def counter(layer):
         def hook(module, args, kwargs):
@@ -103,18 +103,21 @@ def test_prefix_reuse_skips_the_blocks_below_the_steered_layer(tiny, pack):
     texts = 2 * len(HELD)
     assert res.path == "prefix" and res.packed == pack
     if not pack:
-        # Block 0 ran once per text (the unsteered pass) and never for a configuration.
-        assert calls[0] == texts
-        # The last block ran for the unsteered pass, the self-check (2 texts x 2) and 4 configurations.
-        assert calls[NUM_LAYERS - 1] == texts + 4 + 4 * texts
+        # Block 0 ran once per text (the unsteered pass) and never for a configuration; block 2 neither:
+        # steering adds to its output, which the unsteered pass recorded.
+        assert calls[0] == texts and calls[2] == texts
+        # The last block ran for the unsteered pass, the self-check (2 texts x 2, from block 2's output)
+        # and the 2 configurations steered at layer 2; those steered at layer 3 (the last) run no block.
+        assert calls[NUM_LAYERS - 1] == texts + 4 + 2 * texts
         return
     # Packed: the three pairs (and their shared system prompt) fit one row.
     (lay,) = make_packed_layouts(tiny, prepare_texts(tiny, HELD), max_rows=8)
     assert lay.rows == 1 and lay.n_segments == texts
     # Block 0: the model's own unpacked pass (the reference) and the packed unsteered pass, nothing else.
-    assert calls[0] == texts + 1
-    # The last block: both unsteered passes, the self-check (1 row x 2) and 4 configurations of one row ...
-    assert calls[NUM_LAYERS - 1] == texts + 1 + 2 + 4
+    assert calls[0] == texts + 1 and calls[2] == texts + 1
+    # The last block: both unsteered passes, the self-check (1 row x 2) and the 2 configurations of one
+    # row steered at layer 2 ...
+    assert calls[NUM_LAYERS - 1] == texts + 1 + 2 + 2
     # ... each configuration on fewer tokens than the six texts unpacked (shared prompt tokens).
     unpacked_tokens = tokens[0] - lay.width  # block 0 saw the unpacked batch once, and the packed row
     assert lay.width < unpacked_tokens
