@@ -235,11 +235,12 @@ class Sweeper:
 
         Checked on (at most) ``check_rows`` rows (two texts, unpacked) of the first batch, each
         twice, from the lowest start layer: cheap, and it exercises the row selection, every
-        block's arguments and the tail.
+        block's arguments and the tail. A packed layout's first row alone (twice) already holds
+        several texts: one row is checked there (a 306-token row of the issue-4 workload holds 8 pairs).
         """
         lay = self.layouts[li]
         assert self.scorer.baseline_lp is not None
-        k = min(self.check_rows, lay.rows)
+        k = min(1 if lay.n_segments > lay.rows else self.check_rows, lay.rows)
         sub = lay.subset(list(range(k)) * 2)
         try:
             with torch.inference_mode():
