@@ -274,7 +274,10 @@ def make_packed_layouts(lm: LoadedModel, texts: EvalTexts, *, row_tokens: int = 
     The custom 4D mask lets a token see exactly what it would see in its own unpacked text (the
     common part, its group's prompt, its own reply, causally) and position ids continue as in the
     unpacked text, so the scores equal the unpacked ones up to float rounding (the sweep checks
-    that against the model's own unpacked forward before using it). Rows hold about ``row_tokens``
+    that against the model's own unpacked forward before using it). Each reply's last token is left
+    out of the row: it is scored from the column before it, and its own column would be no one's
+    query or key (nothing of its reply follows it; the mask hides it from the row's other texts).
+    Rows hold about ``row_tokens``
     tokens (longer rows share more, but attention grows with the square of the row); at most
     ``max_rows`` rows per layout. A text with no prompt token (plain formatting of an empty prompt)
     has its first token, which is never scored, counted as its prompt; that moves the token to the
@@ -304,7 +307,7 @@ def make_packed_layouts(lm: LoadedModel, texts: EvalTexts, *, row_tokens: int = 
         flat = positions == "all"
         # The prompt prefix every group shares (the system part), written once per row.
         common = _common_length([list(p) for p, _ in items]) if flat else 0
-        size = lambda it: len(it[0]) - common + sum(len(texts.encoded[i].ids) - starts[i] for i in it[1])
+        size = lambda it: len(it[0]) - common + sum(_written(texts, starts, i) for i in it[1])
         n_rows = max(1, -(-sum(size(it) for it in items) // row_tokens))
         n_rows = min(n_rows, len(items))
         bins = _balance(items, size, n_rows)
@@ -330,6 +333,14 @@ def make_packed_layouts(lm: LoadedModel, texts: EvalTexts, *, row_tokens: int = 
 
 
 Group = tuple[tuple[int, ...], list[int]]  # (prompt tokens, the texts sharing them)
+
+
+def _written(texts: EvalTexts, starts: list[int], i: int) -> int:
+    """Reply tokens of text ``i`` a packed row holds: all but the last. The last reply token is scored
+    (the logits one column before it predict it) but its own column is no one's query or key: no
+    later token of its reply follows, and no other text of the row sees it (the mask), so its hidden
+    states change no score."""
+    return max(0, len(texts.encoded[i].ids) - starts[i] - 1)
 
 
 def _common_length(prompts: list[list[int]]) -> int:
@@ -369,11 +380,11 @@ def _pack_rows(rows: list[list[Group]], texts: EvalTexts, starts: list[int], pad
     """One packed layout (see :func:`make_packed_layouts`): aligned at ``reply_col``, or ``flat``."""
     plans = [(_common_length([list(p) for p, _ in groups]), groups) for groups in rows]
     p_width = max(c + sum(len(p) - c for p, _ in groups) for c, groups in plans)
-    r_width = max(sum(len(texts.encoded[i].ids) - starts[i] for _, m in groups for i in m)
+    r_width = max(sum(_written(texts, starts, i) for _, m in groups for i in m)
                   for _, groups in plans)
     width = p_width + r_width
     if flat:
-        width = max(c + sum(len(p) - c + sum(len(texts.encoded[i].ids) - starts[i] for i in m) for p, m in groups)
+        width = max(c + sum(len(p) - c + sum(_written(texts, starts, i) for i in m) for p, m in groups)
                     for c, groups in plans)
     b = len(rows)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -413,10 +424,11 @@ def _pack_rows(rows: list[list[Group]], texts: EvalTexts, starts: list[int], pad
             for i in members:
                 rep = texts.encoded[i].ids[starts[i]:]
                 n = len(rep)
-                ids[r, col:col + n] = torch.tensor(rep, dtype=torch.long)
-                positions[r, col:col + n] = torch.arange(len(p), len(p) + n)
-                group[r, col:col + n] = g
-                reply[r, col:col + n] = len(seg_texts)
+                w = _written(texts, starts, i)  # all but the reply's last token (a dead end; see above)
+                ids[r, col:col + w] = torch.tensor(rep[:w], dtype=torch.long)
+                positions[r, col:col + w] = torch.arange(len(p), len(p) + w)
+                group[r, col:col + w] = g
+                reply[r, col:col + w] = len(seg_texts)
                 for u in range(n):
                     src_row.append(r)
                     src_col.append(last_prompt_col[g] if u == 0 else col + u - 1)
@@ -425,7 +437,7 @@ def _pack_rows(rows: list[list[Group]], texts: EvalTexts, starts: list[int], pad
                 counts.append(float(n))
                 seg_texts.append(i)
                 seg_row.append(r)
-                col += n
+                col += w
     real = group != -2
     mask[real] = 1
     # Query q sees key k (k <= q) when k is common, or in q's group and a prompt token or q's own reply.

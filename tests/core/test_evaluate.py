@@ -182,13 +182,27 @@ def test_packed_layout_scores_each_text_as_if_alone(tiny, generated):
     neutral = NEUTRAL_TEXTS[:3] if not (generated and tiny.info.architecture.lower().startswith("gpt")) else ()
     texts = prepare_texts(tiny, ds, neutral=neutral)
     steers = steers_for(random_vectors(tiny, scale=0.5), [1], scale=1.5, positions="generated" if generated else "all")
-    row_tokens = sum(len(texts.encoded[i].ids) for i in texts.indices("base", "target")) // 3
+    row_tokens = sum(len(texts.encoded[i].ids) for i in texts.indices("base", "target")) // 4
     got, lays = _packed_scores(tiny, texts, steers, generated, row_tokens=row_tokens)
     held = [lay for lay in lays if lay.kind == "heldout"]
     # Several rows, and rows holding several pairs (shared prompt tokens, shared system prefix).
     assert sum(lay.rows for lay in held) >= 2 and max(lay.n_segments / lay.rows for lay in held) >= 3
     scored = texts.indices("base", "target")
     assert sum(int(lay.mask.sum()) for lay in held) < sum(len(texts.encoded[i].ids) for i in scored)
+    # A row holds its texts' common prefix once, each distinct prompt's rest once, and each reply but
+    # its last token (scored from the column before; its own column is a dead end).
+    import os
+
+    for lay in held:
+        for r in range(lay.rows):
+            members = [i for s, i in enumerate(lay.texts) if lay.seg_row[s] == r]
+            starts = [max(texts.encoded[i].reply_start, 1) for i in members]
+            prompts = list(dict.fromkeys(tuple(texts.encoded[i].ids[:st]) for i, st in zip(members, starts)))
+            c = min(len(os.path.commonprefix([list(p) for p in prompts])), min(map(len, prompts)) - 1) \
+                if len(prompts) > 1 else 0
+            want = c + sum(len(p) - c for p in prompts) + sum(len(texts.encoded[i].ids) - st - 1
+                                                              for i, st in zip(members, starts))
+            assert int(lay.mask[r].sum()) == want
     if not generated:
         # Steering every position: flat rows (no left padding, a reply right after its prompt), and
         # no more token slots than rows aligned at the reply column.
