@@ -15,9 +15,9 @@ seeded); steerdesk does not write its own optimiser. Trials are proposed in batc
 :class:`Evaluator`: the texts are tokenised and the unsteered pass is run **once per run** (the
 baseline, the KL reference and, with the default ``recorded`` engine, the block outputs at every
 layer of the space, within a memory budget: :class:`steerdesk.core.sweep_recording.Recording`); each
-batch then runs only its trials' steered tails (a trial whose range starts at layer L re-runs
-blocks L..end, on packed rows, as a sweep does). The ``scorer`` engine (one
-:meth:`steerdesk.core.evaluate.TextScorer.score` call per batch, full forwards, one batch row per
+batch then runs only its trials' steered tails (a trial whose range starts at layer L runs
+blocks L+1..end from block L's recorded output, on packed rows, as a sweep does). The ``scorer``
+engine (one :meth:`steerdesk.core.evaluate.TextScorer.score` call per batch, full forwards, one batch row per
 configuration and text) and ``sweep`` (one sweep-engine run per batch) remain selectable.
 
 **Refine phase** (default for a new study): from the first batch asked once the study holds

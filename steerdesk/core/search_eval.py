@@ -73,10 +73,10 @@ class Evaluator:
           unsteered pass recorded **once per evaluator** (:class:`~steerdesk.core.sweep_recording.Recording`,
           made on the first call: block outputs at every layer of :attr:`layers` that fits the
           cache budget, the KL reference, the self-check); each batch then runs only its trials'
-          steered tails (a trial whose range starts at layer L re-runs blocks L..end). Deltas are
-          against the recorded unsteered scores (the same numbers as :attr:`base`); a batch the
-          recording cannot run (other steering positions than the first batch's, a layer below
-          :attr:`layers`) is scored as with ``"sweep"``.
+          steered tails (a trial whose range starts at layer L runs blocks L+1..end from block L's
+          recorded output). Deltas are against the recorded unsteered scores (the same numbers as
+          :attr:`base`); a batch the recording cannot run (other steering positions than the first
+          batch's, a layer below :attr:`layers`) is scored as with ``"sweep"``.
         * ``"scorer"``: **one** ``TextScorer.score`` call, full forwards with one batch row per
           configuration and text, deltas against the baseline computed once in :meth:`prepare`.
         * ``"sweep"``: the batch as the cells of one :class:`~steerdesk.core.sweep_engine.Sweeper`
