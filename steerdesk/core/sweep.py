@@ -22,7 +22,8 @@ What makes a sweep cheap:
   (:func:`steerdesk.core.evaluate.make_packed_layouts`); used only after the packed unsteered scores
   matched the model's own unpacked ones (``result.packed``). Steering every position, rows are flat
   (each pair's prompt right before its replies, no padding to align reply columns), and the pairs
-  are spread over the row count that leaves the fewest padded token slots.
+  are spread over the row count that leaves the fewest padded token slots. A reply's last token is
+  left out of its row (scored from the column before it, its own column is no one's query or key).
 * **reused buffers**: the ``[tokens, vocab]`` tensors of the scoring tail (LM head, log-softmax,
   KL terms) are written into buffers kept for the whole sweep
   (:class:`~steerdesk.core.evaluate.Workspace`): on a CPU a fresh one is new zeroed pages.
