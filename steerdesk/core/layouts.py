@@ -277,11 +277,11 @@ def make_packed_layouts(lm: LoadedModel, texts: EvalTexts, *, row_tokens: int = 
     that against the model's own unpacked forward before using it). Each reply's last token is left
     out of the row: it is scored from the column before it, and its own column would be no one's
     query or key (nothing of its reply follows it; the mask hides it from the row's other texts).
-    Rows hold about ``row_tokens``
-    tokens (longer rows share more, but attention grows with the square of the row); at most
-    ``max_rows`` rows per layout. A text with no prompt token (plain formatting of an empty prompt)
-    has its first token, which is never scored, counted as its prompt; that moves the token to the
-    prompt side, so with steering ``positions`` other than ``"all"`` such texts are not packed.
+    Rows hold about ``row_tokens`` tokens (longer rows share more, but attention grows with the
+    square of the row); at most ``max_rows`` rows per layout. A text with no prompt token (plain
+    formatting of an empty prompt) has its first token, which is never scored, counted as its
+    prompt; that moves the token to the prompt side, so with steering ``positions`` other than
+    ``"all"`` such texts are not packed.
     Returns None when the model's attention kernel takes no custom mask, a text has no prompt token
     and ``positions`` is not ``"all"``, or a row is wider than the model's sliding attention window.
     """

@@ -13,9 +13,9 @@ What makes a sweep cheap:
   per text batch records the output of every block that starts a configuration (and the arguments
   the model passes to each block: mask, rotary embeddings, position ids); each configuration then
   steers the recorded output of block L and runs only blocks L+1..end, followed by the final norm
-  and the LM head. This works for any model
-  whose blocks are called with batch-first tensors; a self-check against the model's own forward
-  (first batch) falls back to full forward passes where it does not (``result.path == "full"``).
+  and the LM head. This works for any model whose blocks are called with batch-first tensors; a
+  self-check against the model's own forward (first batch) falls back to full forward passes where
+  it does not (``result.path == "full"``).
 
 * **packing** (on top of prefix reuse): a pair's two replies share their prompt tokens and the
   texts of a row share the chat template's system prefix, kept apart by a custom 4D attention mask

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -191,8 +192,6 @@ def test_packed_layout_scores_each_text_as_if_alone(tiny, generated):
     assert sum(int(lay.mask.sum()) for lay in held) < sum(len(texts.encoded[i].ids) for i in scored)
     # A row holds its texts' common prefix once, each distinct prompt's rest once, and each reply but
     # its last token (scored from the column before; its own column is a dead end).
-    import os
-
     for lay in held:
         for r in range(lay.rows):
             members = [i for s, i in enumerate(lay.texts) if lay.seg_row[s] == r]
