@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from ..core.errors import Cancelled, SteerdeskError
-from .common import dataset_spec, load_model, load_vectors_for, model_arg, progress_bar
+from .common import check_outputs, dataset_spec, load_model, load_vectors_for, model_arg, progress_bar
 
 log = logging.getLogger("steerdesk")
 
@@ -32,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise SteerdeskError(f"{self.prog}: {message}")
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else ""  # "steerdesk generate" -> "generate"
+        raise SteerdeskError(f"{command}: {message}" if command else message)
 
 
 _model_arg = model_arg  # the name before the CLI became a package
@@ -109,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.command:
             parser.print_help()
             return 0
-        return commands()[args.command](args)
+        module = {m.NAME: m for m in subcommand_modules()}[args.command]
+        check_outputs(args, getattr(module, "OUTPUTS", {}))  # before any work: nothing is lost to a bad path
+        return int(module.run(args))
     except (SteerdeskError, Cancelled) as exc:  # a stop (never set by the CLI) stays one line
         if debug:
             traceback.print_exc()

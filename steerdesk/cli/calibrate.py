@@ -12,6 +12,8 @@ from ..core.errors import SteerdeskError
 from .common import load_model, load_vectors_for, model_arg, progress_bar
 
 NAME = "calibrate"
+OUTPUTS = {"output": (".json",)}
+"""Files this command writes and the endings their formats go with (checked before any work)."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

@@ -77,11 +77,15 @@ def say_loading(done: int, total: int, message: str) -> None:
 
 
 def load_vectors_for(path: str, info: ModelInfo) -> VectorSet:
-    """Load a vector file and refuse it (``SteerdeskError``) if it does not fit the model ``info``."""
+    """Load a vector file and refuse it (``SteerdeskError``) if it does not fit the model ``info``;
+    a set computed on a model of another name but the same shape is used, with a note on stderr."""
     from ..core.vectors import load_vectors
 
     vs = load_vectors(path, model_layers=info.num_layers)
     vs.check_compatible(info)
+    note = vs.other_model_note(info)
+    if note:
+        print(f"steerdesk: note: {path}: {note}", file=sys.stderr)
     return vs
 
 
@@ -115,3 +119,31 @@ def progress_bar(label: str) -> Callable[[int, int], None]:
         if sys.stderr.isatty():
             print(f"\r{label} {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
     return progress
+
+
+#: Arguments that name files a run reads (checked against the outputs: none may be written over).
+INPUT_ARGS = ("vector", "condition", "dataset", "target_file", "kl_texts", "recipe", "model", "study")
+
+
+def check_outputs(args: argparse.Namespace, outputs: dict[str, tuple[str, ...]]) -> None:
+    """Refuse, before the model loads, output files that cannot be written or would replace an input.
+
+    ``outputs`` maps an argument name (``"output"``, ``"png"``, ...) to the file endings its format
+    goes with (see :func:`steerdesk.core.fileio.check_output_file`); arguments left unset are
+    skipped. Two outputs of one run may not name the same file either. Raises ``SteerdeskError``.
+    """
+    from ..core.errors import SteerdeskError
+    from ..core.fileio import check_output_file
+
+    inputs = tuple(str(v) for name in INPUT_ARGS if isinstance(v := getattr(args, name, None), str))
+    seen: dict[Path, str] = {}
+    for name, suffixes in outputs.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        flag = "-o/--output" if name == "output" else "--" + name.replace("_", "-")
+        target = check_output_file(value, suffixes=suffixes, inputs=inputs, what=f"{flag} file")
+        key = target.resolve()
+        if key in seen:
+            raise SteerdeskError(f"{seen[key]} and {flag} name the same file ({value}): give each its own.")
+        seen[key] = flag

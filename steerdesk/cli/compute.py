@@ -12,6 +12,8 @@ from ..core.optimize import OptimizeSettings
 from .common import dataset_spec, load_model, model_arg, progress_bar
 
 NAME = "compute"
+OUTPUTS = {"output": (".safetensors", ".gguf"), "record": (".json",)}
+"""Files this command writes and the endings their formats go with (checked before any work)."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

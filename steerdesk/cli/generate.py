@@ -11,6 +11,8 @@ from ..core.errors import SteerdeskError
 from .common import POSITIONS_HELP, gate_from_args, load_model, load_vectors_for, model_arg, positions_arg
 
 NAME = "generate"
+OUTPUTS = {"record": (".json",)}
+"""Files this command writes and the endings their formats go with (checked before any work)."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -21,11 +23,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--system")
     p.add_argument("--vector", help="steerdesk .safetensors or llama.cpp .gguf control vector")
     p.add_argument("--layers", help="e.g. 12,15 or 10-14 (required with --vector)")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="steering strength, e.g. 1.5 or -2 (negative steers away; 0 = identity)")
-    p.add_argument("--mode", choices=["add", "project", "clamp"], default="add")
+    p.add_argument("--scale", type=float,
+                   help="steering strength, e.g. 1.5 or -2 (negative steers away; 0 = identity; default 1)")
+    p.add_argument("--mode", choices=["add", "project", "clamp"], help="default add")
     p.add_argument("--normalize", action="store_true", help="scale the unit vector instead of the raw one")
-    p.add_argument("--positions", type=positions_arg, default="all", help=POSITIONS_HELP)
+    p.add_argument("--positions", type=positions_arg, help=POSITIONS_HELP + " (default all)")
     p.add_argument("--condition", help="condition vector file: steer only prompts that open its gate "
                    "(needs --condition-layer and --threshold, e.g. from 'steerdesk calibrate')")
     p.add_argument("--condition-layer", type=int, help="the gate's layer")
@@ -52,8 +54,16 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
     sampling.check()
+    if not args.prompt.strip():
+        raise SteerdeskError("The prompt is empty.")
     if args.vector and not args.layers:
         raise SteerdeskError("--vector needs --layers (e.g. --layers 15 or 12-16).")
+    steering_flags = [flag for flag, given in (("--layers", args.layers), ("--scale", args.scale is not None),
+                                               ("--mode", args.mode is not None), ("--normalize", args.normalize),
+                                               ("--positions", args.positions is not None)) if given]
+    if steering_flags and not args.vector:
+        raise SteerdeskError(f"{', '.join(steering_flags)} set the steering: add --vector (without it nothing is "
+                             f"steered).")
     if args.compare and not args.vector:
         raise SteerdeskError("--compare needs --vector.")
     if args.condition and (args.condition_layer is None or args.threshold is None):
@@ -66,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
     if args.vector:
         vs = load_vectors_for(args.vector, lm.info)
         steering = jobs.SteeringSpec(vectors=vs, layers=tuple(parse_layers(args.layers, lm.info.num_layers)),
-                                     scale=args.scale, mode=args.mode, normalize=args.normalize,
-                                     positions=args.positions, vector_path=args.vector)
+                                     scale=1.0 if args.scale is None else args.scale, mode=args.mode or "add",
+                                     normalize=args.normalize, positions=args.positions or "all",
+                                     vector_path=args.vector)
     spec = jobs.GenerateSpec.single(args.prompt, steering, compare=args.compare, sampling=sampling,
                                     system=args.system, model=args.model, gate=gate)
     stream_row = len(spec.prompts) - 1
@@ -78,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(chunk)
             sys.stdout.flush()
 
+    if args.compare and not args.json:
+        print("--- steered ---", flush=True)
     result = jobs.generate.run(lm, spec, jobs.JobContext(on_text=on_text if streaming else None))
     if args.record:
         jobs.generate.record(lm, spec, result).save(args.record)

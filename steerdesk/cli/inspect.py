@@ -17,6 +17,8 @@ from .common import dataset_spec, load_model, load_vectors_for, model_arg, progr
 from .compute import optimize_args, optimize_settings
 
 NAME = "inspect"
+OUTPUTS = {"record": (".json",)}
+"""Files this command writes and the endings their formats go with (checked before any work)."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

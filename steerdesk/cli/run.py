@@ -8,6 +8,9 @@ import sys
 from typing import Any
 
 NAME = "run"
+OUTPUTS = {"output": (".safetensors", ".gguf", ".json")}
+"""Files this command writes and the endings their formats go with (checked before any work; the
+recipe's kind narrows the ending, see ``jobs.rerun``)."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -51,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
         if streaming:
             print()
         else:
+            flags = list(recipe.steered_rows or [])
             for i, row in enumerate(out.record.outputs["rows"]):
-                print(f"--- row {i} ---\n{row['text']}")
+                which = "" if i >= len(flags) else " (steered)" if flags[i] else " (unsteered)"
+                print(f"--- row {i}{which}: {recipe.prompts[i] if i < len(recipe.prompts) else ''} ---\n{row['text']}")
     elif recipe.kind == "sweep":
         print(format_table(out.result))
     elif recipe.kind in ("diagnose", "compare"):

@@ -19,6 +19,9 @@ from ..core.errors import SteerdeskError
 from .common import dataset_spec, heldout_pairs_args, load_model, load_vectors_for, model_arg, progress_bar
 
 NAME = "search"
+OUTPUTS = {"output": (".json",), "csv": (".csv",), "export_vector": (".safetensors", ".gguf"),
+           "export_recipe": (".json",)}
+"""Files this command writes and the endings their formats go with (checked before any work)."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

@@ -21,6 +21,8 @@ from .common import (
 )
 
 NAME = "sweep"
+OUTPUTS = {"output": (".json",), "png": (".png",), "record": (".json",)}
+"""Files this command writes and the endings their formats go with (checked before any work)."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:

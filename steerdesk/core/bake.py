@@ -69,6 +69,7 @@ from .bake_plan import (
     window_limit,
 )
 from .errors import Cancelled, SteerdeskError
+from .fileio import current_umask
 from .models import LoadedModel
 from .steering import Steer
 
@@ -151,6 +152,8 @@ def check_out_dir(out_dir: str | os.PathLike[str], force: bool = False, source: 
 
     Raises ``SteerdeskError`` when it exists (unless ``force``), is a file or a link, its parent
     folder is missing, or it is, holds or lies in ``source`` (the folder the model was loaded from).
+    ``force`` replaces only an earlier bake (a folder holding ``steerdesk_bake.json``) or an empty
+    folder, never the working folder or one above it: anything else could be a user's own files.
     """
     out = Path(out_dir).expanduser()
     if out.exists() or out.is_symlink():
@@ -158,6 +161,12 @@ def check_out_dir(out_dir: str | os.PathLike[str], force: bool = False, source: 
             raise SteerdeskError(f"{out} exists and is not a folder: choose another output folder.")
         if not force:
             raise SteerdeskError(f"{out} already exists: choose another folder, or pass --force to replace it.")
+        here = Path.cwd().resolve()
+        if out.resolve() == here or out.resolve() in here.parents:
+            raise SteerdeskError(f"Cannot bake into {out}: it is the working folder or holds it; choose a new folder.")
+        if not (out / SIDECAR).is_file() and any(out.iterdir()):
+            raise SteerdeskError(f"{out} holds files that are not a steerdesk bake: --force replaces only an earlier "
+                                 f"bake (a folder with {SIDECAR}) or an empty folder. Choose a new folder.")
     parent = out.parent
     if not parent.is_dir():
         raise SteerdeskError(f"Cannot bake into {out}: the folder {parent} does not exist.")
@@ -187,6 +196,9 @@ def _legacy_rope_keys(config_file: Path) -> None:
 
 
 def _write(baked: Any, lm: LoadedModel, tmp: Path, metadata: dict[str, Any]) -> None:
+    """Fill the temporary folder ``tmp``; the folder and its files get the permissions any new
+    folder or file would (``mkdtemp`` made the folder 0700, writers may make 0600 files), so a
+    server running as another user can read the checkpoint."""
     baked.config.steerdesk_bake = metadata
     baked.save_pretrained(tmp)
     _legacy_rope_keys(tmp / "config.json")
@@ -194,10 +206,13 @@ def _write(baked: Any, lm: LoadedModel, tmp: Path, metadata: dict[str, Any]) -> 
     if not (tmp / "generation_config.json").is_file():
         baked.generation_config.save_pretrained(tmp)
     (tmp / SIDECAR).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")
+    umask = current_umask()
     for f in tmp.iterdir():  # flush before the rename makes the folder visible
         if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+    os.chmod(tmp, 0o777 & ~umask)
 
 
 def _replace_folder(tmp: Path, out: Path) -> None:

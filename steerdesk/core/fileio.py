@@ -87,3 +87,35 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_output_file(path: str | os.PathLike[str], *, suffixes: tuple[str, ...] = (),
+                      inputs: tuple[str | os.PathLike[str] | None, ...] = (), what: str = "output") -> Path:
+    """Refuse, before any work is done, an output file that cannot be written or would destroy an input.
+
+    ``suffixes`` (lower case, with the dot; empty: any) are the endings the file's format goes
+    with; ``inputs`` are the paths the same run reads (missing ones and ``None`` are skipped).
+    Returns ``path`` as a ``Path``. Raises ``SteerdeskError`` when the path is an existing folder,
+    its folder is missing or not writable, its ending is not one of ``suffixes``, or it names the
+    same file as one of ``inputs`` (writing it would replace what the run reads).
+    """
+    target = Path(path).expanduser()
+    if not str(path).strip():
+        raise SteerdeskError(f"The {what} path is empty.")
+    if target.is_dir():
+        raise SteerdeskError(f"{target} is a folder: give the {what} a file name.")
+    if suffixes and target.suffix.lower() not in suffixes:
+        raise SteerdeskError(f"{target}: the {what} must end in {' or '.join(suffixes)} (the format it is written "
+                             f"in).")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise SteerdeskError(f"Cannot write {target}: the folder {folder} does not exist.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SteerdeskError(f"Cannot write {target}: the folder {folder} is not writable.")
+    for source in inputs:
+        if source is None or not str(source) or not Path(source).expanduser().is_file() or not target.exists():
+            continue
+        if os.path.samefile(target, Path(source).expanduser()):
+            raise SteerdeskError(f"{target} is also an input of this run: writing the {what} there would replace "
+                                 f"it. Choose another file name.")
+    return target

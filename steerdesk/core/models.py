@@ -106,15 +106,60 @@ def cache_dir() -> Path:
 
 
 def pick_device(device: str = "auto") -> str:
-    """cuda > mps > cpu for ``auto``; otherwise the name given."""
+    """cuda > mps > cpu for ``auto``; otherwise the name given, once checked.
+
+    Raises ``SteerdeskError`` for a name torch does not know (``banana``) and for a device this
+    machine does not have (``cuda`` without a CUDA build or GPU, ``cuda:3`` with two GPUs, ``mps``
+    off Apple silicon): one line naming the devices there are, instead of torch's assertion.
+    """
     if device != "auto":
-        return device
+        return check_device(device)
     if torch.cuda.is_available():
         return "cuda"
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         return "mps"
     return "cpu"
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can run on: ``cpu``, ``cuda:N`` per GPU, ``mps`` where present."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    return names
+
+
+def check_device(device: str) -> str:
+    """``device`` (e.g. ``cpu``, ``cuda``, ``cuda:1``, ``mps``) if this machine has it; see :func:`pick_device`."""
+    try:
+        dev = torch.device(device.strip())
+    except (RuntimeError, ValueError):
+        raise SteerdeskError(f"Unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps "
+                             f"(this machine has {', '.join(available_devices())}).") from None
+    if dev.type == "cpu":
+        return device.strip()
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count and (dev.index is None or dev.index < count):
+            return device.strip()
+        why = "no CUDA GPU (or a torch built without CUDA)" if not count else f"{count} CUDA GPU(s)"
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return device.strip()
+        why = "no Apple GPU (mps)"
+    else:
+        module = getattr(torch, dev.type, None)
+        available = getattr(module, "is_available", None)
+        if callable(available) and available():
+            return device.strip()
+        why = f"no {dev.type} device"
+    raise SteerdeskError(f"Device {device!r} is not available: this machine has {why}; "
+                         f"use one of {', '.join(available_devices())} (or auto).")
 
 
 def pick_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
@@ -218,25 +263,43 @@ def _gguf_cache_folder(folder: str, gguf_file: str) -> Path:
 
 
 def _from_pretrained(cls: Any, source: str, **kwargs: Any) -> Any:
-    """Call ``cls.from_pretrained`` turning hub/file failures into one-sentence errors."""
+    """Call ``cls.from_pretrained`` turning hub/file failures into one-sentence errors.
+
+    With ``gguf_file`` the errors name that file (not its folder), and any failure to read it
+    (a damaged file, a control vector given as a model) is a ``SteerdeskError`` too.
+    """
+    gguf = kwargs.get("gguf_file")
+    if gguf:
+        shown = str(Path(source) / gguf)
+        try:
+            return _from_pretrained_named(cls, source, shown, **kwargs)
+        except SteerdeskError:
+            raise
+        except Exception as exc:  # the gguf reader's struct/index/value errors on a damaged file
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise SteerdeskError(f"Cannot read {shown} as a GGUF model ({type(exc).__name__}: {first}).") from exc
+    return _from_pretrained_named(cls, source, source, **kwargs)
+
+
+def _from_pretrained_named(cls: Any, source: str, shown: str, **kwargs: Any) -> Any:
     try:
         return cls.from_pretrained(source, **kwargs)
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = " (offline: only models already in the Hugging Face cache can load)" if offline else ""
-        raise SteerdeskError(f"Cannot load model {source!r}{hint}: {first}") from exc
+        raise SteerdeskError(f"Cannot load model {shown!r}{hint}: {first}") from exc
     except ValueError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise SteerdeskError(f"{source!r} is not a causal language model steerdesk can load: {first}") from exc
+        raise SteerdeskError(f"{shown!r} is not a causal language model steerdesk can load: {first}") from exc
     except (ImportError, AttributeError, KeyError) as exc:
         import sys
 
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if getattr(sys, "frozen", False):
-            raise SteerdeskError(f"This steerdesk binary does not carry the code for {source!r}'s model family "
+            raise SteerdeskError(f"This steerdesk binary does not carry the code for {shown!r}'s model family "
                                  f"({first}); install steerdesk with pip to use it.") from exc
-        raise SteerdeskError(f"transformers cannot build {source!r} ({type(exc).__name__}: {first}); "
+        raise SteerdeskError(f"transformers cannot build {shown!r} ({type(exc).__name__}: {first}); "
                              f"a newer transformers may be needed.") from exc
 
 

@@ -124,6 +124,17 @@ class VectorSet:
         if convention != "block_output":
             raise SteerdeskError(f"Unknown layer convention {convention!r} in the vector file.")
 
+    def other_model_note(self, info: ModelInfo) -> str | None:
+        """A sentence when the set names another model than ``info`` though shapes and architecture
+        fit (:meth:`check_compatible` passed): e.g. a vector moved from a base model to its
+        fine-tune, which works but is the user's call. ``None`` when the names agree or the file
+        names no model (GGUF control vectors)."""
+        made_for = self.metadata.get("model", "")
+        if not made_for or made_for == "unknown" or made_for == info.name:
+            return None
+        return (f"these vectors were computed on {made_for}, the loaded model is {info.name} (same architecture and "
+                f"sizes, so they are used as they are).")
+
 
 def no_direction_message(missing: Sequence[int], vs: VectorSet) -> str:
     """One line saying which requested layers the set has no direction for, and which it has."""

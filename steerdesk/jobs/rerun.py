@@ -210,6 +210,8 @@ def run(lm: LoadedModel | None, spec: RerunSpec, ctx: JobContext) -> Rerun:
     from . import job_for
 
     recipe = spec.recipe
+    if spec.output:
+        check_output(recipe, spec.output)
     changes: list[str] = []
     if lm is None:
         lm = _load(recipe, spec.device, ctx)
@@ -227,6 +229,25 @@ def run(lm: LoadedModel | None, spec: RerunSpec, ctx: JobContext) -> Rerun:
     shown = result.rows if recipe.kind == "generate" else result.vectors if recipe.kind == "compute" else result
     _write(recipe.kind, shown, spec.output)
     return Rerun(record, not (differences := compare(recipe, record)), changes + differences, shown, job_spec)
+
+
+#: The file endings a re-run's output may have, per recipe kind (the kinds that write a file).
+OUTPUT_ENDINGS = {"compute": (".safetensors", ".gguf"), "sweep": (".json",)}
+
+
+def check_output(recipe: RunRecord, output: str) -> None:
+    """Refuse, before the model loads, an output path the re-run of ``recipe`` cannot use.
+
+    Raises ``SteerdeskError`` for a recipe kind that writes no file (only compute and sweep
+    re-runs do), an ending that is not the kind's format, or a missing or read-only folder (see
+    :func:`steerdesk.core.fileio.check_output_file`; the CLI also refuses the recipe file itself).
+    """
+    from ..core.fileio import check_output_file
+
+    if recipe.kind not in OUTPUT_ENDINGS:
+        raise SteerdeskError(f"A re-run of a {recipe.kind} recipe writes no file: an output path applies to "
+                             f"compute recipes (vectors) and sweep recipes (the result JSON).")
+    check_output_file(output, suffixes=OUTPUT_ENDINGS[recipe.kind], what="output file")
 
 
 def _write(kind: str, shown: Any, output: str | None) -> None:

@@ -214,7 +214,8 @@ def test_a_negative_value_reaches_its_own_check(capsys, fast_model):
     """Not 'expected one argument': the value is read, then refused for what it is."""
     code, _, err = run(capsys, "generate", "--prompt", PROMPT, "--temperature", "-1", "--max-new-tokens", "2")
     assert code == 2 and "temperature must be a number >= 0" in one_error_line(err)
-    code, _, err = run(capsys, "sweep", "--vector", "x", "--dataset", "neutral_rude", "--heldout", "-0.5", "-o", "o")
+    code, _, err = run(capsys, "sweep", "--vector", "x", "--dataset", "neutral_rude", "--heldout", "-0.5",
+                       "-o", "o.json")
     assert code == 2 and "--heldout must be in [0, 1)" in one_error_line(err)
 
 

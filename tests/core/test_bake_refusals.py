@@ -146,8 +146,15 @@ def test_existing_folder_is_refused_unless_force(fresh_tiny, tmp_path):
     with pytest.raises(SteerdeskError, match=r"already exists.*--force"):
         bake(lm, steers, out)
     assert (out / "keep.txt").read_text() == "mine"
-    bake(lm, steers, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    # --force replaces an earlier bake or an empty folder, never a folder of the user's own files.
+    with pytest.raises(SteerdeskError, match="not a steerdesk bake"):
+        bake(lm, steers, out, force=True)
+    assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    bake(lm, steers, out, force=True)  # empty: replaced
+    (out / "extra.txt").write_text("left by the user in the old bake")
+    bake(lm, steers, out, force=True)  # an earlier bake: replaced whole
+    assert not (out / "extra.txt").exists() and (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or set-aside folder left
     (tmp_path / "file").write_text("x")
     with pytest.raises(SteerdeskError, match="not a folder"):
@@ -189,10 +196,39 @@ def test_disk_full_leaves_nothing_behind(fresh_tiny, tmp_path, monkeypatch):
     # With --force over an existing bake, the old folder survives a failed write.
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text("{}")
+    (tmp_path / "old" / "steerdesk_bake.json").write_text("{}")
     with pytest.raises(SteerdeskError, match="disk is full"):
         bake(lm, steers, tmp_path / "old", force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
     assert (tmp_path / "old" / "config.json").read_text() == "{}"
+
+
+def test_working_folder_is_refused_even_with_force(fresh_tiny, tmp_path, monkeypatch):
+    lm = fresh_tiny("gpt2")
+    steers = steers_for(strong_vectors(lm), [1])
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "steerdesk_bake.json").write_text("{}")  # even a folder that looks like a bake
+    monkeypatch.chdir(work)
+    for out in (".", str(work), ".."):
+        with pytest.raises(SteerdeskError, match="working folder"):
+            bake(lm, steers, out, force=True)
+    assert sorted(p.name for p in work.iterdir()) == ["steerdesk_bake.json"]
+
+
+def test_baked_folder_and_files_are_readable_by_others(fresh_tiny, tmp_path):
+    import os
+    import stat
+
+    lm = fresh_tiny("llama")
+    old = os.umask(0o022)
+    try:
+        out = bake(lm, steers_for(strong_vectors(lm), [1]), tmp_path / "out").out_dir
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
 
 
 def test_cancel_leaves_nothing_behind(fresh_tiny, tmp_path):
