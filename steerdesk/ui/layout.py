@@ -133,3 +133,18 @@ class Reflow(QObject):
 
 
 __all__ = ["MIN_WINDOW", "Reflow", "clamp_to_screen", "clamped", "scrolled"]
+
+
+def full_dock_tab_labels(window: QWidget) -> None:
+    """Show whole names on the tabs of ``window``'s tabbed docks (Qt elides them to "Sw…" in a
+    narrow dock): tabs keep their text and the bar scrolls with arrow buttons instead.
+
+    QMainWindow makes its tab bars as docks are tabified, moved or restored, so this is called
+    again after each of those (see ``MainWindow``).
+    """
+    from PySide6.QtWidgets import QTabBar
+
+    for bar in window.findChildren(QTabBar):
+        if bar.parent() is window:
+            bar.setElideMode(Qt.TextElideMode.ElideNone)
+            bar.setUsesScrollButtons(True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from PySide6.QtCore import QByteArray, Qt, Slot
+from PySide6.QtCore import QByteArray, Qt, QTimer, Slot
 from PySide6.QtGui import QCloseEvent, QIcon
 from PySide6.QtWidgets import QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar, QWidget
 
@@ -12,7 +12,7 @@ from . import menus
 from .bake_action import BakeAction
 from .controller import ModelController
 from .dialogs import show_error
-from .layout import clamp_to_screen, scrolled
+from .layout import clamp_to_screen, full_dock_tab_labels, scrolled
 from .panels.analysis_panel import AnalysisPanel
 from .panels.condition_panel import ConditionPanel
 from .panels.dataset_panel import DatasetPanel
@@ -93,6 +93,10 @@ class MainWindow(QMainWindow):
         f = QDockWidget.DockWidgetFeature
         dock.setFeatures(f.DockWidgetMovable | f.DockWidgetFloatable | f.DockWidgetClosable)  # View menu toggles
         self.addDockWidget(area, dock)
+        # A dock moved, floated back or tabified gets a tab bar Qt makes anew: name its tabs in full.
+        later = lambda *_: QTimer.singleShot(0, lambda: full_dock_tab_labels(self))
+        dock.dockLocationChanged.connect(later)
+        dock.topLevelChanged.connect(later)
         return dock
 
     def _connect(self) -> None:
@@ -138,6 +142,7 @@ class MainWindow(QMainWindow):
         clamp_to_screen(self)  # a geometry saved on a larger screen
         self.generation_panel.restore_settings(s)
         self.vector_panel.restore_settings(s)
+        full_dock_tab_labels(self)
 
     def save_settings(self) -> None:
         """Window geometry and the panels' settings."""

@@ -134,3 +134,29 @@ def test_a_geometry_saved_on_a_big_screen_is_clamped_on_restore(qtbot, tmp_path,
         assert available.contains(win.geometry()), (win.geometry(), available)
     finally:
         win.controller.shutdown(5000)
+
+
+def test_dock_tabs_show_whole_names_in_a_narrow_dock(qtbot, window):
+    """A user narrows the left docks (or a saved layout does): the tabs keep 'Analysis', 'Condition'
+    instead of 'Anal…', 'Condit…', and the bar scrolls; also after a dock is floated and docked back."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtWidgets import QTabBar
+
+    window.resize(1366, 768)
+    settle(qtbot)
+    window.resizeDocks([window.dataset_dock], [300], Qt.Orientation.Horizontal)
+    settle(qtbot)
+
+    def cut_tabs() -> list[str]:
+        bars = [b for b in window.findChildren(QTabBar) if b.parent() is window and b.isVisible()]
+        assert bars
+        return [b.tabText(i) for b in bars for i in range(b.count())
+                if b.tabRect(i).width() < b.fontMetrics().horizontalAdvance(b.tabText(i))]
+
+    assert cut_tabs() == []
+    window.sweep_dock.setFloating(True)
+    settle(qtbot)
+    window.sweep_dock.setFloating(False)
+    settle(qtbot, 100)
+    assert cut_tabs() == []
+    window.grab().save(str(SHOTS / "1366x768_narrow_docks.png"))

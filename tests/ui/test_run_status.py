@@ -78,3 +78,9 @@ def test_a_stopped_grid_keeps_and_exports_its_rows(qtbot, ready, tmp_path):
 
     with open(tmp_path / "grid.csv", newline="", encoding="utf-8") as f:
         assert len(list(csv.reader(f))) == kept + 1
+
+
+def test_the_compute_bar_says_done_not_the_last_step(ready):
+    bar = ready.vector_panel.progress
+    name = ready.vector_panel.current().name
+    assert bar.text().startswith(f"Done: {name}") and "Extracting" not in bar.text()

@@ -341,6 +341,7 @@ class VectorPanel(QWidget):
         self.progress.setValue(100)
         vs = result.vectors
         item = self.add_vectors(vs)
+        self.progress.setFormat(f"Done: {item.name} ({vs.num_layers} layers)")  # not the last step's count
         self.vectors_ready.emit(item)
         cut = int(vs.metadata.get("truncated_examples", "0") or 0)
         if cut:
