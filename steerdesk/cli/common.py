@@ -89,6 +89,13 @@ def load_vectors_for(path: str, info: ModelInfo) -> VectorSet:
     return vs
 
 
+def note_in_sample(vs: VectorSet, scored: Any) -> None:
+    """Print a note on stderr when the pairs ``scored`` hold those ``vs`` was computed from."""
+    note = vs.in_sample_note(scored)
+    if note:
+        print(f"steerdesk: note: {note}", file=sys.stderr)
+
+
 def gate_from_args(args: argparse.Namespace, lm: LoadedModel) -> Any:
     """The ``ConditionGate`` of ``--condition F --condition-layer L --threshold T --gate-side S`` for
     the loaded model ``lm`` (None without ``--condition``). Raises ``SteerdeskError`` for a file that

@@ -13,7 +13,7 @@ from typing import Any
 from ..core.errors import SteerdeskError
 from ..core.method_compare import METHODS
 from ..core.sweep_result import DEFAULT_BUDGET
-from .common import dataset_spec, load_model, load_vectors_for, model_arg, progress_bar
+from .common import dataset_spec, load_model, load_vectors_for, model_arg, note_in_sample, progress_bar
 from .compute import optimize_args, optimize_settings
 
 NAME = "inspect"
@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         ds = ds.split(args.heldout)[1]
     lm = load_model(args)
     vs = load_vectors_for(args.vector, lm.info)
+    note_in_sample(vs, ds)
     bar = progress_bar("reading")
     diag = jobs.diagnose.run(lm, jobs.DiagnoseSpec(vectors=vs, dataset=ds, read=args.read, system=args.system,
                                                    batch_size=args.batch_size),

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SteerdeskError
-from .common import dataset_spec, heldout_pairs_args, load_model, load_vectors_for, model_arg, progress_bar
+from .common import (
+    dataset_spec,
+    heldout_pairs_args,
+    load_model,
+    load_vectors_for,
+    model_arg,
+    note_in_sample,
+    progress_bar,
+)
 
 NAME = "search"
 OUTPUTS = {"output": (".json",), "csv": (".csv",), "export_vector": (".safetensors", ".gguf"),
@@ -105,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             raise SteerdeskError(f"{args.kl_texts} holds no text.")
     lm = load_model(args)
     vs = load_vectors_for(args.vector, lm.info)
+    note_in_sample(vs, held)
     space = None
     if args.space:
         space = SearchSpace.parse(args.space, SearchSpace.default(vs, lm.info.num_layers))

@@ -16,6 +16,7 @@ from .common import (
     load_model,
     load_vectors_for,
     model_arg,
+    note_in_sample,
     positions_arg,
     progress_bar,
 )
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         neutral = list(NEUTRAL_TEXTS)
     lm = load_model(args)
     vs = load_vectors_for(args.vector, lm.info)
+    note_in_sample(vs, held)
     n = lm.info.num_layers
     layers = parse_layers(args.layers, n) if args.layers else list(range(n))
     sets = parse_sets(args.sets, n) if args.sets else None

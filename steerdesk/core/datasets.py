@@ -289,11 +289,18 @@ def load_bundled(name: str) -> Dataset:
 
 
 def resolve_dataset(spec: str, target_path: str | None = None) -> Dataset:
-    """A path, or ``bundled:NAME`` / a bare bundled name."""
+    """A path, or ``bundled:NAME`` / a bare bundled name.
+
+    Raises ``SteerdeskError`` for a file that cannot be read or parsed; a spec that is neither a
+    file nor a bundled name says so and lists the bundled names.
+    """
     if spec.startswith("bundled:"):
         return load_bundled(spec.split(":", 1)[1])
     if not Path(spec).exists() and spec in bundled_datasets():
         return load_bundled(spec)
+    if not Path(spec).exists() and not Path(spec).suffix and "/" not in spec:  # meant as a bundled name
+        raise SteerdeskError(f"No dataset file or bundled dataset named {spec!r}; bundled: "
+                             f"{', '.join(sorted(bundled_datasets()))}.")
     return load_dataset(spec, target_path)
 
 

@@ -124,6 +124,27 @@ class VectorSet:
         if convention != "block_output":
             raise SteerdeskError(f"Unknown layer convention {convention!r} in the vector file.")
 
+    def in_sample_note(self, scored: Any) -> str | None:
+        """A sentence when the pairs ``scored`` (a :class:`~steerdesk.core.datasets.Dataset`) include
+        the pairs these vectors were computed from, so a margin measured on them is in-sample.
+
+        Recognised from the set's ``dataset_sha256``: the scored pairs themselves, or the training
+        part of their split with the default seed (``compute --heldout F`` followed by a sweep of
+        the whole file). ``None`` when neither matches (another dataset, or the held-out part).
+        """
+        made_from = self.metadata.get("dataset_sha256")
+        if not made_from or not len(scored):
+            return None
+        same = made_from == scored.sha256()
+        n_used = int(self.metadata.get("num_examples", "0") or 0)
+        if not same and 0 < n_used < len(scored):
+            train = scored.split((len(scored) - n_used) / len(scored))[0]
+            same = made_from == train.sha256()
+        if not same:
+            return None
+        return (f"the vectors were computed from {n_used or len(scored)} of these {len(scored)} pairs, so the scores "
+                f"are in-sample; score the held-out part instead (--heldout F, the F given to compute).")
+
     def other_model_note(self, info: ModelInfo) -> str | None:
         """A sentence when the set names another model than ``info`` though shapes and architecture
         fit (:meth:`check_compatible` passed): e.g. a vector moved from a base model to its

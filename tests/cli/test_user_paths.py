@@ -86,6 +86,7 @@ def test_export_format_follows_the_file_name(capsys, vec, tmp_path):
     (["generate", "--prompt", PROMPT, "--scale", "2", "--mode", "clamp"], "--scale, --mode set the steering"),
     (["generate", "--prompt", "  "], "The prompt is empty"),
     (["info", "--device", "cuda:7"], "is not available"),
+    (["compute", "--dataset", "no_such_set", "-o", "{tmp}/v.safetensors"], "bundled: assistant_golden_retriever, "),
     (["info", "--device", "banana"], "Unknown device 'banana'"),
     (["generate", "--scale", "abc", "--prompt", PROMPT], "steerdesk: error: generate: argument --scale"),
 ])
@@ -134,3 +135,27 @@ def test_vectors_of_another_model_name_are_used_with_a_note(capsys, fast_model, 
     code, out, err = run(capsys, "generate", "--prompt", PROMPT, "--max-new-tokens", "2", "--vector", vec,
                          "--layers", "3")
     assert code == 0 and "note" not in err
+
+
+def test_in_sample_scores_are_named(capsys, fast_model, vec, tmp_path):
+    """The vectors' own pairs scored again: a note says the margins are in-sample (the pairs, or a
+    file whose training split they are); the held-out part gets no note."""
+    from steerdesk.core.datasets import load_bundled, save_dataset
+    from steerdesk.core.vectors import VectorSet
+
+    full = load_bundled("neutral_rude")
+    full.examples = full.examples[:8]
+    train, held = full.split(0.25)
+    vs = VectorSet(torch.ones(2, 4), torch.ones(2), {"dataset_sha256": train.sha256(),
+                                                     "num_examples": str(len(train))})
+    assert "computed from 6 of these 8 pairs" in vs.in_sample_note(full)
+    assert "in-sample" in vs.in_sample_note(train)
+    assert vs.in_sample_note(held) is None
+    vs.metadata["dataset_sha256"] = "0" * 64
+    assert vs.in_sample_note(full) is None
+    two = load_bundled("neutral_rude")
+    two.examples = two.examples[:2]  # the pairs the 'vec' fixture was computed from
+    save_dataset(two, tmp_path / "two.jsonl")
+    code, _, err = run(capsys, "sweep", "--vector", vec, "--dataset", tmp_path / "two.jsonl", "--layers", "3",
+                       "--scales", "1", "-o", tmp_path / "s.json")
+    assert code == 0 and "note: the vectors were computed from 2 of these 2 pairs" in err
