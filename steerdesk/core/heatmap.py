@@ -1,4 +1,4 @@
-"""The sweep heatmap as a PNG, written without an imaging library (zlib + a 3x5 digit font).
+"""The sweep heatmap as a PNG, written without an imaging library (zlib + a 3x5 pixel font).
 
 Margin deltas on a diverging blue - grey - red scale (symmetric around 0), scales across, layers
 (then layer sets) down; a row the vector set has no direction for is hatched and labelled
@@ -28,7 +28,13 @@ _GLYPHS = {
     # letters for the "NO VECTOR" row label
     "N": (6, 5, 5, 5, 5), "O": (2, 5, 5, 5, 2), "V": (5, 5, 5, 5, 2), "E": (7, 4, 6, 4, 7),
     "C": (3, 4, 4, 4, 3), "T": (7, 2, 2, 2, 2), "R": (6, 5, 6, 5, 5),
+    # and for the axis titles (LAYER, SCALE, MARGIN)
+    "S": (3, 4, 2, 1, 6), "A": (2, 5, 7, 5, 5), "L": (4, 4, 4, 4, 7), "Y": (5, 5, 2, 2, 2),
+    "M": (5, 7, 7, 5, 5), "G": (3, 4, 5, 5, 3), "I": (7, 2, 2, 2, 7),
 }
+#: Geometry of the PNG in pixels: cell size, the row-label column's width, the rows above the cells
+#: (the SCALE title, then the scale values with the LAYER title over the row labels).
+CELL_W, CELL_H, LABEL_W, TOP = 44, 18, 52, 30
 NO_VECTOR_LABEL = "NO VECTOR"
 #: Colours of a "no vector" row in the PNG: light background, dark hatching (not a value colour).
 NO_VECTOR_BG = (236, 232, 220)
@@ -68,8 +74,9 @@ def draw_text(img: Any, x: int, y: int, s: str, scale: int = 2) -> None:
         x += 4 * scale
 
 
-def heatmap_png(result: SweepResult, path: str | Path, *, cell_w: int = 36, cell_h: int = 14) -> None:
-    """Write the margin-delta heatmap as a PNG (no Qt): rows = layers (then sets), columns = scales.
+def heatmap_png(result: SweepResult, path: str | Path, *, cell_w: int = CELL_W, cell_h: int = CELL_H) -> None:
+    """Write the margin-delta heatmap as a PNG (no Qt): rows = layers (then sets), columns = scales,
+    titled LAYER, SCALE and (over the colour bar) MARGIN.
 
     Diverging colours with symmetric limits (+-max |margin delta|, shown in the colour bar at the
     right); cells beyond the fluency budget are dimmed and hatched; the best cell is framed. Rows are
@@ -84,19 +91,21 @@ def heatmap_png(result: SweepResult, path: str | Path, *, cell_w: int = 36, cell
     rows = [result.cell(r, c) for r in range(result.n_rows) for c in range(len(result.scales))]
     finite = [abs(m) for m, _ in rows if m is not None and math.isfinite(m)]
     limit = max(finite) if finite and max(finite) > 0 else 1.0
-    label_w = 8 * 4 + 4
-    top = 16
+    label_w, top = LABEL_W, TOP
     n_r, n_c = result.n_rows, len(result.scales)
-    bar_x = label_w + n_c * cell_w + 10
+    bar_x = max(label_w + n_c * cell_w, label_w + 4 * 2 * len("SCALE")) + 10
     width = bar_x + 12 + 8 * 8
     height = max(top + n_r * cell_h + 4, top + 120)
     img = np.full((height, width, 3), 255, dtype=np.uint8)
+    draw_text(img, label_w + 2, 3, "SCALE")
+    draw_text(img, 2, 16, "LAYER")
+    draw_text(img, bar_x, 3, "MARGIN")
     for c, scale in enumerate(result.scales):
-        draw_text(img, label_w + c * cell_w + 2, 3, f"{scale:g}"[:4])
+        draw_text(img, label_w + c * cell_w + 2, 16, f"{scale:g}"[:5])
     for r in range(n_r):
         y0 = top + r * cell_h
         label = str(result.layers[r]) if r < len(result.layers) else f"#{r - len(result.layers) + 1}"
-        draw_text(img, 2, y0 + 2, label[:4])
+        draw_text(img, 2, y0 + (cell_h - 10) // 2, label[:5])
         if not result.row_has_vector(r):
             yy, xx = np.mgrid[0:cell_h - 1, 0:n_c * cell_w - 1]
             band = np.empty((cell_h - 1, n_c * cell_w - 1, 3), dtype=np.uint8)
@@ -139,5 +148,5 @@ def heatmap_png(result: SweepResult, path: str | Path, *, cell_w: int = 36, cell
     atomic_write_with(path, lambda tmp: tmp.write_bytes(data))
 
 
-__all__ = ["NO_VECTOR_BG", "NO_VECTOR_HATCH", "NO_VECTOR_LABEL", "diverging_rgb", "draw_text", "heatmap_png",
-           "png_bytes"]
+__all__ = ["CELL_H", "CELL_W", "LABEL_W", "NO_VECTOR_BG", "NO_VECTOR_HATCH", "NO_VECTOR_LABEL", "TOP",
+           "diverging_rgb", "draw_text", "heatmap_png", "png_bytes"]

@@ -255,7 +255,10 @@ def test_heatmap_png(tiny, tmp_path):
     path = tmp_path / "heat.png"
     heatmap_png(res, path)
     w, h = _read_png(path)
-    assert w > 3 * 36 and h >= 16 + 4 * 14
+    assert w > 3 * heatmap_mod.CELL_W and h >= heatmap_mod.TOP + 4 * heatmap_mod.CELL_H
+    px = _pixels(path)
+    ink = [(x, y) for y in range(heatmap_mod.TOP - 2) for x in range(w) if px[y][x] == (30, 30, 30)]
+    assert ink and all(y < heatmap_mod.TOP for _, y in ink)  # the titles and scale values sit above the cells
     assert heatmap_mod.diverging_rgb(0.0) == (242, 242, 242)
     assert heatmap_mod.diverging_rgb(1.0)[0] > heatmap_mod.diverging_rgb(1.0)[2]  # positive = warm
 
@@ -355,11 +358,11 @@ def test_gguf_vector_marks_layer_0_no_vector_and_equals_the_safetensors_sweep_el
     path = tmp_path / "heat.png"
     heatmap_png(b, path)
     px = _pixels(path)
-    top, cell_h, label_w = 16, 14, 36
-    band0 = [p for y in range(top, top + cell_h - 1) for p in px[y][label_w:label_w + 3 * 36 - 1]]
+    top, cell_h, cell_w, label_w = heatmap_mod.TOP, heatmap_mod.CELL_H, heatmap_mod.CELL_W, heatmap_mod.LABEL_W
+    band0 = [p for y in range(top, top + cell_h - 1) for p in px[y][label_w:label_w + 3 * cell_w - 1]]
     assert band0.count(NO_VECTOR_BG) > len(band0) // 3 and band0.count(NO_VECTOR_HATCH) > len(band0) // 20
     assert (30, 30, 30) in band0  # the words
-    band1 = [p for y in range(top + cell_h, top + 2 * cell_h - 1) for p in px[y][label_w:label_w + 3 * 36 - 1]]
+    band1 = [p for y in range(top + cell_h, top + 2 * cell_h - 1) for p in px[y][label_w:label_w + 3 * cell_w - 1]]
     assert NO_VECTOR_BG not in band1
 
 
