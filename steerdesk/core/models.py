@@ -54,6 +54,7 @@ class ModelInfo:
     source: str
     cpu_linear: str = ""  # "onednn" / "aten" when CPU linear layers were set up (core.kernels)
     quantization: str = ""  # "int8" / "int4" when load_model(quantize=...) replaced the linears (core.quantize)
+    lean_blocks: bool = False  # blocks run core.lean_blocks' forward (Llama family; checked bitwise equal)
 
     def to_dict(self) -> dict[str, Any]:
         """The info as a JSON-ready dict (what ``steerdesk info --json`` prints)."""
@@ -461,7 +462,10 @@ def load_model(
         quantize_weights(model, lm.blocks, bits=8 if quantize == "int8" else 4)
         lm = replace(lm, info=replace(lm.info, quantization=quantize))
     backend = use_cpu_linear(model)  # oneDNN where it beats MKL (1.6x decode on AMD EPYC)
-    return replace(lm, info=replace(lm.info, cpu_linear=backend))
+    from .lean_blocks import install
+
+    lean = install(model, lm.blocks) > 0  # after the kernels and quantisation: checked on the final blocks
+    return replace(lm, info=replace(lm.info, cpu_linear=backend, lean_blocks=lean))
 
 
 def wrap_model(model: Any, tokenizer: Any, *, name: str = "model", source: str = "") -> LoadedModel:
