@@ -20,6 +20,8 @@ steerdesk CLI, then in ONE run, alternating (order reversed every other round), 
   reading the same bytes per weight as llama.cpp's file;
 * ``steerdesk (other kernel)``: the same call on the other CPU linear kernel (aten / oneDNN), to
   check that core/kernels.py's choice is not the slower one on this machine;
+* ``steerdesk int4, transformers forward``: int4 with the lean block forward (core/lean_blocks.py)
+  uninstalled, to measure what it gains in the same run;
 
 and ``llama-bench -p 0 -n 128`` (tg128, no control vector) once, for reference. Prints a table
 with the median tok/s of each and the median of the per-round ratios, plus ``os.getloadavg()``.
@@ -69,8 +71,8 @@ def main() -> int:
 
     from steerdesk.core.generate import SamplingSettings, generate
     from steerdesk.core.kernels import linear_choice, use_cpu_linear
+    from steerdesk.core.lean_blocks import install, uninstall
     from steerdesk.core.models import load_model
-    from steerdesk.core.quantize import quantize_weights
     from steerdesk.core.steering import steers_for
     from steerdesk.core.vectors import load_vectors
 
@@ -84,10 +86,9 @@ def main() -> int:
     steers = steers_for(load_vectors(st).directions, [LAYER], scale=SCALE)
     sampling = SamplingSettings(max_new_tokens=N)
 
-    lm8 = load_model("default", device="cpu", dtype="float32")
-    quantize_weights(lm8.model, lm8.blocks, bits=8)  # what `--quantize int8` does at load
-    lm4 = load_model("default", device="cpu", dtype="float32")
-    quantize_weights(lm4.model, lm4.blocks, bits=4)  # `--quantize int4`
+    lm8 = load_model("default", device="cpu", dtype="float32", quantize="int8")  # `--quantize int8`
+    lm4 = load_model("default", device="cpu", dtype="float32", quantize="int4")  # `--quantize int4`
+    assert lm.info.lean_blocks and lm4.info.lean_blocks, "the lean block forward was not installed"
     decode: dict[str, list[float]] = {}
 
     def timed(name: str, model) -> tuple[float, int]:
@@ -106,13 +107,23 @@ def main() -> int:
         finally:
             use_cpu_linear(lm.model, chosen)
 
+    def transformers_forward(name: str) -> tuple[float, int]:
+        """int4 on transformers' own block forward: what the lean forward (core/lean_blocks.py) gains."""
+        uninstall(lm4.blocks)
+        try:
+            return timed(name, lm4)
+        finally:
+            install(lm4.model, lm4.blocks)
+
     n_chosen, n_other = f"steerdesk ({chosen}, chosen)", f"steerdesk ({other}, other)"
     n8, n4 = "steerdesk int8 (--quantize int8)", "steerdesk int4 (--quantize int4)"
+    n4hf = "steerdesk int4, transformers forward"
     runs = {"llama.cpp": lambda: llama_run(bin_dir, model_file, gguf),
             n_chosen: lambda: ours(n_chosen, chosen),
             n_other: lambda: ours(n_other, other),
             n8: lambda: timed(n8, lm8),
-            n4: lambda: timed(n4, lm4)}
+            n4: lambda: timed(n4, lm4),
+            n4hf: lambda: transformers_forward(n4hf)}
     for fn in runs.values():  # warm-up
         fn()
     decode.clear()
@@ -140,6 +151,7 @@ def main() -> int:
         "steerdesk_int8_vs_float32": ratio(names[3], names[1]),
         "steerdesk_int4_vs_llamacpp": ratio(names[4], names[0]),
         "steerdesk_int4_vs_int8": ratio(names[4], names[3]),
+        "lean_vs_transformers_forward_int4": ratio(names[4], names[5]),
         "decode_only_tok_s": decode,
         "decode_only_median_tok_s": {k: statistics.median(v) for k, v in decode.items()},
         "decode_only_vs_llamacpp": {k: statistics.median(x / y for x, y in zip(v, tps[names[0]]))

@@ -207,12 +207,13 @@ def _write(baked: Any, lm: LoadedModel, tmp: Path, metadata: dict[str, Any]) -> 
         baked.generation_config.save_pretrained(tmp)
     (tmp / SIDECAR).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")
     umask = current_umask()
-    for f in tmp.iterdir():  # flush before the rename makes the folder visible
+    for f in [tmp, *tmp.rglob("*")]:  # flush before the rename makes the folder visible
         if f.is_file():
             os.chmod(f, 0o666 & ~umask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    os.chmod(tmp, 0o777 & ~umask)
+        elif f.is_dir():
+            os.chmod(f, 0o777 & ~umask)
 
 
 def _replace_folder(tmp: Path, out: Path) -> None:

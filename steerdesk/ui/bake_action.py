@@ -106,34 +106,13 @@ class BakeAction(QObject):
             self.progress = None
 
     def _on_finished(self, result: Any) -> None:
-        self._close_progress()
-        _open_like_any_folder(Path(result.out_dir))
+        self._close_progress()  # the folder and files have a new file's permissions (core.bake)
         self.result_box = box = QMessageBox(QMessageBox.Icon.Information, "Baked", result.summary(),
                                             QMessageBox.StandardButton.Ok, self.window)
         box.setWindowModality(Qt.WindowModality.NonModal)
         box.show()
         self.status_message.emit(f"Baked into {result.out_dir} in {result.seconds:.1f} s.")
         self.done.emit(result)
-
-
-def _open_like_any_folder(folder: Path) -> None:
-    """The baked folder was a ``mkdtemp`` (0700) moved into place, and the weights file comes out
-    0600: give them what any new folder / file gets (``0o777`` / ``0o666 & ~umask``) like the other
-    files in it (issue 13: files respect the umask). Only 0700 folders and 0600 files are touched."""
-    import os
-
-    from ..core.fileio import current_umask
-
-    mask = current_umask()
-    try:
-        for p in [folder, *folder.rglob("*")]:
-            mode = p.stat().st_mode & 0o777
-            if p.is_dir() and mode == 0o700:
-                os.chmod(p, 0o777 & ~mask)
-            elif p.is_file() and mode == 0o600:
-                os.chmod(p, 0o666 & ~mask)
-    except OSError:
-        pass  # what cannot be changed keeps its mode; the bake itself succeeded
 
 
 __all__ = ["BakeAction"]
