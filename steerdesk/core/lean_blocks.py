@@ -108,8 +108,11 @@ def fits(model: Any, block: Any) -> bool:
 
     Structural: the children (attention, gated MLP, two RMSNorms with ``variance_epsilon``; no
     q/k norms, no extra norms as Gemma 2 has, no fused ``qkv_proj`` as Phi-3 has), SDPA
-    attention, and no gradient checkpointing. Equality is then checked by :func:`install`.
+    attention, no gradient checkpointing, and a forward nobody replaced per instance (accelerate's
+    ``device_map`` hooks do). Equality is then checked by :func:`install`.
     """
+    if "forward" in block.__dict__ or hasattr(block, "_hf_hook"):  # accelerate's device_map hooks wrap
+        return False  # the forward per instance (moving inputs between GPUs): keep theirs
     attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
     if attn is None or mlp is None or {n for n, _ in block.named_children()} != _BLOCK_CHILDREN:
         return False

@@ -104,3 +104,15 @@ def test_a_lean_forward_that_differs_is_not_used(tokenizer, monkeypatch):
 
 def test_the_embedded_model_runs_lean(smol):
     assert smol.info.lean_blocks and lean_blocks.installed(smol.blocks)
+
+
+def test_blocks_under_accelerate_hooks_keep_their_forward(tokenizer):
+    """``device_map`` places accelerate hooks that wrap each block's forward (moving inputs between
+    devices); replacing it would bypass them, so such a model keeps its forward."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    lm = _sdpa_tiny("llama", tokenizer)
+    wrapped = add_hook_to_module(lm.blocks[1], ModelHook())
+    before = wrapped.forward
+    assert lean_blocks.install(lm.model, lm.blocks) == 0
+    assert lm.blocks[1].forward == before and not lean_blocks.installed(lm.blocks)
