@@ -26,7 +26,7 @@ def test_elapsed_and_tokens_per_second_while_and_after(qtbot, ready):
     qtbot.mouseClick(gp.generate_button, Qt.MouseButton.LeftButton)
     assert gp.output.heatmap.readout.text().strip() == ""  # cleared when the new run starts
     qtbot.waitUntil(lambda: during.append(gp.output.stats.text()) or "tokens/s" in during[-1], timeout=30000)
-    assert during[-1].startswith("running · ") and " s · " in during[-1]
+    assert during[-1].startswith("running · ") and " s · " in during[-1] and "tokens x 2 rows" in during[-1]
     with qtbot.waitSignal(gp.finished, timeout=120000) as done:
         pass
     result = done.args[0]
@@ -84,3 +84,20 @@ def test_the_compute_bar_says_done_not_the_last_step(ready):
     bar = ready.vector_panel.progress
     name = ready.vector_panel.current().name
     assert bar.text().startswith(f"Done: {name}") and "Extracting" not in bar.text()
+
+
+def test_the_running_rate_counts_what_the_final_one_counts(window):
+    """Compare on: 10 steps in 2 s are 10 tokens x 2 rows, 10 tokens/s, while running as at the end
+    (the running line used to count one row, so the rate doubled when the run ended)."""
+    import time
+
+    out = window.generation_panel.output
+    out._compare, out._steps, out._t0 = True, [None] * 10, time.perf_counter() - 2.0
+    out._tick()
+    parts = out.stats.text().split(" · ")
+    assert parts[2] == "10 tokens x 2 rows" and float(parts[3].split()[0]) == pytest.approx(10.0, rel=0.02)
+    out._compare = False
+    out._tick()
+    parts = out.stats.text().split(" · ")
+    assert parts[2] == "10 tokens" and float(parts[3].split()[0]) == pytest.approx(5.0, rel=0.02)
+    out._clock.stop()

@@ -114,8 +114,11 @@ class GenerationOutput(QWidget):
         return 0.0 if self._t0 is None else time.perf_counter() - self._t0
 
     def _tick(self) -> None:
+        """While running: the same quantities as the final line (tokens per row x rows, all rows' tokens/s)."""
         secs, n = self.elapsed(), len(self._steps)
-        rate = f" · {n} tokens · {n / secs:.1f} tokens/s" if n and secs > 0 else ""
+        rows = 2 if self._compare else 1
+        shown = f"{n} tokens x {rows} rows" if rows > 1 else f"{n} tokens"
+        rate = f" · {shown} · {n * rows / secs:.1f} tokens/s" if n and secs > 0 else ""
         self.stats.setText(f"running · {secs:.1f} s{rate}")
 
     def _final_stats(self, results: list[Any], seconds: float | None, word: str) -> str:
