@@ -44,6 +44,7 @@ class MainWindow(QMainWindow):
         self._pending_model: str | None = None
         self._closing = False
         self._dialogs: list[Any] = []
+        self._progress_text = ""  # the status line on_progress last showed
 
         c = self.controller
         self.vector_sets = VectorSets(self)  # the one home of the session's vector sets
@@ -108,6 +109,8 @@ class MainWindow(QMainWindow):
         c.model_kept.connect(sets.set_model_info)
         c.model_kept.connect(self.on_model_kept)
         c.progress.connect(self.on_progress)
+        for ended in (c.finished, c.job_cancelled, c.failed):  # a job's last step count is not left standing
+            ended.connect(self._clear_progress_text)
         c.job_cancelled.connect(lambda kind: self.show_status(f"{kind.capitalize()} stopped."))
         c.failed.connect(self.on_failed)
         c.busy_changed.connect(self.on_busy_changed)
@@ -213,8 +216,16 @@ class MainWindow(QMainWindow):
             self.show_status(f"{message}{pct}")
         else:
             self.show_status(message if total <= 0 else f"{message} {done}/{total}")
+        self._progress_text = self.statusBar().currentMessage()
         self.busy_bar.setRange(0, max(total, 0))  # 0..0: busy without a known amount
         self.busy_bar.setValue(done if total > 0 else 0)
+
+    def _clear_progress_text(self, *_: Any) -> None:
+        """A job ended: clear its progress line ("Searching 3/3") unless a panel has since said more
+        (its own message, e.g. "Vectors ready: ..."), so the next job never shows the last one's count."""
+        if self._progress_text and self.statusBar().currentMessage() == self._progress_text:
+            self.statusBar().clearMessage()
+        self._progress_text = ""
 
     @Slot(object)
     def on_failed(self, error: ErrorInfo) -> None:

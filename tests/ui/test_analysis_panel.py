@@ -21,8 +21,13 @@ def test_diagnostics_versus_grid_and_history(qtbot, window, tiny_model_dirs, tmp
     compute(qtbot, window)
     ap = window.analysis_panel
 
+    progress = []
+    window.controller.progress.connect(lambda kind, done, total, msg: progress.append(msg))
     d = run_task(qtbot, window, ap.diagnostics.run_button, "diagnose")
     assert len(d.auc) == 4 and ap.diagnostics.table.rowCount() == 4
+    # The job's last step count ("Reading hidden states 32/32") is not left in the status bar
+    # for the next job to appear under.
+    assert progress and not any(m and m in window.statusBar().currentMessage() for m in progress)
     assert ap.diagnostics.cosine.data().shape == (4, 4)
 
     window.generation_panel.max_tokens.setValue(6)
