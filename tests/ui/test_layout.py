@@ -160,3 +160,48 @@ def test_dock_tabs_show_whole_names_in_a_narrow_dock(qtbot, window):
     settle(qtbot, 100)
     assert cut_tabs() == []
     window.grab().save(str(SHOTS / "1366x768_narrow_docks.png"))
+
+
+def test_heatmap_colour_bars_and_labels_stay_in_view(qtbot, window):
+    """A long title used to widen pyqtgraph's layout past the view (the cosine map's colour bar a
+    sliver at 1600x1000, the sweep's outside the plot at 1024x700); and 15 row labels were drawn
+    into 80 px. Now titles shorten, colour bars stay inside, labels fit the pixels."""
+    from PySide6.QtWidgets import QApplication
+
+    from steerdesk.ui.widgets.heatmap import HeatmapView
+
+    tab = window.analysis_panel.diagnostics
+    for size in ((1600, 1000), (1366, 768), (1024, 700)):
+        window.resize(*size)
+        for dock in (window.analysis_dock, window.sweep_dock):
+            dock.raise_()
+            tab.show_diagnostics(diagnostics(30))
+            settle(qtbot, 100)
+            for view in window.findChildren(HeatmapView):
+                if not view.isVisible():
+                    continue
+                plot = view.plot
+                bar = plot.mapFromScene(view.colorbar.axis.sceneBoundingRect()).boundingRect()
+                assert bar.right() <= plot.viewport().rect().right() + 1, (size, view._title)
+                title = plot.getPlotItem().titleLabel.text
+                assert title == view._title or (title.endswith("…") and plot.toolTip() == view._title)
+                left = plot.getPlotItem().getAxis("left")
+                labels = [t for level in left._tickLevels or [] for t in level]
+                height = plot.getViewBox().sceneBoundingRect().height()
+                assert len(labels) <= max(2, height // 16), (size, view._title, len(labels), height)
+    QApplication.processEvents()
+
+
+def test_generate_and_sampling_in_view_on_a_1366x768_laptop(qtbot, window):
+    """Sampling sits beside Steering whenever both fit at their minimum widths (the pane is 720 px
+    here; the old fixed 860 px rule stacked them and scrolled Generate and the settings out of view)."""
+    from PySide6.QtCore import Qt
+
+    window.resize(1366, 768)
+    window.resizeDocks([window.dataset_dock], [640], Qt.Orientation.Horizontal)  # the default dock width
+    settle(qtbot, 100)
+    gp = window.generation_panel
+    assert gp.width() < 760
+    for w in (gp.generate_button, gp.stop_button, gp.max_tokens, gp.temperature):
+        assert not w.visibleRegion().isEmpty(), w
+    assert clipped(window.centralWidget()) == []

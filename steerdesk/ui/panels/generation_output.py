@@ -276,7 +276,7 @@ class GenerationOutput(QWidget):
         if self._outline is not None:
             self.heatmap.plot.removeItem(self._outline)
             self._outline = None
-        self.heatmap.plot.setTitle(f"{SHORT_TITLE} · {note}" if note else HEAT_TITLE)
+        self.heatmap.set_title(f"{SHORT_TITLE} · {note}" if note else HEAT_TITLE)
         if not cols:
             return
         rows = max(self._heat.shape[0], 1)

@@ -196,7 +196,10 @@ class GenerationPanel(QWidget):
         cl.addLayout(row)
         cl.addWidget(self.gate_group)
         cl.addStretch(1)
-        self._reflow = Reflow(self, row, 860)  # Sampling under Steering in a narrow pane
+        # Sampling beside Steering whenever both fit at their minimum widths (plus margins): at 1366 px
+        # the Generate button and the sampling settings stay in view; under Steering only when narrower.
+        side_by_side = steer_box.minimumSizeHint().width() + samp_box.minimumSizeHint().width() + 64
+        self._reflow = Reflow(self, row, side_by_side)
 
         # The user controls the split; the heatmap never gets squeezed below a readable height, the
         # controls scroll instead, and extra height goes to the text and the heatmap.

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QPointF, Qt, Signal
+from PySide6.QtCore import QPointF, QRectF, Qt, Signal
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 pg.setConfigOptions(imageAxisOrder="row-major", antialias=True)
@@ -61,6 +62,7 @@ class HeatmapView(QWidget):
         self._fixed_levels: tuple[float, float] | None = None
         self.plot = pg.PlotWidget()
         self.plot.setMenuEnabled(False)
+        self._title = title
         self.plot.setTitle(title)
         self.plot.setLabel("left", row_label)
         self.plot.setLabel("bottom", col_label)
@@ -81,8 +83,36 @@ class HeatmapView(QWidget):
         self.plot.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.plot.customContextMenuRequested.connect(self._context_menu)
         self.plot.scene().sigMouseMoved.connect(self._on_mouse_moved)
+        self._col_ticks: list[tuple[int, str]] | None = None
         self.set_data(np.full((1, 1), np.nan, dtype=np.float32))
         self.plot.scene().sigMouseClicked.connect(self._on_mouse_clicked)
+        self.plot.getViewBox().sigResized.connect(lambda *_: self._fit_ticks())  # fewer labels when smaller
+
+    def resizeEvent(self, event: Any) -> None:
+        """Shorten the title to the width ("Margin delta (target - …"): a title wider than the plot
+        would widen pyqtgraph's layout past the view and push the colour bar out of sight."""
+        super().resizeEvent(event)
+        self._fit_title()
+
+    def set_title(self, title: str) -> None:
+        """Replace the plot's title (shortened to the width, the whole title in the tooltip)."""
+        self._title = title
+        self._fit_title()
+
+    def _fit_title(self) -> None:
+        item = self.plot.getPlotItem()
+        label, minimum = item.titleLabel, Qt.SizeHint.MinimumSize
+        beside = (item.getAxis("left").effectiveSizeHint(minimum).width()  # the title spans the view's
+                  + self.colorbar.effectiveSizeHint(minimum).width() + 12)  # column only
+        room = max(40.0, self.plot.width() - beside)
+        text = self._title
+        label.setText(text)
+        while len(text) > 4 and label.item.boundingRect().width() > room:
+            text = text[:-2].rstrip() + "…" if text.endswith("…") else text[:-1] + "…"
+            label.setText(text)
+        self.plot.setToolTip(self._title if text != self._title else "")
+        # The plot item was laid out at the old title's width: lay it out again at the view's size.
+        item.setGeometry(QRectF(0, 0, max(self.plot.width(), 1), max(self.plot.height(), 1)))
 
     # -- data --------------------------------------------------------------------------
     def set_data(self, data: np.ndarray, *, levels: tuple[float, float] | None = None,
@@ -93,9 +123,25 @@ class HeatmapView(QWidget):
             self._data = np.zeros((1, 1), dtype=np.float32)
         self._fixed_levels = levels
         self._redraw()
+        self._col_ticks = list(col_ticks) if col_ticks is not None else None
+        self._fit_ticks()
+
+    def _fit_ticks(self) -> None:
+        """Label as many rows / columns as the plot's pixels hold without labels overlapping (about
+        16 px per row label, 8 px per character plus a gap per column label), at most 16 each."""
         rows, cols = self._data.shape
-        self.plot.getAxis("left").setTicks([_centred_ticks(rows)])
-        self.plot.getAxis("bottom").setTicks([list(col_ticks) if col_ticks is not None else _centred_ticks(cols)])
+        box = self.plot.getViewBox().sceneBoundingRect()
+        fit_rows = max(2, min(16, int(box.height() // 16))) if box.height() > 0 else 16
+        self.plot.getAxis("left").setTicks([_centred_ticks(rows, fit_rows)])
+        given = self._col_ticks
+        width = max((len(label) for _, label in given), default=2) if given else len(str(cols))
+        fit_cols = max(2, min(16, int(box.width() // (8 * width + 12)))) if box.width() > 0 else 16
+        if given is None:
+            ticks = _centred_ticks(cols, fit_cols)
+        else:
+            keep = max(1, -(-len(given) // fit_cols))  # every keep-th given label
+            ticks = given[::keep]
+        self.plot.getAxis("bottom").setTicks([ticks])
 
     def clear_readout(self) -> None:
         """Forget the hover read-out (a new run starts: no stale value from the last one)."""
