@@ -191,3 +191,17 @@ def test_bad_condition_set_is_one_line(qtbot, window, tiny_model_dirs, tmp_path)
     qtbot.mouseClick(panel.calibrate_button, Qt.MouseButton.LeftButton)
     assert errors == [("Cannot calibrate", f"{bad}:2: expected a JSON object with 'prompt' and 'on'.")]
     assert panel.dataset.currentText() == str(bad) and panel.calibrate_button.isEnabled()
+
+
+def test_the_empty_histogram_has_whole_prompt_counts(qtbot, window):
+    """Before any calibration the axes read CAST scores -1..1 and prompt counts, not
+    'prompts (x0.001)' from -500 to 500 (pyqtgraph's SI prefix on an empty plot)."""
+    from PySide6.QtWidgets import QApplication
+
+    plot = window.condition_panel.plot
+    window.condition_dock.raise_()
+    QApplication.processEvents()
+    (x0, x1), (y0, y1) = plot.getViewBox().viewRange()
+    assert x0 <= -1.0 and x1 >= 1.0 and y0 == 0 and y1 == 1
+    axis = plot.getAxis("left")
+    assert not axis.autoSIPrefix and "x0.001" not in axis.labelString()

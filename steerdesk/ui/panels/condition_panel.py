@@ -279,6 +279,9 @@ class ConditionPanel(QWidget):
         self.plot.setLabel("bottom", "CAST score")
         self.plot.getAxis("bottom").enableAutoSIPrefix(False)  # scores as they are, not in thousandths
         self.plot.setLabel("left", "prompts")
+        self.plot.getAxis("left").enableAutoSIPrefix(False)  # counts, never "prompts (x0.001)"
+        self.plot.setXRange(-1.0, 1.0, padding=0.02)  # before a calibration: the score's whole range ...
+        self.plot.setYRange(0, 1, padding=0)  # ... and no fractional prompt counts
         self.plot.addLegend(offset=(5, 5))
         self.plot.hideButtons()  # no auto-range "A": the ranges follow the shown layer
         self.plot.getViewBox().setMouseEnabled(x=False, y=False)
