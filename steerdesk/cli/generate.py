@@ -54,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
     sampling.check()
+    ignored = [flag for flag, given in (("--seed", args.seed is not None), ("--top-p", args.top_p != 1.0)) if given]
+    if sampling.greedy and ignored:
+        print(f"steerdesk: note: {' and '.join(ignored)} apply to sampling (--temperature > 0); greedy decoding "
+              f"(temperature 0) does not use them.", file=sys.stderr)
     if not args.prompt.strip():
         raise SteerdeskError("The prompt is empty.")
     if args.vector and not args.layers:

@@ -159,3 +159,11 @@ def test_in_sample_scores_are_named(capsys, fast_model, vec, tmp_path):
     code, _, err = run(capsys, "sweep", "--vector", vec, "--dataset", tmp_path / "two.jsonl", "--layers", "3",
                        "--scales", "1", "-o", tmp_path / "s.json")
     assert code == 0 and "note: the vectors were computed from 2 of these 2 pairs" in err
+
+
+def test_sampling_options_under_greedy_decoding_are_named(capsys, fast_model):
+    code, _, err = run(capsys, "generate", "--prompt", PROMPT, "--max-new-tokens", "1", "--seed", "5", "--top-p", "0.9")
+    assert code == 0 and "note: --seed and --top-p apply to sampling" in err
+    code, _, err = run(capsys, "generate", "--prompt", PROMPT, "--max-new-tokens", "1", "--seed", "5",
+                       "--temperature", "0.7")
+    assert code == 0 and "note" not in err
