@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     # What can be refused without the model is refused before it loads.
     check_settings(args.mode)
-    check_out_dir(args.output, args.force)
+    check_out_dir(args.output, args.force, inputs=(args.vector,))
     parse_layers(args.layers)
     lm = load_model(args)
     vs = load_vectors_for(args.vector, lm.info)

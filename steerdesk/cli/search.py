@@ -104,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     read_study(args.study)  # an unreadable or foreign study file is refused before the model loads
+    if args.export_baked:  # before the search, not after it (a folder that exists, a missing parent)
+        from ..core.bake import check_out_dir
+
+        check_out_dir(args.export_baked, False, inputs=(args.vector,))
     loaded = resolve_dataset(args.dataset, args.target_file)
     held = loaded.split(args.heldout)[1] if args.heldout else loaded
     neutral = tuple(NEUTRAL_TEXTS)

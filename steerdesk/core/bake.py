@@ -147,13 +147,15 @@ def bake_metadata(lm: LoadedModel, steers: Sequence[Steer], plan: BakePlan, *, v
 
 # ================================================================================ writing
 
-def check_out_dir(out_dir: str | os.PathLike[str], force: bool = False, source: str | None = None) -> Path:
+def check_out_dir(out_dir: str | os.PathLike[str], force: bool = False, source: str | None = None,
+                  inputs: Sequence[str | os.PathLike[str] | None] = ()) -> Path:
     """The output folder as a ``Path``, after refusing what a bake must not write to.
 
     Raises ``SteerdeskError`` when it exists (unless ``force``), is a file or a link, its parent
     folder is missing, or it is, holds or lies in ``source`` (the folder the model was loaded from).
     ``force`` replaces only an earlier bake (a folder holding ``steerdesk_bake.json``) or an empty
-    folder, never the working folder or one above it: anything else could be a user's own files.
+    folder, never the working folder or one above it: anything else could be a user's own files;
+    nor a folder holding one of ``inputs`` (the vector file the bake reads, say).
     """
     out = Path(out_dir).expanduser()
     if out.exists() or out.is_symlink():
@@ -164,6 +166,10 @@ def check_out_dir(out_dir: str | os.PathLike[str], force: bool = False, source: 
         here = Path.cwd().resolve()
         if out.resolve() == here or out.resolve() in here.parents:
             raise SteerdeskError(f"Cannot bake into {out}: it is the working folder or holds it; choose a new folder.")
+        for source_file in inputs:
+            if source_file is not None and out.resolve() in Path(source_file).expanduser().resolve().parents:
+                raise SteerdeskError(f"Cannot replace {out}: it holds {source_file}, which this bake reads. Move the "
+                                     f"file or choose another folder.")
         if not (out / SIDECAR).is_file() and any(out.iterdir()):
             raise SteerdeskError(f"{out} holds files that are not a steerdesk bake: --force replaces only an earlier "
                                  f"bake (a folder with {SIDECAR}) or an empty folder. Choose a new folder.")
@@ -270,7 +276,7 @@ def bake(
 
     if vectors is not None:
         vectors.check_compatible(lm.info)
-    check_out_dir(out, force, lm.info.source)
+    check_out_dir(out, force, lm.info.source, inputs=(vector_path,))
     step(0, "Planning the bake")
     plan = plan_bake(lm, steers)
     kept = [s for s in steers if not s.is_identity]

@@ -8,6 +8,8 @@ gated MLP, SDPA attention) a forward that does the same floating-point operation
 order, with rotary applied to queries and keys in one pass, the products of a fused group
 (:mod:`steerdesk.core.quantize`) called once, and no per-projection module calls.
 
+Only hooks on the blocks themselves see the lean forward's work: hooks on a block's attention, MLP or
+norms no longer run (steerdesk hooks blocks only; transformers' ``output_attentions`` would need them).
 Nothing is taken on trust: before a model's blocks are switched, the lean forward of its first and
 last block (every block must have the same module types) is compared with transformers' forward
 on random hidden states (a prefill with a padding mask, then a decode step through a KV cache)
@@ -27,6 +29,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
+#: The transformers families whose block, attention, MLP and norm code lean_forward reproduces, by the
+#: module that defines them (exact classes: a family derived from these, e.g. Ministral3's position-
+#: dependent query scale or SmolLM3's layers without RoPE, computes more than the structure shows).
+FAMILIES = ("llama", "mistral", "qwen2")
+_CLASSES = {"DecoderLayer", "Attention", "MLP", "RMSNorm"}
 _BLOCK_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 _ATTN_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj", "fused_q_proj_k_proj_v_proj", "rotary_emb"}
 _MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn", "fused_gate_proj_up_proj"}
@@ -103,19 +110,32 @@ def lean_forward(self: Any, hidden_states: torch.Tensor, attention_mask: torch.T
     return h + self.mlp.down_proj(self.mlp.act_fn(gate) * up)
 
 
+def _known_class(module: Any) -> bool:
+    """A class defined by one of :data:`FAMILIES`' transformers modules, named ``<Family><Part>``."""
+    cls = type(module)
+    family = cls.__module__.removeprefix("transformers.models.").split(".")[0]
+    if not cls.__module__.startswith("transformers.models.") or family not in FAMILIES:
+        return False
+    return any(cls.__name__.endswith(part) for part in _CLASSES)
+
+
 def fits(model: Any, block: Any) -> bool:
     """Whether ``block`` has exactly the Llama-style structure :func:`lean_forward` computes.
 
-    Structural: the children (attention, gated MLP, two RMSNorms with ``variance_epsilon``; no
-    q/k norms, no extra norms as Gemma 2 has, no fused ``qkv_proj`` as Phi-3 has), SDPA
-    attention, no gradient checkpointing, and a forward nobody replaced per instance (accelerate's
-    ``device_map`` hooks do). Equality is then checked by :func:`install`.
+    The block, its attention, MLP and norms are transformers' own classes of :data:`FAMILIES` (an
+    allow-list: a short equality check cannot see code that depends on the position or the layer);
+    the children are exactly those (attention, gated MLP, two RMSNorms with ``variance_epsilon``);
+    SDPA attention, no gradient checkpointing, and a forward nobody replaced per instance
+    (accelerate's ``device_map`` hooks do). Equality is then checked by :func:`install`.
     """
     if "forward" in block.__dict__ or hasattr(block, "_hf_hook"):  # accelerate's device_map hooks wrap
         return False  # the forward per instance (moving inputs between GPUs): keep theirs
     attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
     if attn is None or mlp is None or {n for n, _ in block.named_children()} != _BLOCK_CHILDREN:
         return False
+    for module in (block, attn, mlp, block.input_layernorm, block.post_attention_layernorm):
+        if not _known_class(module):
+            return False
     if not {n for n, _ in attn.named_children()} <= _ATTN_CHILDREN:
         return False
     if not {n for n, _ in mlp.named_children()} <= _MLP_CHILDREN:
@@ -138,8 +158,8 @@ def _same(model: Any, block: Any, lean: Callable[..., torch.Tensor], original: C
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
     if rotary is None:
         return False
-    p = next(block.parameters())
-    size = block.input_layernorm.weight.shape[-1]
+    p = block.input_layernorm.weight
+    size = p.shape[-1]
     gen = torch.Generator(device="cpu").manual_seed(0)
     h = torch.randn(2, 6, size, generator=gen).to(p.device, p.dtype)
     pos = torch.arange(6, device=p.device)[None].expand(2, 6)

@@ -134,11 +134,25 @@ def available_devices() -> list[str]:
     return names
 
 
+def _plugin_available(kind: str) -> bool:
+    """Whether transformers finds the out-of-tree torch backend ``kind`` (``npu``, ``hpu``, ...): its
+    ``is_torch_<kind>_available`` imports the plugin, after which torch parses the device name."""
+    import transformers.utils as hf_utils
+
+    probe = getattr(hf_utils, f"is_torch_{kind}_available", None) if kind.isidentifier() else None
+    try:
+        return bool(probe()) if callable(probe) else False
+    except Exception:  # a broken plugin install: not available
+        return False
+
+
 def check_device(device: str) -> str:
     """``device`` (e.g. ``cpu``, ``cuda``, ``cuda:1``, ``mps``) if this machine has it; see :func:`pick_device`."""
     try:
         dev = torch.device(device.strip())
     except (RuntimeError, ValueError):
+        if _plugin_available(device.strip().split(":")[0]):  # npu / hpu: torch knows them once imported
+            return device.strip()
         raise SteerdeskError(f"Unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps "
                              f"(this machine has {', '.join(available_devices())}).") from None
     if dev.type == "cpu":
@@ -156,7 +170,7 @@ def check_device(device: str) -> str:
     else:
         module = getattr(torch, dev.type, None)
         available = getattr(module, "is_available", None)
-        if callable(available) and available():
+        if (callable(available) and available()) or _plugin_available(dev.type):
             return device.strip()
         why = f"no {dev.type} device"
     raise SteerdeskError(f"Device {device!r} is not available: this machine has {why}; "

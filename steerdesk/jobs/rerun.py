@@ -239,15 +239,18 @@ def check_output(recipe: RunRecord, output: str) -> None:
     """Refuse, before the model loads, an output path the re-run of ``recipe`` cannot use.
 
     Raises ``SteerdeskError`` for a recipe kind that writes no file (only compute and sweep
-    re-runs do), an ending that is not the kind's format, or a missing or read-only folder (see
-    :func:`steerdesk.core.fileio.check_output_file`; the CLI also refuses the recipe file itself).
+    re-runs do), an ending that is not the kind's format, a missing or read-only folder, or a file
+    the recipe reads (its dataset or vector file; see :func:`steerdesk.core.fileio.check_output_file`;
+    the CLI also refuses the recipe file itself).
     """
     from ..core.fileio import check_output_file
 
     if recipe.kind not in OUTPUT_ENDINGS:
         raise SteerdeskError(f"A re-run of a {recipe.kind} recipe writes no file: an output path applies to "
                              f"compute recipes (vectors) and sweep recipes (the result JSON).")
-    check_output_file(output, suffixes=OUTPUT_ENDINGS[recipe.kind], what="output file")
+    read = [d.get(key) for d in (recipe.dataset or {}, recipe.vector or {}) for key in ("spec", "path")]
+    check_output_file(output, suffixes=OUTPUT_ENDINGS[recipe.kind], what="output file",
+                      inputs=tuple(str(p) for p in read if isinstance(p, str)))
 
 
 def _write(kind: str, shown: Any, output: str | None) -> None:

@@ -167,3 +167,35 @@ def test_sampling_options_under_greedy_decoding_are_named(capsys, fast_model):
     code, _, err = run(capsys, "generate", "--prompt", PROMPT, "--max-new-tokens", "1", "--seed", "5",
                        "--temperature", "0.7")
     assert code == 0 and "note" not in err
+
+
+def test_outputs_found_by_review_are_refused_before_work(capsys, fast_model, vec, tmp_path):
+    """search --export-baked into an existing folder (was: refused only after the whole search);
+    a sweep re-run's -o over the recipe's own dataset file; bake --force over an earlier bake
+    that holds the vector file the bake reads."""
+    from steerdesk.core.datasets import load_bundled, save_dataset
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "search", "--vector", vec, "--dataset", "neutral_rude", "--study", tmp_path / "s.db",
+                       "--trials", "1", "--export-baked", tmp_path / "taken")
+    assert code == 2 and "already exists" in error_line(err) and not (tmp_path / "s.db").exists()
+
+    two = load_bundled("neutral_rude")
+    two.examples = two.examples[:2]
+    pairs = tmp_path / "pairs.json"
+    save_dataset(two, pairs)
+    before = pairs.read_bytes()
+    code, _, _ = run(capsys, "sweep", "--vector", vec, "--dataset", pairs, "--layers", "3", "--scales", "1",
+                     "-o", tmp_path / "s.json", "--record", tmp_path / "rec.json")
+    assert code == 0
+    code, _, err = run(capsys, "run", tmp_path / "rec.json", "-o", pairs)
+    assert code == 2 and "also an input" in error_line(err) and pairs.read_bytes() == before
+
+    old = tmp_path / "old-bake"
+    old.mkdir()
+    (old / "steerdesk_bake.json").write_text("{}")
+    inside = old / "v.safetensors"
+    inside.write_bytes(vec.read_bytes())
+    code, _, err = run(capsys, "bake", "--vector", inside, "--layers", "3", "-o", old, "--force")
+    assert code == 2 and "which this bake reads" in error_line(err) and inside.read_bytes() == vec.read_bytes()

@@ -21,10 +21,12 @@ def _sdpa_tiny(arch: str, tokenizer, attn: str = "sdpa"):
     import transformers as T
 
     torch.manual_seed(0)
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     if arch == "qwen3":  # q/k norms inside attention: another shape
-        config = T.Qwen3Config(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=128,
-                               num_hidden_layers=NUM_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                               head_dim=16, max_position_embeddings=512)
+        config = T.Qwen3Config(head_dim=16, **sizes)
+    elif arch == "smollm3":  # Llama's shape, but layers without RoPE: code the structure does not show
+        config = T.SmolLM3Config(no_rope_layers=[1, 0, 1, 1], pad_token_id=tokenizer.pad_token_id, **sizes)
     else:
         config = tiny_config(arch, tokenizer)
     model = T.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
@@ -84,10 +86,11 @@ def test_hooks_on_blocks_still_run(tokenizer):
     assert seen == [torch.Size([2, 7, HIDDEN])]
 
 
-@pytest.mark.parametrize("arch, attn", [("phi3", "sdpa"), ("qwen3", "sdpa"), ("gemma2", "eager"), ("gpt2", "sdpa"),
-                                        ("llama", "eager")])
+@pytest.mark.parametrize("arch, attn", [("phi3", "sdpa"), ("qwen3", "sdpa"), ("smollm3", "sdpa"),
+                                        ("gemma2", "eager"), ("gpt2", "sdpa"), ("llama", "eager")])
 def test_other_shapes_keep_the_transformers_forward(tokenizer, arch, attn):
     lm = _sdpa_tiny(arch, tokenizer, attn)
+    assert not any(lean_blocks.fits(lm.model, b) for b in lm.blocks)  # refused before any check runs
     assert lean_blocks.install(lm.model, lm.blocks) == 0
     assert not lean_blocks.installed(lm.blocks) and all("forward" not in b.__dict__ for b in lm.blocks)
 
