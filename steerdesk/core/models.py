@@ -288,8 +288,8 @@ def _from_pretrained(cls: Any, source: str, **kwargs: Any) -> Any:
         shown = str(Path(source) / gguf)
         try:
             return _from_pretrained_named(cls, source, shown, **kwargs)
-        except SteerdeskError:
-            raise
+        except (SteerdeskError, MemoryError, torch.OutOfMemoryError):
+            raise  # out of memory is not a damaged file (the memory guard words it)
         except Exception as exc:  # the gguf reader's struct/index/value errors on a damaged file
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise SteerdeskError(f"Cannot read {shown} as a GGUF model ({type(exc).__name__}: {first}).") from exc
