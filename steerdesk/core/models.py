@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .devices import check_device
 from .errors import SteerdeskError
 
 log = logging.getLogger(__name__)
@@ -121,60 +122,6 @@ def pick_device(device: str = "auto") -> str:
     if mps is not None and mps.is_available():
         return "mps"
     return "cpu"
-
-
-def available_devices() -> list[str]:
-    """The devices this machine can run on: ``cpu``, ``cuda:N`` per GPU, ``mps`` where present."""
-    names = ["cpu"]
-    if torch.cuda.is_available():
-        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        names.append("mps")
-    return names
-
-
-def _plugin_available(kind: str) -> bool:
-    """Whether transformers finds the out-of-tree torch backend ``kind`` (``npu``, ``hpu``, ...): its
-    ``is_torch_<kind>_available`` imports the plugin, after which torch parses the device name."""
-    import transformers.utils as hf_utils
-
-    probe = getattr(hf_utils, f"is_torch_{kind}_available", None) if kind.isidentifier() else None
-    try:
-        return bool(probe()) if callable(probe) else False
-    except Exception:  # a broken plugin install: not available
-        return False
-
-
-def check_device(device: str) -> str:
-    """``device`` (e.g. ``cpu``, ``cuda``, ``cuda:1``, ``mps``) if this machine has it; see :func:`pick_device`."""
-    try:
-        dev = torch.device(device.strip())
-    except (RuntimeError, ValueError):
-        if _plugin_available(device.strip().split(":")[0]):  # npu / hpu: torch knows them once imported
-            return device.strip()
-        raise SteerdeskError(f"Unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps "
-                             f"(this machine has {', '.join(available_devices())}).") from None
-    if dev.type == "cpu":
-        return device.strip()
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count and (dev.index is None or dev.index < count):
-            return device.strip()
-        why = "no CUDA GPU (or a torch built without CUDA)" if not count else f"{count} CUDA GPU(s)"
-    elif dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return device.strip()
-        why = "no Apple GPU (mps)"
-    else:
-        module = getattr(torch, dev.type, None)
-        available = getattr(module, "is_available", None)
-        if (callable(available) and available()) or _plugin_available(dev.type):
-            return device.strip()
-        why = f"no {dev.type} device"
-    raise SteerdeskError(f"Device {device!r} is not available: this machine has {why}; "
-                         f"use one of {', '.join(available_devices())} (or auto).")
 
 
 def pick_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
